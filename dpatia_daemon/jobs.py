@@ -1,0 +1,148 @@
+"""The job record: what one accepted request asks the daemon to do, and its pure transitions.
+
+A job is a frozen value.  The spool persists it as one small JSON file; every change
+(a merge with a newer request, a claim, an attempt counted, a result id learned) makes
+a new value with :func:`attrs.evolve`.  Nothing here touches the disk or the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from enum import Enum
+from typing import Any
+
+import attrs
+from attrs import field, frozen
+
+from .models import converter, register_enum
+
+
+class JobKind(str, Enum):
+    """Why the job exists: a pathologist asked for it, or the SPS announced a new slide."""
+
+    CREATE = "create"
+    NOTIFICATION = "notification"
+
+
+class JobState(str, Enum):
+    """Where a job is in its life.  The spool keeps one directory per state."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+register_enum(JobKind)
+register_enum(JobState)
+
+
+@frozen(repr=False)
+class Callback:
+    """Where and how to call the SPS back for one job.
+
+    The token is a secret: it never appears in a repr, a log line or an error.
+    """
+
+    url: str
+    token: str
+
+    def __repr__(self) -> str:
+        return f"Callback(url={self.url!r}, token=<redacted>)"
+
+
+def _job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def job_key(application_id: str, slide_id: str, input: dict[str, Any] | None) -> str:
+    """Return the key under which requests for the same analysis are merged.
+
+    Whole-slide requests (and notifications) for one slide share a key.  Requests with
+    geometry (taggedPolygon, multiArea) are different analyses when their geometry
+    differs, so the geometry is part of the key.  The key is a hash: it is safe as a
+    file name and carries no PHI.
+    """
+    h = hashlib.sha256()
+    h.update(application_id.encode("utf-8"))
+    h.update(b"\0")
+    h.update(slide_id.encode("utf-8"))
+    if input and input.get("type", "wholeSlide") != "wholeSlide":
+        h.update(b"\0")
+        h.update(json.dumps(input, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+    return h.hexdigest()[:32]
+
+
+@frozen
+class Job:
+    """One accepted request, as persisted in the spool.
+
+    ``created`` is the time of the first accepted request for this key (it keeps the
+    job's place in the queue when newer requests are merged in); ``updated`` the time
+    of the newest.  ``priority`` is higher-first.
+    """
+
+    slide_id: str
+    application_id: str
+    kind: JobKind
+    callback: Callback
+    created: float
+    input: dict[str, Any] = field(factory=lambda: {"type": "wholeSlide"})
+    key: str = field()
+    job_id: str = field(factory=_job_id)
+    updated: float = field()
+    context: dict[str, Any] = field(factory=dict)
+    cancellation_token: str | None = None
+    image_info: dict[str, Any] | None = None
+    priority: int = 0
+    state: JobState = JobState.QUEUED
+    attempts: int = 0
+    result_id: int | None = None
+    last_error: str | None = None
+
+    @key.default
+    def _key_default(self) -> str:
+        return job_key(self.application_id, self.slide_id, self.input)
+
+    @updated.default
+    def _updated_default(self) -> float:
+        return self.created
+
+    def sort_key(self) -> tuple[int, int, float, str]:
+        """Dispatch order: manual requests first, then higher priority, then oldest."""
+        return (0 if self.kind is JobKind.CREATE else 1, -self.priority, self.created, self.job_id)
+
+    def merged_with(self, newer: Job) -> Job:
+        """Fold a newer request for the same key into this queued job.
+
+        The newest callback URL, token, cancellation token, input and context win (an
+        older token may have expired); the highest priority and the more urgent kind
+        win; the queue position (``created``) and the attempt count are kept.
+        """
+        return attrs.evolve(
+            self,
+            callback=newer.callback,
+            cancellation_token=newer.cancellation_token or self.cancellation_token,
+            input=newer.input,
+            context=newer.context,
+            image_info=newer.image_info if newer.image_info is not None else self.image_info,
+            priority=max(self.priority, newer.priority),
+            kind=JobKind.CREATE if JobKind.CREATE in (self.kind, newer.kind) else self.kind,
+            result_id=newer.result_id if newer.result_id is not None else self.result_id,
+            updated=max(self.updated, newer.updated),
+        )
+
+    def to_json(self) -> bytes:
+        """Serialise for the spool (the token included: spool files are 0600)."""
+        return json.dumps(converter.unstructure(self), sort_keys=True).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Job:
+        return converter.structure(json.loads(data), cls)

@@ -1,0 +1,60 @@
+"""Shared test fixtures and helpers.
+
+pytest-twisted runs the global reactor for tests decorated with
+``@pytest_twisted.inlineCallbacks`` / ``@pytest_twisted.ensureDeferred``; the
+``reactor`` fixture hands that reactor to integration tests that need real sockets,
+threads or processes.  Unit tests use ``task.Clock`` / ``MemoryReactorClock`` and the
+``success_result_of`` / ``failure_result_of`` helpers below instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import pytest
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.python.failure import Failure
+
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="session")
+def reactor() -> Any:
+    """The reactor pytest-twisted runs (the global one)."""
+    from twisted.internet import reactor as _reactor
+
+    return _reactor
+
+
+def _as_deferred(d: Any) -> Deferred[Any]:
+    return d if isinstance(d, Deferred) else ensureDeferred(d)
+
+
+def success_result_of(d: Any) -> Any:
+    """Return the result of an already-fired Deferred (or coroutine); fail otherwise."""
+    results: list[Any] = []
+    failures: list[Failure] = []
+    _as_deferred(d).addCallbacks(results.append, failures.append)
+    if failures:
+        failures[0].raiseException()
+    assert results, "Deferred has not fired"
+    return results[0]
+
+
+def failure_result_of(d: Any, *types: type[BaseException]) -> Failure:
+    """Return the Failure of an already-failed Deferred; fail if it succeeded or is pending."""
+    results: list[Any] = []
+    failures: list[Failure] = []
+    _as_deferred(d).addCallbacks(results.append, failures.append)
+    assert not results, f"expected a failure, got {results[0]!r}"
+    assert failures, "Deferred has not fired"
+    if types:
+        assert failures[0].check(*types), f"unexpected failure {failures[0]!r}"
+    return failures[0]
+
+
+def no_result(d: Deferred[Any]) -> None:
+    """Assert that a Deferred has not fired yet (never look at ``.called``)."""
+    results: list[Any] = []
+    d.addBoth(lambda r: results.append(r) or r)
+    assert not results, f"expected no result, got {results[0]!r}"
