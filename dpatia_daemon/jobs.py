@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import attrs
@@ -19,14 +19,14 @@ from attrs import field, frozen
 from .models import converter, register_enum
 
 
-class JobKind(str, Enum):
+class JobKind(StrEnum):
     """Why the job exists: a pathologist asked for it, or the SPS announced a new slide."""
 
     CREATE = "create"
     NOTIFICATION = "notification"
 
 
-class JobState(str, Enum):
+class JobState(StrEnum):
     """Where a job is in its life.  The spool keeps one directory per state."""
 
     QUEUED = "queued"

@@ -10,7 +10,7 @@ Shapes and choices follow ``IA-API.md``; where sources disagree, §6 there decid
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any, Literal
 
 import attrs
@@ -30,7 +30,7 @@ class InvalidInput(ValueError):
         self.field = field
 
 
-class Action(str, Enum):
+class Action(StrEnum):
     """The ``action`` of a user invocation (``POST {route}``)."""
 
     CREATE = "create"
@@ -39,7 +39,7 @@ class Action(str, Enum):
     CANCEL = "cancel"
 
 
-class InputType(str, Enum):
+class InputType(StrEnum):
     """What the user selects when invoking the app (and what registration announces)."""
 
     WHOLE_SLIDE = "wholeSlide"
@@ -381,7 +381,7 @@ def parse_invocation(data: Any) -> tuple[Invocation, AnalysisInput | Result | No
     if inv.action is Action.CREATE:
         raw = inv.input if inv.input is not None else {"type": InputType.WHOLE_SLIDE.value}
         try:
-            parsed = converter.structure(raw, AnalysisInput)  # type: ignore[arg-type]
+            parsed: AnalysisInput = converter.structure(raw, AnalysisInput)  # type: ignore[arg-type]
         except (cattrs.BaseValidationError, KeyError, TypeError, ValueError) as e:
             message, where = _first_error(e, "$.input")
             raise InvalidInput(message, where) from None

@@ -1,0 +1,52 @@
+# dpatia: the two commands a newcomer needs are `make test` and `make run`.
+# Every target bootstraps .venv from the pinned requirements.lock on first use.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+CONFIG ?= etc/dpatia.ini
+
+.PHONY: all test lint unit run bench lock clean
+
+all: test
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	# compat mode: a .pth puts the checkout on sys.path, which is what lets Twisted's
+	# plugin scan find twisted/plugins/dpatia_plugin.py (PEP 660 import hooks do not).
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps \
+		--no-build-isolation -e . --config-settings editable_mode=compat
+	# Write Twisted's plugin cache now, as the installing user, so a read-only service
+	# user never has to (and never logs a cache error).
+	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	@touch $(STAMP)
+
+test: $(STAMP) lint unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check dpatia_daemon tests bench twisted
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+run: $(STAMP)
+	@mkdir -p var
+	$(BIN)/twistd --nodaemon --pidfile= dpatia --config $(CONFIG)
+
+bench: $(STAMP)
+	$(BIN)/python bench/ack.py
+
+# Re-pin every dependency from pyproject.toml (run after changing dependencies).
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip setuptools wheel
+	.lock-venv/bin/python -m pip install --quiet -e '.[dev]'
+	( echo "# Pinned by 'make lock' from pyproject.toml; installed by every make target."; \
+	  .lock-venv/bin/python -m pip freeze --all --exclude-editable | grep -v '^pip==' ) > requirements.lock
+	rm -rf .lock-venv
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,130 @@
+"""The daemon's service tree, built from a frozen Config.  Wiring only, no logic.
+
+``build_service(config, reactor)`` returns a shallow, named ``MultiService``:
+
+- ``spool``  the durable job spool (starts first, stops last);
+- ``sps``    the outgoing HTTP connection pool to the SPS (closed at stop);
+- ``api``    waits, at stop, for in-progress frames still being written;
+- ``http``   the IA-API listener (stops first: no new requests while draining).
+
+The worker supervisor joins this tree as ``workers`` between ``sps`` and ``api``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from ._version import __version__
+from .api import IAAPI, make_site
+from .config import Config, ConfigError
+from .spool import DirectorySpool
+from .sps import SPSClient, make_http_client
+
+log = Logger()
+
+
+class _Ready(Service):
+    """Logs "ready" once the reactor runs: only then are its signal handlers in place,
+    so a SIGTERM from then on is a clean shutdown.  Harnesses wait for this line."""
+
+    def __init__(self, reactor: Any, message: str) -> None:
+        self.reactor = reactor
+        self.message = message
+
+    def startService(self) -> None:
+        super().startService()
+        self.reactor.callWhenRunning(log.info, self.message)
+
+
+class _Stopper(Service):
+    """A service whose only job is to wait for something at stop."""
+
+    def __init__(self, on_stop: Any) -> None:
+        self.on_stop = on_stop
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        return self.on_stop()  # type: ignore[no-any-return]
+
+
+def _endpoint(reactor: Any, config: Config) -> Any:
+    try:
+        return serverFromString(reactor, config.server.listen)
+    except IndexError:
+        # The systemd: parser indexes LISTEN_FDS: no sockets were passed to us.
+        raise ConfigError(
+            config.source,
+            "server",
+            "listen",
+            "systemd socket activation requested but systemd passed no sockets "
+            "(start dpatia.socket, or listen on tcp:PORT)",
+        ) from None
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise ConfigError(config.source, "server", "listen", str(e)) from None
+
+
+def build_service(config: Config, reactor: Any) -> MultiService:
+    """Build the named service tree for ``config`` on ``reactor``; nothing starts yet."""
+    root = MultiService()
+
+    spool = DirectorySpool(
+        directory=config.spool.directory,
+        reactor=reactor,
+        sweep_interval=config.spool.sweep_interval,
+        owner=f"{socket.gethostname()}:{os.getpid()}",
+    )
+    spool.setName("spool")
+    spool.setServiceParent(root)
+
+    http = make_http_client(
+        reactor,
+        verify_tls=config.sps.verify_tls,
+        ca_file=config.sps.ca_file.path if config.sps.ca_file else None,
+        connect_timeout=min(10.0, config.sps.timeout),
+    )
+    sps = SPSClient(
+        http=http.client,
+        clock=reactor,
+        api_version=config.server.api_version,
+        software_version=__version__,
+        timeout=config.sps.timeout,
+        retries=config.sps.retries,
+    )
+    sps_service = _Stopper(http.close)
+    sps_service.setName("sps")
+    sps_service.setServiceParent(root)
+
+    api = IAAPI(config=config, spool=spool, sps=sps, clock=reactor)
+    api_service = _Stopper(api.background)
+    api_service.setName("api")
+    api_service.setServiceParent(root)
+
+    listener = StreamServerEndpointService(
+        _endpoint(reactor, config), make_site(api.resource(), config)
+    )
+    # Fail the start (exit code != 0) when the port cannot be bound, instead of
+    # logging and running deaf.
+    listener._raiseSynchronously = True
+    listener.setName("http")
+    listener.setServiceParent(root)
+
+    ready = _Ready(reactor, "dpatia ready")
+    ready.setName("ready")
+    ready.setServiceParent(root)
+
+    log.info(
+        "dpatia {version}: IA-API on {listen} at {route}, spool {spool}",
+        version=__version__,
+        listen=config.server.listen,
+        route=config.server.route,
+        spool=config.spool.directory.path,
+    )
+    return root

@@ -1,0 +1,134 @@
+"""The config contract: defaults, the shipped file, overrides, and one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dpatia_daemon.config import ConfigError, URLPrefix, load_config
+from dpatia_daemon.models import InputType
+
+ROOT = Path(__file__).resolve().parent.parent
+MINIMAL = "[sps]\nallowed_callback_urls = http://127.0.0.1:*/\n"
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "dpatia.ini"
+    path.write_text(text)
+    return str(path)
+
+
+def test_shipped_config_loads_with_documented_defaults() -> None:
+    """etc/dpatia.ini parses, and its values are the documented defaults."""
+    config = load_config(str(ROOT / "etc" / "dpatia.ini"))
+    assert config.server.listen == "tcp:5006"
+    assert config.server.route == "/dpatia"
+    assert config.server.public_url is None
+    assert config.server.max_body_bytes == 1024 * 1024
+    assert config.app.input_type is InputType.WHOLE_SLIDE
+    assert config.app.analysis == "tissue"
+    assert config.spool.directory.path.endswith("var/spool")
+    assert config.workers.count == 2
+    assert config.sps.verify_tls is True
+    assert config.sps.ca_file is None
+
+
+def test_shipped_config_allows_only_loopback() -> None:
+    """The shipped allowlist admits the simulator on loopback and nothing else."""
+    sps = load_config(str(ROOT / "etc" / "dpatia.ini")).sps
+    assert sps.allows("http://127.0.0.1:8080/SectraPathologyServer/external/imageanalysis/v1")
+    assert sps.allows("http://localhost:1234/x")
+    assert sps.allows("http://[::1]:1234/x")
+    assert not sps.allows("http://10.0.0.5:8080/x")
+    assert not sps.allows("https://127.0.0.1:8080/x")
+    assert not sps.allows("http://127.0.0.1.evil.example/x")
+
+
+def test_every_documented_key_is_in_the_shipped_file() -> None:
+    """Each key the loader knows appears (set or commented) in etc/dpatia.ini."""
+    from dpatia_daemon.config import _SCHEMA
+
+    text = (ROOT / "etc" / "dpatia.ini").read_text()
+    for section, (_, keys) in _SCHEMA.items():
+        assert f"[{section}]" in text
+        for key in keys:
+            assert f"\n{key} =" in text or f"\n#{key} =" in text, key
+
+
+def test_overrides_beat_the_file(tmp_path: Path) -> None:
+    """--listen, --spool and --workers replace the file's values."""
+    path = write(tmp_path, MINIMAL + "[workers]\ncount = 3\n")
+    config = load_config(path, {"listen": "tcp:0", "spool": str(tmp_path / "s"), "workers": "5"})
+    assert config.server.listen == "tcp:0"
+    assert config.spool.directory.path == str(tmp_path / "s")
+    assert config.workers.count == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "expected"),
+    [
+        ("[server]\nport = 1\n" + MINIMAL, {}, "[server] port: unknown key"),
+        ("[srv]\n" + MINIMAL, {}, "[srv]: unknown section"),
+        ("[workers]\ncount = two\n" + MINIMAL, {}, "[workers] count: 'two' is not a number"),
+        ("[workers]\ncount = 0\n" + MINIMAL, {}, "[workers] count: must be at least 1"),
+        ("[server]\nlisten = nonsense:1\n" + MINIMAL, {}, "[server] listen: not a usable"),
+        ("[server]\nroute = dpatia\n" + MINIMAL, {}, "[server] route: must be a path"),
+        ("[server]\npublic_url = ftp://x\n" + MINIMAL, {}, "[server] public_url: must be an"),
+        ("[app]\ninput_type = slide\n" + MINIMAL, {}, "[app] input_type: must be one of"),
+        ("[app]\nanalysis = a b\n" + MINIMAL, {}, "[app] analysis: must be a short name"),
+        (
+            "[sps]\nallowed_callback_urls = ftp://x/\n",
+            {},
+            "[sps] allowed_callback_urls: 'ftp://x/'",
+        ),
+        ("[sps]\nallowed_callback_urls =\n", {}, "[sps] allowed_callback_urls: must list"),
+        ("[server]\n", {}, "[sps] allowed_callback_urls: must list"),
+        (MINIMAL + "verify_tls = maybe\n", {}, "[sps] verify_tls: must be true or false"),
+        (MINIMAL + "ca_file = /nonexistent.pem\n", {}, "[sps] ca_file: '/nonexistent.pem' is not"),
+        (MINIMAL + "timeout = -1\n", {}, "[sps] timeout: must be greater than 0"),
+        ("garbage\n", {}, "not a valid INI file"),
+        (MINIMAL, {"workers": "x"}, "command line --workers: [workers] count: 'x' is not a number"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_problem(
+    tmp_path: Path, text: str, overrides: dict[str, str], expected: str
+) -> None:
+    """Each bad value stops loading with one line naming file, section, key, problem."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    assert expected in message
+    if not overrides:
+        assert message.startswith(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    """A missing file is named in the error."""
+    with pytest.raises(ConfigError, match="nope.ini: no such file"):
+        load_config(str(tmp_path / "nope.ini"))
+
+
+@pytest.mark.parametrize(
+    ("prefix", "url", "allowed"),
+    [
+        ("https://sps.h.org/SPS/v1", "https://sps.h.org/SPS/v1", True),
+        ("https://sps.h.org/SPS/v1", "https://sps.h.org/SPS/v1/", True),
+        ("https://sps.h.org/SPS/v1", "https://SPS.H.ORG:443/SPS/v1/x", True),
+        ("https://sps.h.org/SPS/v1", "https://sps.h.org/SPS/v10", False),
+        ("https://sps.h.org/SPS/v1", "https://sps.h.org/SPS/v1/../../admin", False),
+        ("https://sps.h.org/SPS/v1", "https://sps.h.org/SPS/v1/%2e%2e/admin", False),
+        ("https://sps.h.org/SPS/v1", "https://sps.h.org:8443/SPS/v1", False),
+        ("https://sps.h.org/SPS/v1", "http://sps.h.org/SPS/v1", False),
+        ("https://sps.h.org/SPS/v1", "https://user:pw@sps.h.org/SPS/v1", False),
+        ("https://sps.h.org/SPS/v1", "https://sps.h.org.evil.net/SPS/v1", False),
+        ("https://sps.h.org/SPS/v1", "not a url", False),
+        ("http://127.0.0.1:*/", "http://127.0.0.1:1/any/path", True),
+        ("http://127.0.0.1:8080", "http://127.0.0.1:8081/", False),
+    ],
+)
+def test_callback_prefix_matching(prefix: str, url: str, allowed: bool) -> None:
+    """Scheme, host, port and whole path segments must all match."""
+    assert URLPrefix.parse(prefix).matches(url) is allowed

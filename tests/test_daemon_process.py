@@ -1,0 +1,258 @@
+"""The real daemon: ``twistd -n dpatia`` as a subprocess on loopback, killed for real.
+
+These tests start the daemon through its twistd plugin, talk to it over real sockets,
+and use a fake SPS listening on loopback in the test process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import defer
+from twisted.internet.defer import DeferredSemaphore, ensureDeferred
+from twisted.web.server import Site
+
+from dpatia_daemon.jobs import Job
+from dpatia_daemon.simulator.daemon_process import TWISTD, DaemonProcess
+from dpatia_daemon.simulator.fake import FakeSPS
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = "dpatia"
+
+
+@attrs.frozen
+class LoopbackSPS:
+    fake: FakeSPS
+    test_url: str
+    test_token: str
+
+
+@pytest.fixture
+def fake_sps(reactor: Any) -> Any:
+    """A fake SPS on a free loopback port, with one accepted token."""
+    fake = FakeSPS()
+    port = reactor.listenTCP(0, Site(fake.resource()), interface="127.0.0.1")
+    yield LoopbackSPS(
+        fake=fake,
+        test_url=f"http://127.0.0.1:{port.getHost().port}/SectraPathologyServer/external/imageanalysis/v1",
+        test_token=fake.issue_token(),
+    )
+    port.stopListening()
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> str:
+    path = tmp_path / "dpatia.ini"
+    path.write_text(
+        "[spool]\n"
+        f"directory = {tmp_path / 'spool'}\n"
+        "[sps]\n"
+        "allowed_callback_urls = http://127.0.0.1:*/\n"
+        "timeout = 5\n"
+    )
+    return str(path)
+
+
+def notification(fake: Any, slide_id: str) -> dict[str, Any]:
+    return {
+        "action": "newImageFiles",
+        "applicationId": APP,
+        "slideId": slide_id,
+        "callbackInfo": {"url": fake.test_url, "token": fake.test_token},
+        "cancellationToken": f"ct-{slide_id}",
+        "context": {},
+        "imageInfo": {"imageSize": {"width": 1000, "height": 500}, "micronsPerPixel": 0.25},
+    }
+
+
+def queued_jobs(spool: Path) -> list[Job]:
+    return [Job.from_json(p.read_bytes()) for p in sorted((spool / "queued").glob("*.json"))]
+
+
+async def post_json(url: str, body: Any) -> tuple[int, Any]:
+    response = await treq.post(
+        url, json.dumps(body).encode(), headers={"Content-Type": ["application/json"]}
+    )
+    return response.code, json.loads(await response.content())
+
+
+@pytest_twisted.ensureDeferred
+async def test_job_survives_sigkill_right_after_the_acknowledgement(
+    reactor: Any, fake_sps: Any, config_file: str, tmp_path: Path
+) -> None:
+    """A notification answered 200 is still in the spool after SIGKILL and a restart."""
+    daemon = DaemonProcess(reactor=reactor, config=config_file, cwd=str(tmp_path))
+    await daemon.start()
+    try:
+        code, body = await post_json(
+            daemon.url + "/dpatia/imagenotification", notification(fake_sps, "slide-kill-1")
+        )
+        assert (code, body) == (200, {})
+    finally:
+        await daemon.kill(signal.SIGKILL)
+
+    jobs = queued_jobs(tmp_path / "spool")
+    assert [j.slide_id for j in jobs] == ["slide-kill-1"]
+
+    restarted = DaemonProcess(reactor=reactor, config=config_file, cwd=str(tmp_path))
+    await restarted.start()
+    try:
+        response = await treq.get(restarted.url + "/")
+        status = json.loads(await response.content())
+        assert status["jobs"]["queued"] == 1
+        assert [j.job_id for j in queued_jobs(tmp_path / "spool")] == [jobs[0].job_id]
+    finally:
+        await restarted.kill(signal.SIGTERM)
+
+
+@pytest_twisted.ensureDeferred
+async def test_500_notifications_from_32_clients_are_all_on_disk_once(
+    reactor: Any, fake_sps: Any, config_file: str, tmp_path: Path
+) -> None:
+    """500 concurrent notifications: 500 acknowledged, 500 jobs on disk, none twice."""
+    daemon = DaemonProcess(reactor=reactor, config=config_file, cwd=str(tmp_path))
+    await daemon.start()
+    semaphore = DeferredSemaphore(32)
+    codes: Counter[int] = Counter()
+
+    async def one(i: int) -> None:
+        code, _ = await post_json(
+            daemon.url + "/dpatia/imagenotification", notification(fake_sps, f"slide-{i:04d}")
+        )
+        codes[code] += 1
+
+    try:
+        await defer.gatherResults(
+            [semaphore.run(lambda i=i: ensureDeferred(one(i))) for i in range(500)],
+            consumeErrors=True,
+        )
+    finally:
+        await daemon.kill(signal.SIGTERM)
+    assert codes == Counter({200: 500})
+    slides = Counter(j.slide_id for j in queued_jobs(tmp_path / "spool"))
+    assert len(slides) == 500
+    assert max(slides.values()) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_stops_the_daemon_cleanly(
+    reactor: Any, config_file: str, tmp_path: Path
+) -> None:
+    """SIGTERM shuts the daemon down cleanly: its services stop, no traceback."""
+    daemon = DaemonProcess(reactor=reactor, config=config_file, cwd=str(tmp_path))
+    await daemon.start()
+    await daemon.kill(signal.SIGTERM)
+    assert daemon.exit_code == 0 or daemon.exit_signal == signal.SIGTERM
+    assert b"Server Shut Down." in daemon.output
+    assert b"Traceback" not in daemon.output
+
+
+@pytest.mark.parametrize(
+    ("ini", "args", "expected"),
+    [
+        ("[workers]\ncount = two\n", [], "[workers] count: 'two' is not a number"),
+        ("[spool]\nfrobnicate = 1\n", [], "[spool] frobnicate: unknown key"),
+        (None, [], "no such file"),
+        (
+            "[sps]\nallowed_callback_urls = http://127.0.0.1:*/\n",
+            ["--workers", "0"],
+            "command line --workers",
+        ),
+    ],
+)
+def test_bad_config_stops_the_daemon_with_one_line(
+    tmp_path: Path, ini: str | None, args: list[str], expected: str
+) -> None:
+    """twistd exits non-zero and prints one line naming the problem, no usage text."""
+    path = tmp_path / "dpatia.ini"
+    if ini is not None:
+        path.write_text(ini)
+    run = subprocess.run(
+        [
+            sys.executable,
+            *TWISTD,
+            "--nodaemon",
+            "--pidfile=",
+            "dpatia",
+            "--config",
+            str(path),
+            *args,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert run.returncode != 0
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert expected in lines[0]
+    assert str(path) in lines[0] or "command line" in lines[0]
+
+
+def test_plugin_is_found_from_a_built_wheel(tmp_path: Path) -> None:
+    """A wheel carries twisted/plugins/dpatia_plugin.py and no twisted/__init__.py, and
+    twistd finds the plugin when only the wheel's files (not the checkout) are importable."""
+    import zipfile
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=240,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("dpatia-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "twisted/plugins/dpatia_plugin.py" in names
+    assert "twisted/__init__.py" not in names
+    assert "twisted/plugins/__init__.py" not in names
+
+    target = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(target)
+    import twisted
+
+    deps = str(Path(twisted.__file__).resolve().parent.parent)
+    probe = (
+        "from twisted.plugin import getPlugins; from twisted.application.service import IServiceMaker;"
+        "import dpatia_daemon;"
+        f"assert dpatia_daemon.__file__.startswith({str(target)!r}), dpatia_daemon.__file__;"
+        "print(sorted(p.tapname for p in getPlugins(IServiceMaker)))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-S", "-c", probe],
+        env={
+            "PYTHONPATH": os.pathsep.join([str(target), deps]),
+            "PATH": os.environ.get("PATH", ""),
+        },
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "'dpatia'" in run.stdout

@@ -1,0 +1,844 @@
+"""The spool contract (run against both implementations) and DirectorySpool's own tests.
+
+The contract tests take the ``spool`` fixture, parametrised over :class:`MemorySpool`
+and a :class:`DirectorySpool` on ``tmp_path`` driven by the real reactor.  The
+directory tests check what only real files can show: permissions, durability, group
+commit, and exclusion and recovery across processes (``tests/spool_claimer.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import pytest_twisted
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.filepath import FilePath
+
+from dpatia_daemon.jobs import Callback, Job, JobKind, JobState
+from dpatia_daemon.spool import (
+    DirectorySpool,
+    ISpool,
+    JobChanged,
+    JobMoved,
+    MemorySpool,
+    NotHeld,
+    SpoolNotRunning,
+    SpoolStore,
+    _host_tag,
+)
+
+CLAIMER = str(Path(__file__).with_name("spool_claimer.py"))
+TIMEOUT = 20.0
+
+
+def make_job(
+    slide: str = "slide-1",
+    *,
+    token: str = "token-1",
+    kind: JobKind = JobKind.CREATE,
+    created: float = 100.0,
+    **kw: Any,
+) -> Job:
+    """Return a new queued job for ``slide``."""
+    return Job(
+        slide_id=slide,
+        application_id="demo",
+        kind=kind,
+        callback=Callback("https://sps.example/cb", token),
+        created=created,
+        **kw,
+    )
+
+
+def start_directory_spool(path: Path, reactor: Any) -> DirectorySpool:
+    """Start a DirectorySpool on ``path`` whose periodic sweep never fires in a test."""
+    spool = DirectorySpool(
+        directory=FilePath(str(path)), reactor=reactor, sweep_interval=3600.0, owner="test"
+    )
+    spool.startService()
+    return spool
+
+
+@contextmanager
+def other_store(path: Path) -> Iterator[SpoolStore]:
+    """An open SpoolStore on ``path``, as another daemon would have."""
+    store = SpoolStore(FilePath(str(path)), owner="other")
+    store.open()
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@pytest_twisted.async_yield_fixture(params=["memory", "directory"])
+async def spool(request: Any, tmp_path: Path, reactor: Any) -> AsyncIterator[Any]:
+    """A started spool of each implementation."""
+    s: Any
+    if request.param == "memory":
+        s = MemorySpool()
+        s.startService()
+    else:
+        s = start_directory_spool(tmp_path / "spool", reactor)
+    yield s
+    await s.stopService()
+
+
+@pytest_twisted.async_yield_fixture()
+async def dspool(tmp_path: Path, reactor: Any) -> AsyncIterator[DirectorySpool]:
+    """A started DirectorySpool on ``tmp_path / "spool"`` whose start-up sweep is done."""
+    s = start_directory_spool(tmp_path / "spool", reactor)
+    await s.sweep()
+    yield s
+    await s.stopService()
+
+
+def _with(job: Job, **changes: Any) -> Job:
+    """Return ``job`` with ``changes``."""
+    return attrs.evolve(job, **changes)
+
+
+async def queued_ids(spool: Any) -> list[str]:
+    return [job.job_id for job in await spool.queued()]
+
+
+# --- the contract ---------------------------------------------------------------------
+
+
+def test_implementations_provide_ispool() -> None:
+    """Both implementations declare and verify ISpool."""
+    from zope.interface.verify import verifyClass
+
+    assert verifyClass(ISpool, DirectorySpool)
+    assert verifyClass(ISpool, MemorySpool)
+
+
+@pytest_twisted.ensureDeferred
+async def test_add_get_round_trip(spool: Any) -> None:
+    """An added job comes back from get() equal, QUEUED."""
+    job = make_job(priority=3, context={"a": 1}, cancellation_token="ct")
+    stored = await spool.add(job)
+    assert stored == job
+    assert await spool.get(job.job_id) == job
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_unknown_is_none(spool: Any) -> None:
+    """get() of an id never added is None."""
+    assert await spool.get("ab" * 16) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_second_add_merges_keeping_id_and_position(spool: Any) -> None:
+    """A second add for a queued key keeps the first job's id and queue position."""
+    first = await spool.add(make_job(created=100.0))
+    merged = await spool.add(make_job(created=200.0, token="token-2"))
+    assert merged.job_id == first.job_id
+    assert merged.created == 100.0
+    assert merged.updated == 200.0
+    assert await queued_ids(spool) == [first.job_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_merge_newest_token_wins(spool: Any) -> None:
+    """The merged job carries the newest callback token and cancellation token."""
+    await spool.add(make_job(token="old", cancellation_token="c1"))
+    await spool.add(make_job(token="new", cancellation_token="c2", created=150.0))
+    [job] = await spool.queued()
+    assert job.callback.token == "new"
+    assert job.cancellation_token == "c2"
+
+
+@pytest_twisted.ensureDeferred
+async def test_merge_highest_priority_and_create_beats_notification(spool: Any) -> None:
+    """Merging keeps the highest priority, and a create request beats a notification."""
+    await spool.add(make_job(kind=JobKind.NOTIFICATION, priority=7))
+    await spool.add(make_job(kind=JobKind.CREATE, priority=1, created=150.0))
+    [job] = await spool.queued()
+    assert job.priority == 7
+    assert job.kind is JobKind.CREATE
+
+
+@pytest_twisted.ensureDeferred
+async def test_geometry_makes_a_different_key(spool: Any) -> None:
+    """A request with geometry is a different job from the whole-slide one."""
+    whole = await spool.add(make_job())
+    polygon = {"type": "taggedPolygon", "content": {"polygons": [[0, 0, 1, 1]]}}
+    region = await spool.add(make_job(input=polygon))
+    assert region.key != whole.key
+    assert sorted(await queued_ids(spool)) == sorted([whole.job_id, region.job_id])
+
+
+@pytest_twisted.ensureDeferred
+async def test_queued_order(spool: Any) -> None:
+    """queued() is manual requests first, then higher priority, then oldest."""
+    note = await spool.add(make_job("n", kind=JobKind.NOTIFICATION, created=1.0))
+    late = await spool.add(make_job("c3", created=3.0))
+    urgent = await spool.add(make_job("p5", priority=5, created=4.0))
+    early = await spool.add(make_job("c2", created=2.0))
+    assert await queued_ids(spool) == [urgent.job_id, early.job_id, late.job_id, note.job_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_moves_to_running(spool: Any) -> None:
+    """claim() returns the job RUNNING and it leaves the queue."""
+    job = await spool.add(make_job())
+    claimed = await spool.claim(job.job_id)
+    assert claimed.state is JobState.RUNNING
+    assert (await spool.get(job.job_id)).state is JobState.RUNNING
+    assert await spool.queued() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_is_exclusive(spool: Any) -> None:
+    """A job can be claimed once; the second claim gets None."""
+    job = await spool.add(make_job())
+    assert await spool.claim(job.job_id) is not None
+    assert await spool.claim(job.job_id) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_of_unknown_job_is_none(spool: Any) -> None:
+    """Claiming a job that does not exist gets None."""
+    assert await spool.claim("cd" * 16) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_add_while_running_makes_a_second_job(spool: Any) -> None:
+    """A request for a running key is a new queued job, not merged into the running one."""
+    first = await spool.add(make_job())
+    await spool.claim(first.job_id)
+    second = await spool.add(make_job(token="token-2", created=200.0))
+    assert second.job_id != first.job_id
+    assert await queued_ids(spool) == [second.job_id]
+    assert (await spool.get(first.job_id)).state is JobState.RUNNING
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_refused_while_same_key_runs(spool: Any) -> None:
+    """The second job of a key cannot be claimed while the first runs, and can after."""
+    first = await spool.add(make_job())
+    await spool.claim(first.job_id)
+    second = await spool.add(make_job(created=200.0))
+    assert await spool.claim(second.job_id) is None
+    await spool.finish(first.job_id, JobState.DONE)
+    assert (await spool.claim(second.job_id)).job_id == second.job_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_finish_done(spool: Any) -> None:
+    """finish() ends a held job; get() still finds it, in its final state."""
+    job = await spool.add(make_job())
+    await spool.claim(job.job_id)
+    done = await spool.finish(job.job_id, JobState.DONE)
+    assert done.state is JobState.DONE
+    assert await spool.get(job.job_id) == done
+    assert await spool.find() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_finish_failed_records_error(spool: Any) -> None:
+    """finish(FAILED, error) records the error as last_error."""
+    job = await spool.add(make_job())
+    await spool.claim(job.job_id)
+    await spool.finish(job.job_id, JobState.FAILED, "analysis crashed")
+    stored = await spool.get(job.job_id)
+    assert (stored.state, stored.last_error) == (JobState.FAILED, "analysis crashed")
+
+
+@pytest_twisted.ensureDeferred
+async def test_finish_requires_holding(spool: Any) -> None:
+    """finish() of a job this spool does not hold fails with NotHeld."""
+    job = await spool.add(make_job())
+    with pytest.raises(NotHeld):
+        await spool.finish(job.job_id, JobState.DONE)
+
+
+@pytest_twisted.ensureDeferred
+async def test_release_counts_an_attempt(spool: Any) -> None:
+    """release(count_attempt=True) requeues with attempts + 1 and the error."""
+    job = await spool.add(make_job())
+    await spool.claim(job.job_id)
+    released = await spool.release(job.job_id, count_attempt=True, error="worker died")
+    assert (released.state, released.attempts, released.last_error) == (
+        JobState.QUEUED,
+        1,
+        "worker died",
+    )
+    assert await spool.queued() == [released]
+
+
+@pytest_twisted.ensureDeferred
+async def test_release_without_counting(spool: Any) -> None:
+    """release(count_attempt=False) requeues without counting an attempt."""
+    job = await spool.add(make_job())
+    await spool.claim(job.job_id)
+    released = await spool.release(job.job_id, count_attempt=False)
+    assert (released.state, released.attempts) == (JobState.QUEUED, 0)
+    assert (await spool.claim(job.job_id)).job_id == job.job_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_release_merges_into_newer_queued_job(spool: Any) -> None:
+    """Releasing into a newer queued job leaves one job: the newer one's id and token,
+    the released one's queue position, the higher attempt count."""
+    old = await spool.add(make_job(created=100.0, token="old"))
+    await spool.claim(old.job_id)
+    newer = await spool.add(make_job(created=200.0, token="new", priority=4))
+    released = await spool.release(old.job_id, count_attempt=True)
+    assert released.job_id == newer.job_id
+    assert (released.callback.token, released.created, released.priority) == ("new", 100.0, 4)
+    assert released.attempts == 1
+    assert await spool.queued() == [released]
+    assert await spool.get(old.job_id) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_queued(spool: Any) -> None:
+    """cancel() of a queued job makes it CANCELLED with the reason."""
+    job = await spool.add(make_job())
+    cancelled = await spool.cancel(job.job_id, "user said so")
+    assert (cancelled.state, cancelled.last_error) == (JobState.CANCELLED, "user said so")
+    assert await spool.get(job.job_id) == cancelled
+    assert await spool.queued() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_running_is_none(spool: Any) -> None:
+    """cancel() of a running job returns None and leaves it running."""
+    job = await spool.add(make_job())
+    await spool.claim(job.job_id)
+    assert await spool.cancel(job.job_id) is None
+    assert (await spool.get(job.job_id)).state is JobState.RUNNING
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_cancel_marks_running_job(spool: Any) -> None:
+    """request_cancel() of a running job is seen by cancel_requested() until it finishes."""
+    job = await spool.add(make_job())
+    await spool.claim(job.job_id)
+    assert await spool.cancel_requested(job.job_id) is False
+    await spool.request_cancel(job.job_id)
+    assert await spool.cancel_requested(job.job_id) is True
+    await spool.finish(job.job_id, JobState.CANCELLED, "stopped")
+    assert await spool.cancel_requested(job.job_id) is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_cancel_of_queued_job_cancels_it(spool: Any) -> None:
+    """request_cancel() of a job that is queued (released meanwhile) cancels it at once."""
+    job = await spool.add(make_job())
+    await spool.request_cancel(job.job_id)
+    assert (await spool.get(job.job_id)).state is JobState.CANCELLED
+    assert await spool.cancel_requested(job.job_id) is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_release_of_cancel_requested_job_cancels_it(spool: Any) -> None:
+    """A held job whose cancellation was requested is CANCELLED by release(), not requeued."""
+    job = await spool.add(make_job())
+    await spool.claim(job.job_id)
+    await spool.request_cancel(job.job_id)
+    released = await spool.release(job.job_id, count_attempt=True)
+    assert released.state is JobState.CANCELLED
+    assert await spool.queued() == []
+    assert await spool.cancel_requested(job.job_id) is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_update_queued(spool: Any) -> None:
+    """update() of a queued job stores the new result id."""
+    job = await spool.add(make_job())
+    await spool.update(_with(job, result_id=7))
+    assert (await spool.get(job.job_id)).result_id == 7
+
+
+@pytest_twisted.ensureDeferred
+async def test_update_of_claimed_queued_copy_is_job_moved(spool: Any) -> None:
+    """update() of a queued copy of a job claimed meanwhile fails with JobMoved."""
+    job = await spool.add(make_job())
+    await spool.claim(job.job_id)
+    with pytest.raises(JobMoved):
+        await spool.update(_with(job, result_id=7))
+
+
+@pytest_twisted.ensureDeferred
+async def test_update_running_by_holder(spool: Any) -> None:
+    """The holder can update its running job."""
+    job = await spool.add(make_job())
+    running = await spool.claim(job.job_id)
+    await spool.update(_with(running, result_id=9))
+    assert (await spool.get(job.job_id)).result_id == 9
+
+
+@pytest_twisted.ensureDeferred
+async def test_update_after_merge_is_job_changed(spool: Any) -> None:
+    """update() of a copy read before a merge fails with JobChanged (the newer token stays)."""
+    job = await spool.add(make_job(token="old"))
+    await spool.add(make_job(token="new", created=200.0))
+    with pytest.raises(JobChanged):
+        await spool.update(_with(job, result_id=7))
+    assert (await spool.get(job.job_id)).callback.token == "new"
+
+
+@pytest_twisted.ensureDeferred
+async def test_watch_sees_add_merge_and_release(spool: Any) -> None:
+    """Watchers hear of every job becoming QUEUED: add, merge and release."""
+    seen: list[Job] = []
+    spool.watch(seen.append)
+    job = await spool.add(make_job())
+    merged = await spool.add(make_job(token="token-2", created=200.0))
+    await spool.claim(job.job_id)
+    released = await spool.release(job.job_id, count_attempt=False)
+    assert seen == [job, merged, released]
+
+
+@pytest_twisted.ensureDeferred
+async def test_watch_unsubscribe(spool: Any) -> None:
+    """An unsubscribed watcher hears nothing more."""
+    seen: list[Job] = []
+    unsubscribe = spool.watch(seen.append)
+    unsubscribe()
+    await spool.add(make_job())
+    assert seen == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_raising_watcher_breaks_nothing(spool: Any) -> None:
+    """A raising watcher is logged; the add succeeds and other watchers are still called."""
+    errors: list[dict[str, Any]] = []
+    observer = errors.append
+    globalLogPublisher.addObserver(observer)
+
+    def bad(job: Job) -> None:
+        raise RuntimeError("boom")
+
+    seen: list[Job] = []
+    spool.watch(bad)
+    spool.watch(seen.append)
+    try:
+        job = await spool.add(make_job())
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert seen == [job]
+    assert any(e.get("log_failure") is not None for e in errors)
+
+
+@pytest_twisted.ensureDeferred
+async def test_find_by_slide_result_and_token(spool: Any) -> None:
+    """find() returns the jobs matching all of the given criteria."""
+    a = await spool.add(make_job("a", result_id=1, cancellation_token="t-a"))
+    b = await spool.add(make_job("b", result_id=2, cancellation_token="t-b"))
+    assert await spool.find(slide_id="a") == [a]
+    assert await spool.find(result_id=2) == [b]
+    assert await spool.find(cancellation_token="t-a") == [a]
+    assert await spool.find(slide_id="a", result_id=2) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_find_by_state(spool: Any) -> None:
+    """find() looks at QUEUED and RUNNING by default and at other states on request."""
+    job = await spool.add(make_job())
+    await spool.claim(job.job_id)
+    assert [j.job_id for j in await spool.find(slide_id="slide-1")] == [job.job_id]
+    await spool.finish(job.job_id, JobState.DONE)
+    assert await spool.find(slide_id="slide-1") == []
+    done = await spool.find(slide_id="slide-1", states=frozenset({JobState.DONE}))
+    assert [j.job_id for j in done] == [job.job_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_counts(spool: Any) -> None:
+    """counts() reports every state."""
+    a = await spool.add(make_job("a"))
+    await spool.add(make_job("b"))
+    c = await spool.add(make_job("c"))
+    await spool.claim(a.job_id)
+    await spool.cancel(c.job_id)
+    counts = await spool.counts()
+    assert counts == {
+        JobState.QUEUED: 1,
+        JobState.RUNNING: 1,
+        JobState.DONE: 0,
+        JobState.FAILED: 0,
+        JobState.CANCELLED: 1,
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_recover_leaves_held_jobs_alone(spool: Any) -> None:
+    """recover() does not touch jobs this (live) spool holds."""
+    job = await spool.add(make_job())
+    await spool.claim(job.job_id)
+    assert await spool.recover() == []
+    assert (await spool.get(job.job_id)).state is JobState.RUNNING
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s: s.get("../x"),
+        lambda s: s.claim("../x"),
+        lambda s: s.cancel("../../etc/passwd"),
+        lambda s: s.request_cancel("x/.."),
+        lambda s: s.cancel_requested(""),
+        lambda s: s.finish("..", JobState.DONE),
+        lambda s: s.add(make_job(job_id="../x")),
+        lambda s: s.add(make_job(key="../x")),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_hostile_ids_are_value_errors(spool: Any, call: Any) -> None:
+    """Ids that are not lowercase hex never become paths: ValueError."""
+    with pytest.raises(ValueError):
+        await call(spool)
+
+
+@pytest_twisted.ensureDeferred
+async def test_memory_recover_after_abandon() -> None:
+    """MemorySpool.abandon_held() makes recover() requeue with an attempt counted."""
+    spool = MemorySpool()
+    spool.startService()
+    job = await spool.add(make_job())
+    await spool.claim(job.job_id)
+    spool.abandon_held()
+    [recovered] = await spool.recover()
+    assert (recovered.job_id, recovered.state, recovered.attempts) == (
+        job.job_id,
+        JobState.QUEUED,
+        1,
+    )
+
+
+# --- DirectorySpool on real files -----------------------------------------------------
+
+
+def modes(root: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """Return the permission bits of every directory and file under ``root``."""
+    dirs = {str(root): stat.S_IMODE(root.stat().st_mode)}
+    files = {}
+    for path in root.rglob("*"):
+        (dirs if path.is_dir() else files)[str(path)] = stat.S_IMODE(path.stat().st_mode)
+    return dirs, files
+
+
+@pytest_twisted.ensureDeferred
+async def test_permissions_are_private(dspool: DirectorySpool, tmp_path: Path) -> None:
+    """Every directory is 0700 and every file (tokens, locks, markers) 0600."""
+    a = await dspool.add(make_job("a"))
+    await dspool.add(make_job("b"))
+    await dspool.claim(a.job_id)
+    await dspool.request_cancel(a.job_id)
+    dirs, files = modes(tmp_path / "spool")
+    assert len(files) >= 4
+    assert set(dirs.values()) == {0o700}
+    assert set(files.values()) == {0o600}
+
+
+@pytest_twisted.ensureDeferred
+async def test_loose_tree_is_tightened(tmp_path: Path, reactor: Any) -> None:
+    """An existing tree readable by others is tightened to 0700, with a warning."""
+    root = tmp_path / "spool"
+    (root / "queued").mkdir(parents=True)
+    os.chmod(root, 0o755)
+    os.chmod(root / "queued", 0o777)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    spool = start_directory_spool(root, reactor)
+    try:
+        await spool.queued()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await spool.stopService()
+    dirs, _ = modes(root)
+    assert set(dirs.values()) == {0o700}
+    warned = {e.get("path") for e in events if e.get("log_level") == LogLevel.warn}
+    assert {str(root), str(root / "queued")} <= warned
+
+
+@pytest_twisted.ensureDeferred
+async def test_add_is_on_disk_when_it_fires(dspool: DirectorySpool, tmp_path: Path) -> None:
+    """When add() fires, another store on the directory already sees the job."""
+    job = await dspool.add(make_job())
+    with other_store(tmp_path / "spool") as store:
+        assert store.get(job.job_id) == job
+    assert (tmp_path / "spool" / "queued" / f"{job.key}.json").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_add_fsyncs_file_and_directory_before_firing(tmp_path: Path, reactor: Any) -> None:
+    """add() fires only after the job's file and the queued/ directory were fsynced."""
+    spool = start_directory_spool(tmp_path / "spool", reactor)
+    synced: list[str] = []
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        os.fsync(fd)
+
+    spool.store.fsync = fsync
+    try:
+        job = await spool.add(make_job())
+    finally:
+        await spool.stopService()
+    assert any("/tmp/" in p for p in synced)
+    assert str(tmp_path / "spool" / "queued") in synced
+    assert job.job_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_adds_are_group_committed(dspool: DirectorySpool, tmp_path: Path) -> None:
+    """500 concurrent adds all land exactly once, with far fewer than 500 directory fsyncs."""
+    jobs = [make_job(f"slide-{i}") for i in range(500)]
+    before = dspool.store.dir_fsyncs
+    stored = await gatherResults([dspool.add(job) for job in jobs])
+    fsyncs = dspool.store.dir_fsyncs - before
+    assert [j.job_id for j in stored] == [j.job_id for j in jobs]
+    with other_store(tmp_path / "spool") as store:
+        on_disk = [j.job_id for j in store.queued()]
+    assert sorted(on_disk) == sorted(j.job_id for j in jobs)
+    assert fsyncs < 50
+
+
+@pytest_twisted.ensureDeferred
+async def test_batch_with_one_key_twice_merges(dspool: DirectorySpool) -> None:
+    """Two adds for one key in the same batch merge in arrival order."""
+    first, second = await gatherResults(
+        [dspool.add(make_job(token="a")), dspool.add(make_job(token="b", created=200.0))]
+    )
+    assert second.job_id == first.job_id
+    [job] = await dspool.queued()
+    assert job.callback.token == "b"
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_spools_in_one_process_exclude_each_other(
+    dspool: DirectorySpool, tmp_path: Path, reactor: Any
+) -> None:
+    """A second spool (same process, same directory) can neither claim, recover nor
+    finish the first one's job."""
+    other = start_directory_spool(tmp_path / "spool", reactor)
+    try:
+        job = await dspool.add(make_job())
+        assert await dspool.claim(job.job_id) is not None
+        assert await other.claim(job.job_id) is None
+        assert await other.recover() == []
+        with pytest.raises(NotHeld):
+            await other.finish(job.job_id, JobState.DONE)
+        assert (await dspool.finish(job.job_id, JobState.DONE)).state is JobState.DONE
+    finally:
+        await other.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_abandons_held_jobs_to_recovery(tmp_path: Path, reactor: Any) -> None:
+    """A job still held at stop stays RUNNING; the next start recovers it, one attempt more."""
+    first = start_directory_spool(tmp_path / "spool", reactor)
+    job = await first.add(make_job())
+    await first.claim(job.job_id)
+    await first.stopService()
+    with pytest.raises(SpoolNotRunning):
+        await first.add(make_job("other"))
+    second = start_directory_spool(tmp_path / "spool", reactor)
+    try:
+        await second.sweep()
+        stored = await second.get(job.job_id)
+    finally:
+        await second.stopService()
+    assert (stored.state, stored.attempts) == (JobState.QUEUED, 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sweep_announces_jobs_added_elsewhere(dspool: DirectorySpool, tmp_path: Path) -> None:
+    """The sweep announces a job another process queued, once."""
+    seen: list[Job] = []
+    dspool.watch(seen.append)
+    with other_store(tmp_path / "spool") as store:
+        job = store.add(make_job())
+    await dspool.sweep()
+    await dspool.sweep()
+    assert seen == [job]
+
+
+@pytest_twisted.ensureDeferred
+async def test_sweep_does_not_reannounce_own_adds(dspool: DirectorySpool) -> None:
+    """A job this spool announced when adding it is not announced again by the sweep."""
+    seen: list[Job] = []
+    dspool.watch(seen.append)
+    job = await dspool.add(make_job())
+    await dspool.sweep()
+    assert seen == [job]
+
+
+@pytest_twisted.ensureDeferred
+async def test_torn_temp_files_are_ignored_and_cleaned(tmp_path: Path, reactor: Any) -> None:
+    """Temp files of dead writers are ignored and removed at start; a live writer's stays."""
+    root = tmp_path / "spool"
+    with other_store(root):
+        pass
+    dead_pid = int(Path("/proc/sys/kernel/pid_max").read_text())  # never a live pid
+    torn = root / "tmp" / f"{_host_tag()}.{dead_pid}.{'a' * 32}.tmp"
+    torn.write_bytes(b'{"slide_id": "half')
+    old = root / "tmp" / "elsewhere.123.bb.tmp"
+    old.write_bytes(b"{")
+    os.utime(old, (1000.0, 1000.0))
+    live = root / "tmp" / f"{_host_tag()}.{os.getppid()}.{'c' * 32}.tmp"
+    live.write_bytes(b"{")
+    spool = start_directory_spool(root, reactor)
+    try:
+        assert await spool.queued() == []
+    finally:
+        await spool.stopService()
+    assert not torn.exists()
+    assert not old.exists()
+    assert live.exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_corrupt_record_is_skipped_then_quarantined(
+    dspool: DirectorySpool, tmp_path: Path
+) -> None:
+    """An unparsable queued record is skipped by listings and moved aside by an add."""
+    job = make_job()
+    path = tmp_path / "spool" / "queued" / f"{job.key}.json"
+    path.write_bytes(b"not json")
+    assert await dspool.queued() == []
+    stored = await dspool.add(job)
+    assert await dspool.queued() == [stored]
+    assert [p.read_bytes() for p in (tmp_path / "spool" / "corrupt").iterdir()] == [b"not json"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_recover_finishes_an_interrupted_release(
+    dspool: DirectorySpool, tmp_path: Path
+) -> None:
+    """A crash between a release's queued write and its running delete loses nothing:
+    recover() keeps the queued copy and counts no extra attempt."""
+    root = tmp_path / "spool"
+    with other_store(root) as store:
+        job = store.add(make_job())
+        store.claim(job.job_id)
+        # The release's first half: the queued copy, without deleting the running one.
+        (root / "queued" / f"{job.key}.json").write_bytes(job.to_json())
+    assert await dspool.recover() == []
+    assert await dspool.queued() == [job]
+    assert (await dspool.counts())[JobState.RUNNING] == 0
+
+
+# --- several processes ----------------------------------------------------------------
+
+
+class Child(protocol.ProcessProtocol):
+    """A spool_claimer.py process: its output lines, and events to wait on."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.lines: list[str] = []
+        self.stderr = b""
+        self._buffer = b""
+        self._waiting: list[tuple[str, Deferred[None]]] = []
+        self.ended: Deferred[None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self._buffer += data
+        *complete, self._buffer = self._buffer.split(b"\n")
+        for raw in complete:
+            line = raw.decode()
+            self.lines.append(line)
+            for waited in [w for w in self._waiting if w[0] == line]:
+                self._waiting.remove(waited)
+                waited[1].callback(None)
+
+    def errReceived(self, data: bytes) -> None:
+        self.stderr += data
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
+
+    def wait_for(self, line: str) -> Deferred[None]:
+        """Fire when ``line`` is printed (or has been); time out after TIMEOUT."""
+        d: Deferred[None] = Deferred()
+        if line in self.lines:
+            d.callback(None)
+        else:
+            self._waiting.append((line, d))
+        return d.addTimeout(TIMEOUT, self.reactor)
+
+    def wait_ended(self) -> Deferred[None]:
+        return self.ended.addTimeout(TIMEOUT, self.reactor)
+
+
+def spawn(reactor: Any, directory: Path, *args: str) -> Child:
+    child = Child(reactor)
+    reactor.spawnProcess(
+        child,
+        sys.executable,
+        [sys.executable, CLAIMER, str(directory), *args],
+        env=dict(os.environ),
+    )
+    return child
+
+
+@pytest_twisted.ensureDeferred
+async def test_killed_holder_is_recovered(
+    dspool: DirectorySpool, tmp_path: Path, reactor: Any
+) -> None:
+    """After a holder process is SIGKILLed, recover() requeues its job with attempts 1."""
+    job = await dspool.add(make_job())
+    child = spawn(reactor, tmp_path / "spool", "hold", job.job_id)
+    await child.wait_for(f"claimed {job.job_id}")
+    os.kill(child.transport.pid, signal.SIGKILL)
+    await child.wait_ended()
+    [recovered] = await dspool.recover()
+    assert (recovered.job_id, recovered.state, recovered.attempts) == (
+        job.job_id,
+        JobState.QUEUED,
+        1,
+    )
+    assert await dspool.queued() == [recovered]
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_holder_is_not_recovered(
+    dspool: DirectorySpool, tmp_path: Path, reactor: Any
+) -> None:
+    """A job held by a live process stays RUNNING through recover()."""
+    job = await dspool.add(make_job())
+    child = spawn(reactor, tmp_path / "spool", "hold", job.job_id)
+    try:
+        await child.wait_for(f"claimed {job.job_id}")
+        assert await dspool.recover() == []
+        assert await dspool.claim(job.job_id) is None
+        assert (await dspool.get(job.job_id)).state is JobState.RUNNING
+    finally:
+        child.transport.closeStdin()
+        await child.wait_ended()
+
+
+@pytest_twisted.ensureDeferred
+async def test_processes_claim_disjoint_sets(
+    dspool: DirectorySpool, tmp_path: Path, reactor: Any
+) -> None:
+    """Four processes racing over 200 queued jobs claim disjoint sets covering all 200."""
+    jobs = await gatherResults([dspool.add(make_job(f"slide-{i}")) for i in range(200)])
+    children = [spawn(reactor, tmp_path / "spool", "race") for _ in range(4)]
+    await gatherResults([c.wait_for("ready") for c in children])
+    for c in children:
+        c.transport.write(b"go\n")
+    await gatherResults([c.wait_for("done") for c in children])
+    await gatherResults([c.wait_ended() for c in children])
+    claimed = [
+        {line.split()[1] for line in c.lines if line.startswith("claimed ")} for c in children
+    ]
+    assert sum(len(s) for s in claimed) == 200
+    assert set().union(*claimed) == {j.job_id for j in jobs}
+    assert all(c.stderr == b"" for c in children), [c.stderr for c in children]
