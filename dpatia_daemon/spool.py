@@ -1283,7 +1283,10 @@ class DirectorySpool(Service):
 
     Collaborators: ``directory``, the ``reactor`` (IReactorThreads + IReactorTime: its
     clock drives the sweep and it delivers thread results), a private thread pool of
-    ``threads`` threads in which all file I/O runs, and a :class:`SpoolStore`.
+    ``threads`` threads in which all file I/O runs (so reads, claims and finishes
+    proceed while a commit is in flight), and :attr:`store`, the blocking core.
+    ``max_batch`` caps how many adds one group commit takes, bounding how long it holds
+    key locks; ``owner`` names this daemon in logs.
     """
 
     directory: FilePath[str]
@@ -1343,15 +1346,17 @@ class DirectorySpool(Service):
         pool, self._pool = self._pool, None
         if pool is None:
             return
-        if self._opened:
-            await threads.deferToThreadPool(self.reactor, pool, self.store.close)
-            self._opened = False
         try:
-            self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
-        except (KeyError, ValueError):
-            pass  # the reactor is already shutting down
-        # Every thread is idle now, so this join is immediate.
-        pool.stop()
+            if self._opened:
+                await threads.deferToThreadPool(self.reactor, pool, self.store.close)
+        finally:
+            self._opened = False
+            try:
+                self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            except (KeyError, ValueError):
+                pass  # the reactor is already shutting down
+            # Every thread is idle now, so this join is immediate.
+            pool.stop()
 
     def _enter(self) -> None:
         self._busy += 1
