@@ -139,6 +139,11 @@ class Job:
             updated=max(self.updated, newer.updated),
         )
 
+    def without_secret(self) -> Job:
+        """This job with its callback token removed, for history records: a finished
+        job never calls the SPS again, so its token has no business on disk."""
+        return attrs.evolve(self, callback=Callback(self.callback.url, ""))
+
     def to_json(self) -> bytes:
         """Serialise for the spool (the token included: spool files are 0600)."""
         return json.dumps(converter.unstructure(self), sort_keys=True).encode("utf-8")

@@ -995,9 +995,10 @@ class SpoolStore:
         final = attrs.evolve(job, state=state, last_error=error)
         running = self._active_path(JobState.RUNNING, job.key)
         target = self._history_path(state, job.key, job.job_id)
-        # One atomic rename ends the run; the rewrite only adds the error text.
+        # One atomic rename ends the run; the rewrite adds the error text and drops the
+        # token (the caller still gets it back in ``final``).
         os.rename(running.path, target.path)
-        tmp = self._write_temp(final)
+        tmp = self._write_temp(final.without_secret())
         os.rename(tmp.path, target.path)
         self._fsync_dir(self._sub(state.value))
         self._fsync_dir(self._sub("running"))
@@ -1075,7 +1076,7 @@ class SpoolStore:
         final = attrs.evolve(job, state=JobState.CANCELLED, last_error=reason)
         target = self._history_path(JobState.CANCELLED, key, job_id)
         os.rename(queued.path, target.path)
-        tmp = self._write_temp(final)
+        tmp = self._write_temp(final.without_secret())
         os.rename(tmp.path, target.path)
         self._fsync_dir(self._sub("cancelled"))
         self._fsync_dir(self._sub("queued"))
@@ -1774,7 +1775,8 @@ class MemorySpool(Service):
         del self._running[job.key]
         self._held.discard(job.job_id)
         self._markers.pop(job.job_id, None)
-        final = self._history[job.job_id] = attrs.evolve(job, state=state, last_error=error)
+        final = attrs.evolve(job, state=state, last_error=error)
+        self._history[job.job_id] = final.without_secret()
         return final
 
     def finish(self, job_id: str, state: JobState, error: str | None = None) -> Deferred[Job]:
@@ -1811,9 +1813,8 @@ class MemorySpool(Service):
         if job is None or job.state is not JobState.QUEUED:
             return None
         del self._queued[job.key]
-        final = self._history[job_id] = attrs.evolve(
-            job, state=JobState.CANCELLED, last_error=reason
-        )
+        final = attrs.evolve(job, state=JobState.CANCELLED, last_error=reason)
+        self._history[job_id] = final.without_secret()
         return final
 
     def cancel(self, job_id: str, reason: str = "cancelled") -> Deferred[Job | None]:

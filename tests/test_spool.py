@@ -237,12 +237,14 @@ async def test_claim_refused_while_same_key_runs(spool: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_finish_done(spool: Any) -> None:
-    """finish() ends a held job; get() still finds it, in its final state."""
+    """finish() ends a held job; get() still finds it, in its final state, without
+    its callback token (the caller of finish() still gets the token back)."""
     job = await spool.add(make_job())
     await spool.claim(job.job_id)
     done = await spool.finish(job.job_id, JobState.DONE)
     assert done.state is JobState.DONE
-    assert await spool.get(job.job_id) == done
+    assert done.callback == job.callback
+    assert await spool.get(job.job_id) == done.without_secret()
     assert await spool.find() == []
 
 
@@ -309,7 +311,7 @@ async def test_cancel_queued(spool: Any) -> None:
     job = await spool.add(make_job())
     cancelled = await spool.cancel(job.job_id, "user said so")
     assert (cancelled.state, cancelled.last_error) == (JobState.CANCELLED, "user said so")
-    assert await spool.get(job.job_id) == cancelled
+    assert await spool.get(job.job_id) == cancelled.without_secret()
     assert await spool.queued() == []
 
 
@@ -543,6 +545,27 @@ async def test_permissions_are_private(dspool: DirectorySpool, tmp_path: Path) -
     assert len(files) >= 4
     assert set(dirs.values()) == {0o700}
     assert set(files.values()) == {0o600}
+
+
+@pytest_twisted.ensureDeferred
+async def test_history_records_hold_no_token(dspool: DirectorySpool, tmp_path: Path) -> None:
+    """Done, failed and cancelled records on disk no longer carry the callback token."""
+    done = await dspool.add(make_job("a", token="secret-done"))
+    failed = await dspool.add(make_job("b", token="secret-failed"))
+    await dspool.add(make_job("c", token="secret-cancelled"))
+    for job, state in ((done, JobState.DONE), (failed, JobState.FAILED)):
+        await dspool.claim(job.job_id)
+        await dspool.finish(job.job_id, state, "x")
+    (queued,) = await dspool.find(slide_id="c")
+    await dspool.cancel(queued.job_id)
+    history = [
+        p
+        for state in ("done", "failed", "cancelled")
+        for p in (tmp_path / "spool" / state).iterdir()
+    ]
+    assert len(history) == 3
+    for path in history:
+        assert b"secret-" not in path.read_bytes()
 
 
 @pytest_twisted.ensureDeferred
