@@ -27,7 +27,6 @@ from typing import Any
 import attrs
 from attrs import define, field
 from klein import Klein
-from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -35,6 +34,7 @@ from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from ._version import __version__
+from .background import BackgroundQueue
 from .config import Config
 from .jobs import Callback, Job, JobKind, JobState
 from .models import (
@@ -157,7 +157,7 @@ class IAAPI:
     spool: ISpool
     sps: SPSClient
     clock: IReactorTime
-    _background: set[Deferred[Any]] = field(factory=set, init=False)
+    background: BackgroundQueue = field(factory=BackgroundQueue)
     app: Klein = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -179,11 +179,6 @@ class IAAPI:
 
     def resource(self) -> Any:
         return self.app.resource()
-
-    def background(self) -> Deferred[None]:
-        """Fires when the background frame writers running now have finished (for stop)."""
-        pending = list(self._background)
-        return gatherResults(pending, consumeErrors=True).addBoth(lambda _: None)
 
     # --- routes ---
 
@@ -276,7 +271,9 @@ class IAAPI:
             job_id=job.job_id,
             slide_id=job.slide_id,
         )
-        self._in_background(self._frame_for_notification(job))
+        self.background.submit(
+            f"queued frame of job {job.job_id}", lambda: self._frame_for_notification(job)
+        )
         return _json(request, {})
 
     # --- actions ---
@@ -351,10 +348,10 @@ class IAAPI:
             cancelled = await self._stop(job, "cancelled by the user")
             if cancelled is not None and cancelled.result_id is not None:
                 # The newest token is the one in this request.
-                self._in_background(
-                    self._write_final_frame(
-                        attrs.evolve(cancelled, callback=callback), Status.CANCELLED, "Cancelled"
-                    )
+                frame_job = attrs.evolve(cancelled, callback=callback)
+                self.background.submit(
+                    f"cancelled frame of job {cancelled.job_id}",
+                    lambda j=frame_job: self._write_final_frame(j, Status.CANCELLED, "Cancelled"),
                 )
         return _json(request, [])
 
@@ -449,17 +446,6 @@ class IAAPI:
                 status=status.value.lower(),
                 error=str(e),
             )
-
-    def _in_background(self, coro: Any) -> None:
-        d: Deferred[Any] = ensureDeferred(coro)
-        self._background.add(d)
-
-        def done(result: Any) -> None:
-            self._background.discard(d)
-            if hasattr(result, "check"):
-                log.failure("background SPS call failed", result)
-
-        d.addBoth(done)
 
     # --- validation ---
 

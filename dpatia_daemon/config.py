@@ -151,6 +151,7 @@ class SPSConfig:
     retries: int = 4
     verify_tls: bool = True
     ca_file: FilePath | None = None
+    background_concurrency: int = 4
 
     def allows(self, url: str) -> bool:
         return any(prefix.matches(url) for prefix in self.allowed_callback_urls)
@@ -318,6 +319,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "retries": _non_negative_int,
             "verify_tls": _bool,
             "ca_file": _optional_path,
+            "background_concurrency": _positive_int,
         },
     ),
 }

@@ -24,11 +24,23 @@ from twisted.logger import Logger
 
 from ._version import __version__
 from .api import IAAPI, make_site
+from .background import BackgroundQueue
 from .config import Config, ConfigError
-from .spool import DirectorySpool
+from .spool import DirectorySpool, SpoolError
 from .sps import SPSClient, make_http_client
 
 log = Logger()
+
+
+class _Root(MultiService):
+    """The tree's root: a child that cannot start (an unusable spool) stops the daemon
+    with one line, not a traceback, and a non-zero exit status."""
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except SpoolError as e:
+            raise SystemExit(f"dpatia: cannot start: {e}") from None
 
 
 class _Ready(Service):
@@ -73,7 +85,7 @@ def _endpoint(reactor: Any, config: Config) -> Any:
 
 def build_service(config: Config, reactor: Any) -> MultiService:
     """Build the named service tree for ``config`` on ``reactor``; nothing starts yet."""
-    root = MultiService()
+    root = _Root()
 
     spool = DirectorySpool(
         directory=config.spool.directory,
@@ -102,8 +114,14 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     sps_service.setName("sps")
     sps_service.setServiceParent(root)
 
-    api = IAAPI(config=config, spool=spool, sps=sps, clock=reactor)
-    api_service = _Stopper(api.background)
+    api = IAAPI(
+        config=config,
+        spool=spool,
+        sps=sps,
+        clock=reactor,
+        background=BackgroundQueue(concurrency=config.sps.background_concurrency),
+    )
+    api_service = _Stopper(api.background.close)
     api_service.setName("api")
     api_service.setServiceParent(root)
 

@@ -470,6 +470,9 @@ class SpoolStore:
         """Create (or tighten) the directory tree, attach the locks, clean stale temp files."""
         if self._table is not None:
             return
+        # Parents a fresh install lacks (var/ under the working directory) are created
+        # private too; an existing parent is left as it is.
+        os.makedirs(self.directory.parent().path, _DIR_MODE, exist_ok=True)
         for d in [self.directory, *(self._sub(n) for n in self._subdirs())]:
             self._make_private_dir(d)
         self._real, self._table = _attach_table(self.directory)
@@ -1322,6 +1325,19 @@ class DirectorySpool(Service):
         Service.startService(self)
         # After a restart, everything queued is news to the watchers again.
         self._announced.clear()
+        # Open synchronously: this runs at daemon start, before the listener accepts
+        # anything, and a spool that cannot be created must stop the start with a clear
+        # error rather than leave a daemon that answers but cannot keep jobs.
+        try:
+            self.store.open(self.reactor.seconds())
+        except OSError as e:
+            Service.stopService(self)
+            raise SpoolError(
+                f"spool directory {self.directory.path} is not usable: "
+                f"{e.strerror or e} ({e.filename or self.directory.path})"
+            ) from None
+        self._opened = True
+        log.info("spool {path} open for {owner}", path=self.directory.path, owner=self.owner)
         pool = ThreadPool(minthreads=0, maxthreads=self.threads, name=f"spool {self.owner}")
         pool.start()
         self._pool = pool
@@ -1501,8 +1517,10 @@ class DirectorySpool(Service):
     def _write_temps(
         self, pool: ThreadPool, jobs: list[Job]
     ) -> Deferred[list[FilePath[str] | BaseException]]:
-        """Write a batch's temp files in parallel: concurrent fsyncs share journal commits."""
-        n = max(1, min(self.threads, len(jobs) // 8))
+        """Write a batch's temp files in parallel: concurrent fsyncs share journal commits
+        (ext4/jbd2 folds fsyncs that arrive together into one commit), so even a small
+        batch is spread over every thread rather than fsynced one file after another."""
+        n = max(1, min(self.threads, len(jobs)))
         size = -(-len(jobs) // n)
         chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
         parts = [

@@ -124,7 +124,7 @@ def stack(reactor: Any, tmp_path: Path) -> Any:
     )
 
     async def teardown() -> None:
-        await api.background()
+        await api.background.drain()
         await api_port.stopListening()
         await sps_port.stopListening()
         await http.close()
@@ -440,7 +440,7 @@ async def test_notification_answers_at_once_and_stores_the_frame_afterwards(stac
     assert (code, answer) == (200, {})
     (job,) = await stack.spool.queued()
     assert job.kind is JobKind.NOTIFICATION
-    await stack.api.background()
+    await stack.api.background.drain()
     (result,) = stack.fake.results_for("slide-9")
     assert result.displayProperties["Status"] == "Queued"
     (job,) = await stack.spool.queued()
@@ -453,7 +453,7 @@ async def test_notification_is_acknowledged_when_the_sps_is_down(stack: Stack) -
     stack.fake.fail_next.extend([503] * 10)
     code, answer, _ = await stack.post("/dpatia/imagenotification", stack.notification("slide-5"))
     assert (code, answer) == (200, {})
-    await stack.api.background()
+    await stack.api.background.drain()
     assert [j.slide_id for j in await stack.spool.queued()] == ["slide-5"]
 
 
@@ -476,7 +476,7 @@ async def test_cancel_removes_the_queued_job_and_marks_the_result(stack: Stack) 
     assert (code, answer) == (200, [])
     assert await stack.spool.queued() == []
     (job,) = await stack.spool.find(slide_id="slide-1", states=frozenset({JobState.CANCELLED}))
-    await stack.api.background()
+    await stack.api.background.drain()
     (result,) = stack.fake.results_for("slide-1")
     assert result.id == created["id"]
     assert result.displayProperties["Status"] == "Cancelled"
@@ -538,7 +538,7 @@ async def test_tokens_never_reach_the_log(stack: Stack) -> None:
         )
         stack.fake.fail_next.extend([500] * 10)
         await stack.post("/dpatia", stack.invocation(slideId="slide-8"))
-        await stack.api.background()
+        await stack.api.background.drain()
     finally:
         globalLogPublisher.removeObserver(observer)
     assert seen, "expected some log events"

@@ -256,3 +256,35 @@ def test_plugin_is_found_from_a_built_wheel(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr
     assert "'dpatia'" in run.stdout
+
+
+def test_unusable_spool_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    """A spool directory that cannot be created ends the start: exit != 0, one clear
+    line, no traceback, instead of a daemon that answers but cannot keep jobs."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = tmp_path / "dpatia.ini"
+    config.write_text(
+        f"[spool]\ndirectory = {blocker / 'spool'}\n[sps]\nallowed_callback_urls = http://127.0.0.1:*/\n"
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            *TWISTD,
+            "--nodaemon",
+            "--pidfile=",
+            "dpatia",
+            "--config",
+            str(config),
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert f"dpatia: cannot start: spool directory {blocker / 'spool'} is not usable" in output
+    assert "Traceback" not in output
