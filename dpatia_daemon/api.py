@@ -22,6 +22,7 @@ Every response, errors included, is JSON and carries ``X-Sectra-ApiVersion`` and
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Any
 
 import attrs
@@ -348,10 +349,14 @@ class IAAPI:
             cancelled = await self._stop(job, "cancelled by the user")
             if cancelled is not None and cancelled.result_id is not None:
                 # The newest token is the one in this request.
-                frame_job = attrs.evolve(cancelled, callback=callback)
                 self.background.submit(
                     f"cancelled frame of job {cancelled.job_id}",
-                    lambda j=frame_job: self._write_final_frame(j, Status.CANCELLED, "Cancelled"),
+                    partial(
+                        self._write_final_frame,
+                        attrs.evolve(cancelled, callback=callback),
+                        Status.CANCELLED,
+                        "Cancelled",
+                    ),
                 )
         return _json(request, [])
 
