@@ -33,7 +33,6 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 run: $(STAMP)
-	@mkdir -p var
 	$(BIN)/twistd --nodaemon --pidfile= dpatia --config $(CONFIG)
 
 bench: $(STAMP)
