@@ -28,6 +28,7 @@ from typing import Any
 import attrs
 from attrs import define, field
 from klein import Klein
+from twisted.internet.defer import Deferred, FirstError, ensureDeferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -307,8 +308,7 @@ class IAAPI:
         # The SPS wants the stored result (with id and versionId) as the answer.  The job
         # is already safe on disk: if the SPS cannot be reached, the analysis still runs
         # and writes its result later; the user sees this error now.
-        info = await self.sps.slide_info(job.callback, job.slide_id, extended=False)
-        stored = await self._store_frame(job, image_size_of(info), only_if_queued=False)
+        stored = await self._store_frame(job, None, only_if_queued=False)
         return _json(request, unstructure(stored))
 
     async def _modify(self, request: IRequest, invocation: Invocation, result: Result) -> bytes:
@@ -393,7 +393,26 @@ class IAAPI:
     async def _store_frame(
         self, job: Job, image_size: tuple[int, int] | None, *, only_if_queued: bool
     ) -> Result:
-        """Create or update the app's latest result for the slide to say "queued"."""
+        """Create or update the app's latest result for the slide to say "queued".
+
+        Without ``image_size`` the slide's info is read for it, concurrently with the
+        list of existing results: a pathologist is waiting for this answer.
+        """
+        listing: Deferred[list[Result]] = ensureDeferred(
+            self.sps.list_results(job.callback, job.application_id, job.slide_id)
+        )
+        calls: list[Deferred[Any]] = [listing]
+        if image_size is None:
+            calls.append(
+                ensureDeferred(self.sps.slide_info(job.callback, job.slide_id, extended=False))
+            )
+        try:
+            answers = await gatherResults(calls, consumeErrors=True)
+        except FirstError as e:
+            e.subFailure.raiseException()
+        existing = latest(answers[0])
+        if image_size is None:
+            image_size = image_size_of(answers[1])
         frame = status_frame(
             slide_id=job.slide_id,
             status=Status.QUEUED,
@@ -401,9 +420,6 @@ class IAAPI:
             job_id=job.job_id,
             application_version=__version__,
             image_size=image_size,
-        )
-        existing = latest(
-            await self.sps.list_results(job.callback, job.application_id, job.slide_id)
         )
         if only_if_queued:
             current = await self.spool.get(job.job_id)
