@@ -254,24 +254,12 @@ class IAAPI:
                 if isinstance(raw, bool) or not isinstance(raw, int):
                     raise InvalidInput("expected an integer", "$.imageInfo.priority")
                 priority = raw
-        now = self.clock.seconds()
-        job = await self.spool.add(
-            Job(
-                slide_id=notification.slideId,
-                application_id=notification.applicationId,
-                kind=JobKind.NOTIFICATION,
-                callback=Callback(notification.callbackInfo.url, notification.callbackInfo.token),
-                created=now,
-                context=notification.context or {},
-                cancellation_token=notification.cancellationToken,
-                image_info=notification.imageInfo,
-                priority=priority,
-            )
-        )
-        log.info(
-            "job {job_id} accepted: image notification for slide {slide_id}",
-            job_id=job.job_id,
-            slide_id=job.slide_id,
+        job = await self._accept(
+            notification,
+            JobKind.NOTIFICATION,
+            "image notification",
+            image_info=notification.imageInfo,
+            priority=priority,
         )
         self.background.submit(
             f"queued frame of job {job.job_id}", lambda: self._frame_for_notification(job)
@@ -287,29 +275,38 @@ class IAAPI:
                 f"not {parsed.type}",
                 "$.input.type",
             )
-        now = self.clock.seconds()
-        job = await self.spool.add(
-            Job(
-                slide_id=invocation.slideId,
-                application_id=invocation.applicationId,
-                kind=JobKind.CREATE,
-                callback=Callback(invocation.callbackInfo.url, invocation.callbackInfo.token),
-                created=now,
-                input=unstructure(parsed),
-                context=invocation.context or {},
-                cancellation_token=invocation.cancellationToken,
-            )
-        )
-        log.info(
-            "job {job_id} accepted: analysis requested for slide {slide_id}",
-            job_id=job.job_id,
-            slide_id=job.slide_id,
+        job = await self._accept(
+            invocation, JobKind.CREATE, "analysis requested", input=unstructure(parsed)
         )
         # The SPS wants the stored result (with id and versionId) as the answer.  The job
         # is already safe on disk: if the SPS cannot be reached, the analysis still runs
         # and writes its result later; the user sees this error now.
         stored = await self._store_frame(job, None, only_if_queued=False)
         return _json(request, unstructure(stored))
+
+    async def _accept(
+        self, call: Invocation | ImageNotification, kind: JobKind, what: str, **fields: Any
+    ) -> Job:
+        """Commit the job a validated request asks for to the spool (durably)."""
+        job = await self.spool.add(
+            Job(
+                slide_id=call.slideId,
+                application_id=call.applicationId,
+                kind=kind,
+                callback=Callback(call.callbackInfo.url, call.callbackInfo.token),
+                created=self.clock.seconds(),
+                context=call.context or {},
+                cancellation_token=call.cancellationToken,
+                **fields,
+            )
+        )
+        log.info(
+            "job {job_id} accepted: {what} for slide {slide_id}",
+            job_id=job.job_id,
+            what=what,
+            slide_id=job.slide_id,
+        )
+        return job
 
     async def _modify(self, request: IRequest, invocation: Invocation, result: Result) -> bytes:
         if result.id is None:
