@@ -58,6 +58,11 @@ class DaemonProcess:
     args: Sequence[str] = ()
     env: dict[str, str] | None = None
     cwd: str | None = None
+    #: Another program to run instead of ``twistd dpatia`` (argv after the interpreter),
+    #: with the log lines that give its port and say it is ready (the SPS simulator).
+    command: Sequence[str] | None = None
+    port_pattern: bytes = _PORT_LINE.pattern
+    ready_pattern: bytes = rb"dpatia ready"
     output: bytearray = field(factory=bytearray, init=False)
     port: int | None = field(default=None, init=False)
     exit_code: int | None = field(default=None, init=False)
@@ -86,14 +91,16 @@ class DaemonProcess:
             "tcp:0:interface=127.0.0.1",
             *self.args,
         ]
+        if self.command is not None:
+            argv = [sys.executable, *self.command]
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._transport = self.reactor.spawnProcess(
             _Protocol(self), sys.executable, argv, env=env, path=self.cwd
         )
         self.pid = self._transport.pid
-        port = self.wait_for(_PORT_LINE, timeout, since=0)
-        ready = self.wait_for(rb"dpatia ready", timeout, since=0)
+        port = self.wait_for(self.port_pattern, timeout, since=0)
+        ready = self.wait_for(self.ready_pattern, timeout, since=0)
 
         def got_port(match: re.Match[bytes]) -> Deferred[int]:
             number = self.port = int(match.group(1))

@@ -1,7 +1,9 @@
 """An in-memory SPS: the callback API of IA-API.md §2, served by a non-global Klein app.
 
 :class:`FakeSPS` holds slides, results, tokens and a log of every request, and exposes
-knobs that make it misbehave on purpose (``fail_next``, ``hang_next``, token expiry).
+knobs that make it misbehave on purpose (``fail_next``, ``hang_next``, token expiry, and
+the :class:`~.faults.Faults` of the simulator: latency, a 5xx fraction, dropped
+downloads, down windows).
 Unit tests talk to it through ``treq.testing.StubTreq(fake.resource())`` (a real
 ``Agent`` against a real ``Site``, in memory); integration tests serve
 ``fake.resource()`` from a ``Site`` on a loopback port.  A later task grows it into the
@@ -11,6 +13,10 @@ full simulator, so it is built on the same models as the daemon (``Result``,
 Where the sources say nothing (IA-API.md §5), the fake makes the choices dpatia plans
 for: a stale or missing ``versionId`` on PUT is a **409** with a JSON ``error``, results
 are listed oldest first, unknown things are a JSON 404.
+
+The simulator (:mod:`.server`) serves generated slides through the same class: a
+slide's ``tile_renderer`` renders DZI tiles from the real pyramid (off the reactor
+thread) and its ``file_paths`` are streamed from disk.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import re
 import secrets
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -36,6 +43,7 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ..models import InvalidInput, Result, VersionInfo, result_from_json, unstructure
+from .faults import DelayedResource, Faults, FileStream, multipart_segments
 
 log = Logger()
 
@@ -73,9 +81,13 @@ QC_STATUSES = frozenset({"NotSet", "QualityOk", "Rejected"})
 
 TileKey = tuple[int, int, int]
 TileSource = dict[TileKey, bytes] | Callable[[int, int, int], bytes | None]
+#: ``(level, col, row, extension)`` → the encoded tile, or ``None`` for no such tile.
+TileRenderer = Callable[[int, int, int, str], "Deferred[bytes | None]"]
 
 _TILE_NAME = re.compile(r"^(\d+)_(\d+)(?:_([^.]+))?\.([A-Za-z0-9]+)$")
 _TILE_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png"}
+#: Focal planes and optical paths the simulated scanner has (one of each).
+_FOCAL_PLANES = {None, "0"}
 
 
 def default_slide_info(
@@ -126,6 +138,9 @@ class FakeSlide:
     ``info`` is the full metadata (PHI included; the endpoint filters it); ``tiles``
     maps ``(level, col, row)`` to bytes or is a callable returning bytes or ``None``;
     ``files`` is what ``slides/{id}/files`` serves, one ``(filename, bytes)`` per file.
+    The simulator's slides set ``tile_renderer`` instead of ``tiles`` (it renders any
+    tile of the real pyramid, by extension, asynchronously) and ``file_paths`` instead
+    of ``files`` (streamed from disk).
     """
 
     slide_id: str
@@ -133,6 +148,8 @@ class FakeSlide:
     label: bytes | None = None
     tiles: TileSource = field(factory=dict)
     files: list[tuple[str, bytes]] = field(factory=list)
+    tile_renderer: TileRenderer | None = None
+    file_paths: list[tuple[str, Path]] = field(factory=list)
 
     def tile(self, level: int, col: int, row: int) -> bytes | None:
         """The bytes of one tile, or ``None`` when there is no such tile."""
@@ -176,6 +193,10 @@ class _Hang(Exception):
     """Never answer the current request (``hang_next``)."""
 
 
+class _Refuse(Exception):
+    """Drop the connection without an answer (a down window in ``refuse`` mode)."""
+
+
 def _new_version_id() -> str:
     """A fresh versionId (a UUID, as the SPS appears to use)."""
     return str(uuid.uuid4())
@@ -202,12 +223,15 @@ class FakeSPS:
     ``clock``, and ``requests``, every request received.  Knobs: ``fail_next`` (answer
     the next requests with these statuses; 429/503 carry ``Retry-After: retry_after``
     when set), ``hang_next`` (never answer that many requests), ``version`` (``GET
-    /info``), ``client_credentials`` (client id → secret for ``POST /token``).
+    /info``), ``client_credentials`` (client id → secret for ``POST /token``), and
+    ``faults`` (:class:`~.faults.Faults`: latency, a seeded 5xx fraction, dropped
+    downloads, the lifetime of issued tokens, down windows).
 
     ``clock`` defaults to a ``task.Clock`` that only moves when a test advances it;
     pass the reactor when serving on a real port so that tokens expire in real time.
     Every route records the request, then applies ``hang_next`` and ``fail_next``, then
-    checks the token, in that order.  Slide ids containing ``/`` are not supported
+    checks the token, in that order; the ``faults`` (down window, then the 5xx fraction)
+    apply after ``fail_next``, and latency before the route runs.  Slide ids containing ``/`` are not supported
     (Twisted decodes ``%2F`` before routing).
     """
 
@@ -229,14 +253,15 @@ class FakeSPS:
     token_lifetime: float = 3600.0
     new_version_id: Callable[[], str] = field(default=_new_version_id, repr=False)
     hanging: list[Deferred[bytes]] = field(factory=list, repr=False)
+    faults: Faults = field(factory=Faults)
+    downloads: int = 0
     _next_result_id: int = 1
 
     # --- helpers for tests -------------------------------------------------------------
 
     def resource(self) -> IResource:
         """The ``IResource`` to mount at the root of a ``Site`` (or hand to StubTreq)."""
-        resource: IResource = self.app.resource()
-        return resource
+        return DelayedResource(self.app.resource(), lambda: self.faults.latency, self.clock)
 
     def add_slide(
         self,
@@ -264,9 +289,12 @@ class FakeSPS:
         return slide
 
     def issue_token(self, lifetime: float | None = None) -> str:
-        """Accept a new random Bearer token (expiring ``lifetime`` s from ``clock`` now)."""
+        """Accept a new random Bearer token (expiring ``lifetime`` s from ``clock`` now;
+        by default after ``faults.token_lifetime``, or never if that is unset)."""
         token = secrets.token_urlsafe(24)
         self.tokens.add(token)
+        if lifetime is None:
+            lifetime = self.faults.token_lifetime
         if lifetime is not None:
             self.token_expiry[token] = self.clock.seconds() + lifetime
         return token
@@ -317,6 +345,16 @@ class FakeSPS:
             if status in (429, 503) and self.retry_after is not None:
                 headers["Retry-After"] = self.retry_after
             raise FakeHTTPError(status, "injected failure", headers)
+        now = self.clock.seconds()
+        if self.faults.is_down(now):
+            if self.faults.down_mode == "refuse":
+                raise _Refuse()
+            raise FakeHTTPError(
+                503, "the SPS is down (injected)", {"Retry-After": self.faults.retry_after(now)}
+            )
+        injected = self.faults.injected_error()
+        if injected is not None:
+            raise FakeHTTPError(injected, "injected failure (error rate)")
         if auth:
             self._check_token(recorded)
         return recorded
@@ -399,14 +437,31 @@ class FakeSPS:
         return slide.label
 
     @app.route(BASE_PATH + "/images/<slide_files>/<int:level>/<tile_name>", methods=["GET"])
-    def tile(self, request: IRequest, slide_files: str, level: int, tile_name: str) -> bytes:
+    def tile(
+        self, request: IRequest, slide_files: str, level: int, tile_name: str
+    ) -> bytes | Deferred[bytes]:
         """``GET images/{slideId}_files/{level}/{col}_{row}[_{focalPlane}].{ext}``."""
-        self._enter(request)
+        recorded = self._enter(request)
         match = _TILE_NAME.match(tile_name)
         if not slide_files.endswith("_files") or match is None:
             raise FakeHTTPError(404, "not a DZI tile path")
         slide = self._slide(slide_files[: -len("_files")])
         col, row, ext = int(match.group(1)), int(match.group(2)), match.group(4).lower()
+        if slide.tile_renderer is not None:
+            if ext not in _TILE_TYPES:
+                raise FakeHTTPError(404, f"tiles are not available as .{ext}")
+            if match.group(3) not in _FOCAL_PLANES:
+                raise FakeHTTPError(404, "no such focal plane")
+            if recorded.query.get("opticalPath", ["0"])[0] != "0":
+                raise FakeHTTPError(404, "no such optical path")
+
+            def rendered(data: bytes | None) -> bytes:
+                if data is None:
+                    raise FakeHTTPError(404, "no such tile")
+                request.setHeader(b"content-type", _TILE_TYPES[ext])
+                return data
+
+            return slide.tile_renderer(level, col, row, ext).addCallback(rendered)
         data = slide.tile(level, col, row)
         if data is None:
             raise FakeHTTPError(404, "no such tile")
@@ -414,12 +469,21 @@ class FakeSPS:
         return data
 
     @app.route(BASE_PATH + "/slides/<slide_id>/files", methods=["GET"])
-    def files(self, request: IRequest, slide_id: str) -> bytes:
-        """``GET slides/{id}/files``: one octet-stream file, or ``multipart/related``."""
+    def files(self, request: IRequest, slide_id: str) -> bytes | IResource:
+        """``GET slides/{id}/files``: one octet-stream file, or ``multipart/related``.
+
+        Files on disk (``file_paths``) are streamed; a download the ``faults`` say to
+        cut is streamed too, and the connection is closed part-way.
+        """
         self._enter(request)
         slide = self._slide(slide_id)
-        if not slide.files:
+        if not slide.files and not slide.file_paths:
             raise FakeHTTPError(404, "the slide has no files")
+        self.downloads += 1
+        drop_after = self.faults.take_drop()
+        if slide.file_paths or drop_after is not None:
+            sources: list[tuple[str, bytes | Path]] = list(slide.file_paths or slide.files)
+            return FileStream(sources, f"dpatia-sim-{uuid.uuid4().hex}", drop_after)
         if len(slide.files) == 1:
             name, data = slide.files[0]
             request.setHeader(b"content-type", b"application/octet-stream")
@@ -581,6 +645,14 @@ class FakeSPS:
         self.hanging.append(d)
         return d
 
+    @app.handle_errors(_Refuse)
+    def _refuse(self, request: IRequest, failure: Failure) -> Deferred[bytes]:
+        """Abort the connection without an answer; the request is never finished."""
+        transport = getattr(request, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+        return Deferred()
+
     @app.handle_errors(NotFound)
     def _not_found(self, request: IRequest, failure: Failure) -> bytes:
         """No route matched: a JSON 404."""
@@ -605,18 +677,8 @@ class FakeSPS:
 
 def multipart_related(files: list[tuple[str, bytes]], boundary: str) -> bytes:
     """Frame files as one ``multipart/related`` body, the way the SPS sends several files."""
-    parts: list[bytes] = []
-    for name, data in files:
-        head = (
-            f"--{boundary}\r\n"
-            f'Content-Disposition: attachment; filename="{_quote_filename(name)}"\r\n'
-            "Content-Type: application/octet-stream\r\n"
-            f"Content-Length: {len(data)}\r\n"
-            "\r\n"
-        )
-        parts.append(head.encode("utf-8") + data + b"\r\n")
-    parts.append(f"--{boundary}--\r\n".encode("ascii"))
-    return b"".join(parts)
+    segments = multipart_segments(files, boundary)
+    return b"".join(s for s in segments if isinstance(s, bytes))
 
 
 __all__ = [

@@ -1,0 +1,296 @@
+"""The SPS side of the conversation: drive an IA-API app the way a Sectra server does.
+
+:class:`AppDriver` fetches the app's registration (``GET {url}``, the "Retrieve
+registration info" button), then sends user invocations (``create``, ``cancel``) and
+image notifications (``POST {url}/imagenotification`` with the slide's info as
+``imageInfo``) to the URL the registration names, each with a fresh callback token
+from the simulated SPS, and keeps a short log of what happened for the web page.
+
+It talks HTTP through an injected treq ``HTTPClient``; every call has a deadline on
+the injected clock.  :class:`ControlClient` is the command line's way to ask a running
+simulator to do the same (the simulator owns the tokens, so the CLI cannot call the app
+itself).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections import deque
+from typing import Any
+
+from attrs import define, field, frozen
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from .fake import PHI_FIELDS, FakeSPS
+
+log = Logger()
+
+DEFAULT_APP_URL = "http://127.0.0.1:5006/dpatia"
+DEFAULT_APPLICATION_ID = "dpatia"
+
+
+class DriverError(Exception):
+    """The app could not be reached, or answered something that is not JSON."""
+
+
+@frozen
+class Answer:
+    """The app's answer: status and parsed JSON body (``None`` if empty)."""
+
+    status: int
+    body: Any
+
+    @property
+    def ok(self) -> bool:
+        """A 2xx answer."""
+        return 200 <= self.status < 300
+
+    def to_json(self) -> dict[str, Any]:
+        """For the control API."""
+        return {"status": self.status, "body": self.body}
+
+
+@frozen
+class Event:
+    """One thing the driver did, for the page's log."""
+
+    time: float
+    action: str
+    slide_id: str | None
+    status: int | None
+    summary: str
+
+    def to_json(self) -> dict[str, Any]:
+        """For the page."""
+        return {
+            "time": self.time,
+            "action": self.action,
+            "slideId": self.slide_id,
+            "status": self.status,
+            "summary": self.summary,
+        }
+
+
+async def _with_deadline(d: Deferred[Any], clock: IReactorTime, timeout: float) -> Any:
+    """Await ``d``, cancelling it after ``timeout`` seconds."""
+    timer = clock.callLater(timeout, d.cancel)
+    try:
+        return await d
+    finally:
+        if timer.active():
+            timer.cancel()
+
+
+@define
+class AppDriver:
+    """Sends what an SPS sends to one registered app.
+
+    Collaborators: ``http`` (treq client), ``sps`` (the simulated SPS: slide info and
+    tokens), ``clock``, and ``callback_url`` (the SPS base URL put in ``callbackInfo``;
+    known once the simulator listens).  ``app_url`` is the URL to register; after
+    :meth:`register`, invocations go to the URL the registration returns.
+    """
+
+    http: HTTPClient
+    sps: FakeSPS
+    clock: IReactorTime
+    callback_url: str = ""
+    app_url: str | None = None
+    timeout: float = 30.0
+    registration: dict[str, Any] | None = None
+    last_error: str | None = None
+    cancellation_tokens: dict[str, str] = field(factory=dict)
+    events: deque[Event] = field(factory=lambda: deque(maxlen=100))
+
+    # --- what the SPS would do ---
+
+    async def register(self, app_url: str | None = None) -> dict[str, Any]:
+        """``GET {url}``: fetch and keep the registration (raises :class:`DriverError`)."""
+        url = app_url or self.app_url
+        if not url:
+            raise DriverError("no app URL to register (use --app-url)")
+        self.app_url = url
+        answer = await self._call("GET", url, None)
+        self._log("register", None, answer, url)
+        if not answer.ok or not isinstance(answer.body, dict):
+            raise DriverError(f"registration at {url} answered {answer.status}: {answer.body!r}")
+        for key in ("applicationId", "url"):
+            if not isinstance(answer.body.get(key), str):
+                raise DriverError(f"registration at {url} lacks {key!r}: {answer.body!r}")
+        self.registration = answer.body
+        self.last_error = None
+        log.info(
+            "registered app {application_id} at {url}",
+            application_id=answer.body["applicationId"],
+            url=answer.body["url"],
+        )
+        return answer.body
+
+    async def create(self, slide_id: str, input: dict[str, Any] | None = None) -> Answer:
+        """A user asks for an analysis of the whole slide (or of ``input``)."""
+        token = secrets.token_hex(8)
+        self.cancellation_tokens[slide_id] = token
+        body = self._invocation("create", slide_id, token)
+        body["input"] = input or {"type": "wholeSlide"}
+        answer = await self._call("POST", self._target(), body)
+        self._log("create", slide_id, answer)
+        return answer
+
+    async def cancel(self, slide_id: str) -> Answer:
+        """A user cancels the slide's last analysis (same ``cancellationToken``)."""
+        token = self.cancellation_tokens.get(slide_id) or secrets.token_hex(8)
+        answer = await self._call(
+            "POST", self._target(), self._invocation("cancel", slide_id, token)
+        )
+        self._log("cancel", slide_id, answer)
+        return answer
+
+    async def notify(self, slide_id: str) -> Answer:
+        """The SPS imported ``slide_id``: ``newImageFiles`` with its (PHI-free) info."""
+        token = secrets.token_hex(8)
+        self.cancellation_tokens.setdefault(slide_id, token)
+        body = self._invocation("newImageFiles", slide_id, token)
+        body["input"] = {"type": "wholeSlide"}
+        info = self.sps.slides[slide_id].info
+        body["imageInfo"] = {k: v for k, v in info.items() if k not in PHI_FIELDS}
+        answer = await self._call("POST", self._target() + "/imagenotification", body)
+        self._log("notify", slide_id, answer)
+        return answer
+
+    def results(self, slide_id: str | None = None) -> list[dict[str, Any]]:
+        """The stored results (of the registered app, if any), oldest first."""
+        from ..models import unstructure
+
+        app = self.application_id if self.registration else None
+        slides = [slide_id] if slide_id else list(self.sps.slides)
+        return [unstructure(r) for s in slides for r in self.sps.results_for(s, app)]
+
+    # --- plumbing ---
+
+    @property
+    def application_id(self) -> str:
+        """The registered application id (``dpatia`` before registration)."""
+        if self.registration:
+            return str(self.registration["applicationId"])
+        return DEFAULT_APPLICATION_ID
+
+    def _target(self) -> str:
+        if self.registration:
+            return str(self.registration["url"]).rstrip("/")
+        if self.app_url:
+            return self.app_url.rstrip("/")
+        raise DriverError("no app registered (register first, or pass --app-url)")
+
+    def _invocation(self, action: str, slide_id: str, cancellation_token: str) -> dict[str, Any]:
+        if slide_id not in self.sps.slides:
+            raise DriverError(f"unknown slide {slide_id!r}")
+        context = (self.registration or {}).get("context")
+        return {
+            "action": action,
+            "applicationId": self.application_id,
+            "slideId": slide_id,
+            "callbackInfo": {"url": self.callback_url, "token": self.sps.issue_token()},
+            "context": context if isinstance(context, dict) else {},
+            "cancellationToken": cancellation_token,
+        }
+
+    async def _call(self, method: str, url: str, body: Any) -> Answer:
+        kwargs: dict[str, Any] = {}
+        if body is not None:
+            kwargs["data"] = json.dumps(body).encode()
+            kwargs["headers"] = {"Content-Type": ["application/json"]}
+
+        async def exchange() -> Answer:
+            response = await self.http.request(method, url, **kwargs)
+            raw = await response.content()
+            try:
+                parsed = json.loads(raw) if raw.strip() else None
+            except ValueError:
+                parsed = raw.decode("utf-8", "replace")[:500]
+            return Answer(response.code, parsed)
+
+        try:
+            answer: Answer = await _with_deadline(
+                ensureDeferred(exchange()), self.clock, self.timeout
+            )
+        except Exception as e:
+            self.last_error = f"{method} {url}: {e.__class__.__name__}: {e}"
+            self.events.append(Event(self.clock.seconds(), method, None, None, self.last_error))
+            raise DriverError(self.last_error) from e
+        return answer
+
+    def _log(self, action: str, slide_id: str | None, answer: Answer, detail: str = "") -> None:
+        body = answer.body
+        if isinstance(body, dict) and "displayResult" in body:
+            summary = str(body["displayResult"])
+        elif isinstance(body, dict) and "error" in body:
+            summary = f"error: {body['error']}"
+        else:
+            summary = detail or json.dumps(body)[:200]
+        self.events.append(Event(self.clock.seconds(), action, slide_id, answer.status, summary))
+        log.info(
+            "{action} {slide}: app answered {status}",
+            action=action,
+            slide=slide_id or "",
+            status=answer.status,
+        )
+
+
+@define
+class ControlClient:
+    """The command line's client of a running simulator's control API (``/ui/...``)."""
+
+    http: HTTPClient
+    clock: IReactorTime
+    sps_url: str
+    timeout: float = 60.0
+
+    async def call(self, method: str, path: str, body: Any = None) -> Answer:
+        """One request to the simulator; the JSON answer."""
+        kwargs: dict[str, Any] = {}
+        if body is not None:
+            kwargs["data"] = json.dumps(body).encode()
+            kwargs["headers"] = {"Content-Type": ["application/json"]}
+
+        async def exchange() -> Answer:
+            response = await self.http.request(method, self.sps_url.rstrip("/") + path, **kwargs)
+            raw = await response.content()
+            try:
+                return Answer(response.code, json.loads(raw) if raw.strip() else None)
+            except ValueError:
+                return Answer(response.code, raw.decode("utf-8", "replace")[:500])
+
+        try:
+            result: Answer = await _with_deadline(
+                ensureDeferred(exchange()), self.clock, self.timeout
+            )
+        except Exception as e:
+            raise DriverError(f"cannot reach the simulator at {self.sps_url}: {e}") from e
+        return result
+
+    async def fetch(self, path: str) -> bytes:
+        """The raw body of ``GET path`` (e.g. an overlay PNG); raises on non-200."""
+
+        async def exchange() -> bytes:
+            response = await self.http.get(self.sps_url.rstrip("/") + path)
+            data: bytes = await response.content()
+            if response.code != 200:
+                raise DriverError(f"GET {path} answered {response.code}: {data[:200]!r}")
+            return data
+
+        result: bytes = await _with_deadline(ensureDeferred(exchange()), self.clock, self.timeout)
+        return result
+
+
+__all__ = [
+    "DEFAULT_APP_URL",
+    "Answer",
+    "AppDriver",
+    "ControlClient",
+    "DriverError",
+    "Event",
+]

@@ -1,0 +1,205 @@
+"""The simulator's web page: slides, their thumbnails, and the app's results drawn over them.
+
+One self-contained HTML document (no build step, no external resources: the machines
+have no internet).  ``?slide=ID`` shows one slide only.  The server embeds the current state as JSON so the first paint
+already shows every overlay; the script then polls ``/ui/state`` every second and
+redraws.  Shapes arrive pre-parsed (:func:`.overlay.shapes_of`) in width-normalised
+coordinates; the SVG over each thumbnail uses the thumbnail's width as the one scale.
+Everything from the app is inserted with DOM APIs (``textContent``/``setAttribute``),
+never as markup.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+#: The outline colour of each slide's drawing area (tests find the frame by it).
+FRAME_COLOUR = "#3366CC"
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>dpatia SPS simulator</title>
+<style>
+  body { font-family: sans-serif; margin: 16px; background: #f4f4f4; color: #222; }
+  header { display: flex; flex-wrap: wrap; gap: 12px; align-items: center; margin-bottom: 12px; }
+  h1 { font-size: 20px; margin: 0 12px 0 0; }
+  .muted { color: #666; font-size: 12px; }
+  #slides { display: flex; flex-wrap: wrap; gap: 16px; }
+  .card { background: #fff; border: 1px solid #ccc; border-radius: 6px; padding: 10px; width: 540px; }
+  .card h2 { font-size: 15px; margin: 0 0 4px 0; }
+  .view { position: relative; display: inline-block; outline: 3px solid __FRAME__; margin: 6px 0; }
+  .view img { display: block; }
+  .view svg { position: absolute; left: 0; top: 0; }
+  .status { font-weight: bold; margin: 4px 0; min-height: 1.2em; }
+  table.props { border-collapse: collapse; font-size: 12px; }
+  table.props td { border-top: 1px solid #eee; padding: 1px 8px 1px 0; }
+  button { margin-right: 6px; }
+  #log { font-family: monospace; font-size: 12px; white-space: pre-wrap; background: #fff;
+         border: 1px solid #ccc; padding: 6px; max-height: 220px; overflow: auto; margin-top: 16px; }
+  .label-img { float: right; height: 60px; border: 1px solid #ddd; }
+</style>
+</head>
+<body>
+<header>
+  <h1>dpatia SPS simulator</h1>
+  <input id="app-url" size="42" placeholder="http://127.0.0.1:5006/dpatia">
+  <button id="register">Register app</button>
+  <span id="app" class="muted"></span>
+</header>
+<div class="muted" id="sps"></div>
+<div id="slides"></div>
+<div id="log"></div>
+<script id="initial" type="application/json">__STATE__</script>
+<script>
+"use strict";
+const SVGNS = "http://www.w3.org/2000/svg";
+const cards = new Map();
+// ?slide=ID shows that slide alone (a bigger focus view, and a stable layout for tests).
+const ONLY = new URLSearchParams(location.search).get("slide");
+
+function el(tag, attrs, text) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+async function post(path, body) {
+  const response = await fetch(path, {method: "POST", headers: {"Content-Type": "application/json"},
+                                      body: JSON.stringify(body || {})});
+  let answer = null;
+  try { answer = await response.json(); } catch (e) { answer = null; }
+  if (!response.ok) alert((answer && answer.error) || ("HTTP " + response.status));
+  refresh();
+  return answer;
+}
+
+function makeCard(slide) {
+  const card = el("div", {class: "card", id: "slide-" + slide.id});
+  if (slide.label) card.appendChild(el("img", {class: "label-img", src: slide.label, alt: "label"}));
+  card.appendChild(el("h2", {}, slide.id));
+  card.appendChild(el("div", {class: "muted"}, slide.summary));
+  const view = el("div", {class: "view"});
+  const img = el("img", {src: slide.thumbnail.url, width: slide.thumbnail.width,
+                         height: slide.thumbnail.height, alt: "thumbnail of " + slide.id});
+  const svg = document.createElementNS(SVGNS, "svg");
+  svg.setAttribute("width", slide.thumbnail.width);
+  svg.setAttribute("height", slide.thumbnail.height);
+  view.appendChild(img); view.appendChild(svg);
+  card.appendChild(view);
+  const status = el("div", {class: "status"});
+  const props = el("table", {class: "props"});
+  const buttons = el("div");
+  for (const [action, text] of [["create", "Analyse"], ["notify", "Notify import"], ["cancel", "Cancel"]]) {
+    const b = el("button", {"data-action": action}, text);
+    b.addEventListener("click", () => post("/ui/slides/" + encodeURIComponent(slide.id) + "/" + action));
+    buttons.appendChild(b);
+  }
+  const count = el("div", {class: "muted"});
+  card.appendChild(status); card.appendChild(props); card.appendChild(buttons); card.appendChild(count);
+  document.getElementById("slides").appendChild(card);
+  const entry = {svg, status, props, count, key: null};
+  cards.set(slide.id, entry);
+  return entry;
+}
+
+function drawShapes(svg, shapes, scale) {
+  while (svg.firstChild) svg.removeChild(svg.firstChild);
+  for (const s of shapes) {
+    const pts = s.points.map(p => (p[0] * scale).toFixed(1) + "," + (p[1] * scale).toFixed(1)).join(" ");
+    if (s.kind === "polygon" || s.kind === "patch") {
+      const node = document.createElementNS(SVGNS, "polygon");
+      node.setAttribute("points", pts);
+      node.setAttribute("stroke", s.stroke);
+      node.setAttribute("stroke-width", s.width);
+      node.setAttribute("fill", s.fill || "none");
+      if (s.fill) node.setAttribute("fill-opacity", s.kind === "patch" ? "0.6" : "0.35");
+      svg.appendChild(node);
+    } else if (s.kind === "polyline") {
+      const node = document.createElementNS(SVGNS, "polyline");
+      node.setAttribute("points", pts);
+      node.setAttribute("stroke", s.stroke);
+      node.setAttribute("stroke-width", s.width);
+      node.setAttribute("fill", "none");
+      svg.appendChild(node);
+    } else if (s.kind === "label") {
+      const node = document.createElementNS(SVGNS, "text");
+      node.setAttribute("x", (s.points[0][0] * scale).toFixed(1));
+      node.setAttribute("y", (s.points[0][1] * scale + 14).toFixed(1));
+      node.setAttribute("fill", s.stroke);
+      node.setAttribute("font-size", "13");
+      node.setAttribute("paint-order", "stroke");
+      node.setAttribute("stroke", "#000");
+      node.setAttribute("stroke-width", "3");
+      node.textContent = s.text;
+      svg.appendChild(node);
+    }
+  }
+}
+
+function render(state) {
+  const f = state.sps.faults;
+  const faults = [];
+  if (f.latency) faults.push("latency " + f.latency + " s");
+  if (f.errorRate) faults.push(Math.round(f.errorRate * 100) + " % 5xx");
+  if (f.dropAfterBytes !== null) faults.push("downloads cut after " + f.dropAfterBytes + " bytes" +
+                                             (f.dropCount !== null ? " (next " + f.dropCount + ")" : ""));
+  if (f.tokenLifetime !== null) faults.push("tokens expire after " + f.tokenLifetime + " s");
+  if (f.down) faults.push("DOWN (" + f.downMode + ")");
+  document.getElementById("sps").textContent = "Callback base URL: " + state.sps.callbackUrl +
+    " · faults: " + (faults.length ? faults.join(", ") : "none");
+  const app = state.app;
+  document.getElementById("app").textContent = app.registration
+    ? "registered: " + app.registration.applicationId + " at " + app.registration.url
+    : (app.url ? "not registered yet (" + app.url + ")" : "no app registered");
+  const input = document.getElementById("app-url");
+  if (!input.value && app.url) input.value = app.url;
+  for (const slide of state.slides) {
+    if (ONLY && slide.id !== ONLY) continue;
+    const card = cards.get(slide.id) || makeCard(slide);
+    const latest = slide.latest;
+    const key = latest ? latest.id + "/" + latest.versionId : "none";
+    card.count.textContent = slide.resultCount + " result(s) stored for this slide";
+    if (card.key === key) continue;
+    card.key = key;
+    drawShapes(card.svg, latest ? latest.shapes : [], slide.thumbnail.width);
+    card.status.textContent = latest ? latest.displayResult : "No result yet";
+    while (card.props.firstChild) card.props.removeChild(card.props.firstChild);
+    for (const [k, v] of Object.entries(latest ? latest.displayProperties : {})) {
+      const row = el("tr");
+      row.appendChild(el("td", {}, k)); row.appendChild(el("td", {}, String(v)));
+      card.props.appendChild(row);
+    }
+  }
+  document.getElementById("log").textContent = state.log.map(e =>
+    new Date(e.time * 1000).toLocaleTimeString() + "  " + e.action + " " + (e.slideId || "") +
+    " → " + (e.status === null ? "failed" : e.status) + "  " + e.summary).reverse().join("\\n");
+}
+
+async function refresh() {
+  try {
+    const response = await fetch("/ui/state", {cache: "no-store"});
+    if (response.ok) render(await response.json());
+  } catch (e) { /* the simulator may be restarting; try again on the next tick */ }
+}
+
+document.getElementById("register").addEventListener("click",
+  () => post("/ui/register", {url: document.getElementById("app-url").value || null}));
+render(JSON.parse(document.getElementById("initial").textContent));
+setInterval(refresh, 1000);
+</script>
+</body>
+</html>
+"""
+
+
+def render_page(state: dict[str, Any]) -> bytes:
+    """The page with ``state`` embedded (``<`` escaped so no string can close the script)."""
+    embedded = json.dumps(state).replace("<", "\\u003c").replace(">", "\\u003e")
+    return PAGE.replace("__FRAME__", FRAME_COLOUR).replace("__STATE__", embedded).encode("utf-8")
+
+
+__all__ = ["FRAME_COLOUR", "render_page"]

@@ -1,0 +1,574 @@
+"""The simulator's slides: synthetic H&E-like whole-slide images with known tissue.
+
+:func:`load_or_generate` makes (once) and then reuses a data directory::
+
+    <data>/manifest.json            what is there, slide metadata and the ground truth
+    <data>/<slide id>/<id>.tif      a pyramidal tiled TIFF (JPEG tiles) OpenSlide reads
+    <data>/<slide id>/label.jpg     the slide label (not every slide has one)
+    <data>/<slide id>/<id>-tissue.png   the tissue mask, downsampled (ground truth)
+    <data>/<slide id>/scan.json     scanner sidecar (only the "folder" layout)
+
+Each slide is a few irregular tissue blobs (pink stroma with texture and purple nuclei,
+or an IHC palette) on a white background.  The blobs are polygons, so their area is
+known exactly: the manifest stores each polygon (level-0 pixels and width-normalised
+IA-API coordinates) and its area in mm² (from the rasterised mask, and by shoelace),
+so a tissue analysis can be checked against it.
+
+Pyramid levels halve with ceil sizes, exactly like DZI levels (:mod:`dpatia_daemon.dzi`),
+so each pyramid level *is* a DZI level.  The TIFF carries its resolution (pixels per
+centimetre), which OpenSlide reports as ``openslide.mpp-x``.
+
+Everything is seeded: the same specs give the same pixels and the same manifest.  The
+manifest's ``fingerprint`` covers the specs and the generator version; a data
+directory whose fingerprint or files do not match is generated again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from attrs import asdict, field, frozen
+from PIL import Image, ImageChops, ImageDraw, ImageFont
+
+from ..dzi import DZI
+
+#: Bump when the generated pixels or manifest change, so old data directories regenerate.
+GENERATOR_VERSION = 2
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "dpatia-sps-slides/1"
+
+#: Pyramid levels halve until the longer side is at most this.
+SMALLEST_LEVEL = 1024
+#: The downsample of the stored ground-truth mask PNG.
+MASK_DOWNSAMPLE = 16
+TILE_SIZE = 256
+
+Layout = Literal["single", "folder"]
+
+
+@frozen
+class SlideSpec:
+    """What to generate for one slide; every field feeds the fingerprint.
+
+    ``layout`` is how ``slides/{id}/files`` serves it: ``single`` (one .tif as an
+    octet-stream) or ``folder`` (the .tif with a label and a sidecar, as multipart).
+    """
+
+    slide_id: str
+    width: int
+    height: int
+    seed: int
+    microns_per_pixel: float = 0.5
+    stain: str = "H&E"
+    layout: Layout = "single"
+    label: bool = True
+    blobs: int = 3
+    accession_number: str = "SIM-0001"
+    block: str = "A1"
+    anatomy: str = "Colon"
+    body_part: str = "COLON"
+    exam_code: str = "PAT01"
+    description: str = "Biopsy"
+    priority: int = 0
+
+
+def default_specs(scale: float = 1.0) -> list[SlideSpec]:
+    """The stock slide set; ``scale`` shrinks it (tests use small slides).
+
+    Three slides: a non-tile-aligned landscape H&E served as one file, a tile-aligned
+    H&E of the same case served as a multipart folder, and a portrait IHC slide of
+    another case with no label whose sizes are odd and not tile-aligned.
+    """
+
+    def size(n: int, *, aligned: bool) -> int:
+        value = max(64, round(n * scale))
+        if aligned:
+            return max(TILE_SIZE, value - value % TILE_SIZE)
+        if value % TILE_SIZE == 0:
+            value += 37
+        return value | 1
+
+    return [
+        SlideSpec(
+            slide_id="sim-colon-1",
+            width=size(9000, aligned=False),
+            height=size(6200, aligned=False),
+            seed=101,
+            blobs=3,
+            accession_number="SIM-2025-0001",
+            block="A1",
+        ),
+        SlideSpec(
+            slide_id="sim-colon-2",
+            width=size(8192, aligned=True),
+            height=size(5120, aligned=True),
+            seed=202,
+            layout="folder",
+            blobs=4,
+            accession_number="SIM-2025-0001",
+            block="A2",
+        ),
+        SlideSpec(
+            slide_id="sim-breast-1",
+            width=size(5001, aligned=False),
+            height=size(7003, aligned=False),
+            seed=303,
+            stain="Ki-67",
+            label=False,
+            blobs=2,
+            accession_number="SIM-2025-0002",
+            block="B1",
+            anatomy="Breast",
+            body_part="BREAST",
+            exam_code="PAT02",
+            description="Core needle biopsy",
+            priority=1,
+        ),
+    ]
+
+
+@frozen
+class GeneratedSlide:
+    """One slide on disk, as the manifest describes it (paths relative to the data dir).
+
+    ``files`` is what ``slides/{id}/files`` serves, as ``(file name, path)``; ``info``
+    the full ``slides/{id}/info`` (PHI included; the endpoint filters it); ``truth``
+    the ground truth (see :func:`load_or_generate`).
+    """
+
+    slide_id: str
+    layout: Layout
+    tiff: str
+    files: list[tuple[str, str]]
+    label: str | None
+    info: dict[str, Any]
+    truth: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest entry."""
+        return {
+            "id": self.slide_id,
+            "layout": self.layout,
+            "tiff": self.tiff,
+            "files": [{"name": name, "path": path} for name, path in self.files],
+            "label": self.label,
+            "info": self.info,
+            "truth": self.truth,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GeneratedSlide:
+        """Read a manifest entry."""
+        return cls(
+            slide_id=data["id"],
+            layout=data["layout"],
+            tiff=data["tiff"],
+            files=[(f["name"], f["path"]) for f in data["files"]],
+            label=data.get("label"),
+            info=data["info"],
+            truth=data["truth"],
+        )
+
+
+@frozen
+class SlideSet:
+    """The generated slides in ``directory`` (an absolute path)."""
+
+    directory: Path
+    slides: list[GeneratedSlide] = field(factory=list)
+    generated: bool = False
+
+    def path(self, relative: str) -> Path:
+        """The absolute path of a manifest path."""
+        return self.directory / relative
+
+    def get(self, slide_id: str) -> GeneratedSlide:
+        """The slide with this id (KeyError if none)."""
+        for slide in self.slides:
+            if slide.slide_id == slide_id:
+                return slide
+        raise KeyError(slide_id)
+
+
+def fingerprint(specs: list[SlideSpec]) -> str:
+    """A hash of the specs and the generator version."""
+    blob = json.dumps(
+        {"generator": GENERATOR_VERSION, "specs": [asdict(s) for s in specs]}, sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_or_generate(directory: str | Path, specs: list[SlideSpec] | None = None) -> SlideSet:
+    """Reuse the slides in ``directory`` if its manifest matches ``specs``; else generate.
+
+    Generation writes into a sibling temporary directory and renames it into place, so
+    an interrupted run never leaves a half-written set that looks complete.
+    """
+    specs = default_specs() if specs is None else specs
+    target = Path(directory).resolve()
+    wanted = fingerprint(specs)
+    existing = _load(target, wanted)
+    if existing is not None:
+        return existing
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        # Pillow and the JPEG codec release the GIL: slides render in parallel threads.
+        with ThreadPoolExecutor(max_workers=max(1, min(len(specs), os.cpu_count() or 1))) as pool:
+            slides = list(pool.map(lambda spec: generate_slide(spec, scratch), specs))
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "fingerprint": wanted,
+            "slides": [s.to_json() for s in slides],
+        }
+        (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        scratch.rename(target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return SlideSet(directory=target, slides=slides, generated=True)
+
+
+def _load(directory: Path, wanted: str) -> SlideSet | None:
+    """The slide set in ``directory`` if its manifest has fingerprint ``wanted`` and every
+    file it names exists with the recorded size; else ``None``."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("fingerprint") != wanted:
+        return None
+    try:
+        slides = [GeneratedSlide.from_json(entry) for entry in manifest["slides"]]
+    except (KeyError, TypeError):
+        return None
+    for slide in slides:
+        for entry in slide.truth.get("fileSizes", []):
+            path = directory / entry["path"]
+            if not path.is_file() or path.stat().st_size != entry["size"]:
+                return None
+    return SlideSet(directory=directory, slides=slides)
+
+
+# --- generation -----------------------------------------------------------------------
+
+_PALETTES: dict[str, dict[str, tuple[int, int, int]]] = {
+    # Eosin-pink stroma in two shades, darker fibres, haematoxylin-purple nuclei.
+    "H&E": {
+        "light": (236, 176, 212),
+        "dark": (214, 128, 178),
+        "fibre": (196, 104, 160),
+        "nucleus": (92, 52, 140),
+    },
+    # Haematoxylin counterstain with brown DAB-positive nuclei.
+    "IHC": {
+        "light": (198, 194, 228),
+        "dark": (170, 164, 212),
+        "fibre": (150, 144, 198),
+        "nucleus": (128, 82, 42),
+    },
+}
+BACKGROUND = (243, 243, 241)
+
+
+def _palette(stain: str) -> dict[str, tuple[int, int, int]]:
+    return _PALETTES["H&E"] if stain in ("H&E", "HE") else _PALETTES["IHC"]
+
+
+def _blob_polygons(spec: SlideSpec, rng: np.random.Generator) -> list[list[tuple[float, float]]]:
+    """Non-overlapping irregular blobs: a radius that wobbles with a few harmonics."""
+    w, h = spec.width, spec.height
+    blobs: list[tuple[float, float, float]] = []  # centre and bounding radius
+    polygons: list[list[tuple[float, float]]] = []
+    short = min(w, h)
+    attempts = 0
+    while len(polygons) < spec.blobs and attempts < 2000:
+        attempts += 1
+        radius = short * rng.uniform(0.12, 0.22)
+        harmonics = [
+            (k, rng.uniform(0.03, 0.14 / k**0.5), rng.uniform(0, 2 * math.pi)) for k in range(2, 6)
+        ]
+        bound = radius * (1 + sum(a for _, a, _ in harmonics))
+        margin = bound + short * 0.03
+        if 2 * margin >= w or 2 * margin >= h:
+            continue
+        cx, cy = rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)
+        if any(math.hypot(cx - x, cy - y) < bound + r + short * 0.03 for x, y, r in blobs):
+            continue
+        blobs.append((cx, cy, bound))
+        points = []
+        for i in range(160):
+            theta = 2 * math.pi * i / 160
+            r = radius * (1 + sum(a * math.cos(k * theta + p) for k, a, p in harmonics))
+            points.append((cx + r * math.cos(theta), cy + r * math.sin(theta)))
+        polygons.append(points)
+    if len(polygons) < spec.blobs:
+        raise ValueError(f"{spec.slide_id}: cannot place {spec.blobs} blobs in {w}x{h}")
+    return polygons
+
+
+def _noise(size: tuple[int, int], cell: int, rng: np.random.Generator) -> Image.Image:
+    """Smooth noise in [0, 255]: random values on a coarse grid, upsampled bicubically."""
+    w, h = size
+    coarse = rng.integers(0, 256, (max(2, h // cell + 2), max(2, w // cell + 2)), dtype=np.uint8)
+    return (
+        Image.fromarray(coarse, "L")
+        .resize(((w // cell + 2) * cell, (h // cell + 2) * cell), Image.Resampling.BICUBIC)
+        .crop((0, 0, w, h))
+    )
+
+
+def _shoelace(points: list[tuple[float, float]]) -> float:
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1], strict=True):
+        area += x0 * y1 - x1 * y0
+    return abs(area) / 2
+
+
+def render_slide(
+    spec: SlideSpec,
+) -> tuple[Image.Image, Image.Image, list[list[tuple[float, float]]]]:
+    """Level 0 of a slide, its tissue mask (L, 255 = tissue) and the blob polygons."""
+    rng = np.random.default_rng(spec.seed)
+    size = (spec.width, spec.height)
+    colours = _palette(spec.stain)
+    polygons = _blob_polygons(spec, rng)
+    mask = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(mask)
+    for points in polygons:
+        draw.polygon(points, fill=255)
+
+    # Stroma: two shades blended by smooth noise, then finer fibre texture.  Colours
+    # are pasted through masks in place: full-size copies dominate the cost otherwise.
+    cell = max(8, round(40 / spec.microns_per_pixel))
+    tissue = Image.new("RGB", size, colours["dark"])
+    tissue.paste(colours["light"], mask=_noise(size, cell, rng))
+    fibres = _noise(size, max(3, cell // 8), rng).point(lambda v: 255 if v > 170 else v // 3)
+    tissue.paste(colours["fibre"], mask=fibres)
+    del fibres
+
+    # Nuclei: dots of 5–9 µm across, only where there is tissue.
+    mask_array = np.asarray(mask)
+    area_px = int(np.count_nonzero(mask_array))
+    radius_px = 3.5 / spec.microns_per_pixel
+    count = int(area_px / (radius_px * 4.5) ** 2)
+    nuclei = Image.new("L", size, 0)
+    nuclei_draw = ImageDraw.Draw(nuclei)
+    xs = rng.uniform(0, spec.width, count * 2)
+    ys = rng.uniform(0, spec.height, count * 2)
+    radii = rng.uniform(0.7, 1.3, count * 2) * radius_px
+    shades = rng.integers(150, 256, count * 2)
+    for x, y, r, shade in zip(xs, ys, radii, shades, strict=True):
+        if mask_array[int(y), int(x)]:
+            nuclei_draw.ellipse((x - r, y - r * 0.8, x + r, y + r * 0.8), fill=int(shade))
+    tissue.paste(colours["nucleus"], mask=ImageChops.multiply(nuclei, mask))
+    del nuclei
+    image = Image.new("RGB", size, BACKGROUND)
+    image.paste(tissue, mask=mask)
+    return image, mask, polygons
+
+
+def _label_image(spec: SlideSpec) -> Image.Image:
+    """A slide label: barcode-ish bars from the accession number, then readable text."""
+    label = Image.new("RGB", (600, 400), (250, 250, 246))
+    draw = ImageDraw.Draw(label)
+    bits = "".join(f"{b:08b}" for b in hashlib.sha256(spec.accession_number.encode()).digest()[:12])
+    x = 40
+    for bit in bits:
+        width = 5 if bit == "1" else 2
+        draw.rectangle((x, 30, x + width - 1, 150), fill=(10, 10, 10))
+        x += width + 2
+        if x > 560:
+            break
+    font = ImageFont.load_default(size=34)
+    small = ImageFont.load_default(size=26)
+    draw.text((40, 175), spec.accession_number, fill=(0, 0, 0), font=font)
+    draw.text((40, 230), f"{spec.block}  {spec.stain}", fill=(0, 0, 0), font=font)
+    draw.text((40, 300), f"{spec.anatomy} — dpatia SPS simulator", fill=(60, 60, 60), font=small)
+    return label
+
+
+def _uid(spec: SlideSpec, what: str) -> str:
+    """A deterministic DICOM UID (the 2.25 UUID-derived form)."""
+    return "2.25." + str(uuid.uuid5(uuid.NAMESPACE_URL, f"dpatia-sim/{spec.slide_id}/{what}").int)
+
+
+def slide_info(spec: SlideSpec) -> dict[str, Any]:
+    """The full ``slides/{id}/info`` of a spec (extended and PHI fields included)."""
+    return {
+        "id": spec.slide_id,
+        "isStreamable": True,
+        "imageSize": {"width": spec.width, "height": spec.height},
+        "tileSize": {"width": TILE_SIZE, "height": TILE_SIZE},
+        "micronsPerPixel": spec.microns_per_pixel,
+        "focalPlanes": [{"id": "0", "offsetUm": 0.0}],
+        "opticalPaths": [{"id": "0", "description": "Brightfield"}],
+        "storedTileFormat": {"mimeType": "image/jpeg", "extension": "jpg"},
+        "availableTileFormats": [
+            {"mimeType": "image/jpeg", "extension": "jpg"},
+            {"mimeType": "image/png", "extension": "png"},
+        ],
+        "fileFormat": {"mimeType": "image/tiff"},
+        "staining": {"displayName": spec.stain},
+        "block": {"displayName": spec.block},
+        "specimen": {"anatomy": spec.anatomy, "description": spec.description},
+        "bodyPart": spec.body_part,
+        "examCode": spec.exam_code,
+        "examDescription": "Histopathology",
+        "stationName": "DPATIA-SIM-SCANNER",
+        "priority": spec.priority,
+        "qualityControl": {
+            "status": "NotSet",
+            "versionId": str(uuid.uuid5(uuid.NAMESPACE_URL, spec.slide_id)),
+        },
+        "seriesInstanceUid": _uid(spec, "series"),
+        "lisSlideId": f"{spec.accession_number}-{spec.block}-1",
+        "accessionNumberIssuer": "SIMLIS",
+        "accessionNumber": spec.accession_number,
+        "studyInstanceUid": _uid(spec, f"study/{spec.accession_number}"),
+        "examId": f"EX-{spec.accession_number}",
+        "examDateTime": "2025-03-14T09:26:53",
+        "examFreeFields": [{"Referrer": "Dr. Simulated"}],
+    }
+
+
+def _write_pyramid(image: Image.Image, path: Path, spec: SlideSpec) -> list[tuple[int, int]]:
+    """Write ``image`` and its ceil-halved levels as a tiled JPEG TIFF; return the sizes."""
+    import tifffile
+
+    sizes: list[tuple[int, int]] = []
+    level = image
+    downsample = 1
+    with tifffile.TiffWriter(path, bigtiff=False) as tif:
+        while True:
+            sizes.append(level.size)
+            pixels_per_cm = 1e4 / (spec.microns_per_pixel * downsample)
+            tif.write(
+                np.asarray(level),
+                tile=(TILE_SIZE, TILE_SIZE),
+                compression="jpeg",
+                compressionargs={"level": 88},
+                photometric="rgb",
+                resolution=(pixels_per_cm, pixels_per_cm),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if downsample == 1 else 1,
+                description=(
+                    f"dpatia SPS simulator slide {spec.slide_id}" if downsample == 1 else None
+                ),
+                software="dpatia",
+                metadata=None,
+            )
+            if max(level.size) <= SMALLEST_LEVEL:
+                break
+            level = level.reduce(2)  # ceil sizes, like DZI
+            downsample *= 2
+    return sizes
+
+
+def generate_slide(spec: SlideSpec, directory: Path) -> GeneratedSlide:
+    """Generate one slide's files under ``directory/<slide id>/``; return its entry."""
+    folder = directory / spec.slide_id
+    folder.mkdir(parents=True, exist_ok=True)
+    rel = spec.slide_id
+    image, mask, polygons = render_slide(spec)
+    tiff_name = f"{spec.slide_id}.tif"
+    sizes = _write_pyramid(image, folder / tiff_name, spec)
+    del image
+
+    mm2_per_px = (spec.microns_per_pixel / 1000) ** 2
+    regions = []
+    for points in polygons:
+        one = Image.new("L", mask.size, 0)
+        ImageDraw.Draw(one).polygon(points, fill=255)
+        pixels = int(np.count_nonzero(np.asarray(one)))
+        regions.append(
+            {
+                "areaMm2": pixels * mm2_per_px,
+                "polygonAreaMm2": _shoelace(points) * mm2_per_px,
+                "pixels": [[round(x, 2), round(y, 2)] for x, y in points],
+                "points": [
+                    {"x": round(x / spec.width, 6), "y": round(y / spec.width, 6)}
+                    for x, y in points
+                ],
+            }
+        )
+    tissue_px = int(np.count_nonzero(np.asarray(mask)))
+    mask_name = f"{spec.slide_id}-tissue.png"
+    mask.reduce(MASK_DOWNSAMPLE).point(lambda v: 255 if v >= 128 else 0).save(folder / mask_name)
+
+    label_path = None
+    if spec.label:
+        _label_image(spec).save(folder / "label.jpg", quality=90)
+        label_path = f"{rel}/label.jpg"
+
+    files = [(tiff_name, f"{rel}/{tiff_name}")]
+    if spec.layout == "folder":
+        sidecar = {
+            "scanner": "dpatia SPS simulator",
+            "objective": round(10 / spec.microns_per_pixel),
+            "micronsPerPixel": spec.microns_per_pixel,
+            "levels": [{"width": w, "height": h} for w, h in sizes],
+        }
+        (folder / "scan.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+        files.append(("scan.json", f"{rel}/scan.json"))
+        if label_path is not None:
+            files.append(("label.jpg", label_path))
+
+    dzi = DZI(spec.width, spec.height, TILE_SIZE, microns_per_pixel=spec.microns_per_pixel)
+    truth = {
+        "imageSize": {"width": spec.width, "height": spec.height},
+        "micronsPerPixel": spec.microns_per_pixel,
+        "tissuePixels": tissue_px,
+        "tissueAreaMm2": tissue_px * mm2_per_px,
+        "tissueFraction": tissue_px / (spec.width * spec.height),
+        "mask": {"path": f"{rel}/{mask_name}", "downsample": MASK_DOWNSAMPLE},
+        "pyramid": [
+            {"width": w, "height": h, "dziLevel": dzi.max_level - i}
+            for i, (w, h) in enumerate(sizes)
+        ],
+        "regions": regions,
+        "fileSizes": [
+            {"path": path, "size": (directory / path).stat().st_size}
+            for path in sorted(
+                {p for _, p in files}
+                | {f"{rel}/{mask_name}"}
+                | ({label_path} if label_path else set())
+            )
+        ],
+    }
+    return GeneratedSlide(
+        slide_id=spec.slide_id,
+        layout=spec.layout,
+        tiff=f"{rel}/{tiff_name}",
+        files=files,
+        label=label_path,
+        info=slide_info(spec),
+        truth=truth,
+    )
+
+
+__all__ = [
+    "GENERATOR_VERSION",
+    "MANIFEST",
+    "GeneratedSlide",
+    "SlideSet",
+    "SlideSpec",
+    "default_specs",
+    "fingerprint",
+    "generate_slide",
+    "load_or_generate",
+    "render_slide",
+    "slide_info",
+]
