@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= etc/dpatia.ini
 
-.PHONY: all test lint unit run bench lock clean
+.PHONY: all test lint unit browser run bench bench-dispatch lock clean
 
 all: test
 
@@ -29,14 +29,28 @@ lint: $(STAMP)
 	$(BIN)/ruff check dpatia_daemon tests bench twisted
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(STAMP) browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The simulator's page is tested in Debian's headless Chromium.  Install it when this
+# machine lets us (root with apt-get, as in CI); elsewhere that one test is skipped and
+# says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the page test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is not installed and cannot be installed here: the page test will be skipped"; fi; }
 
 run: $(STAMP)
 	$(BIN)/twistd --nodaemon --pidfile= dpatia --config $(CONFIG)
 
 bench: $(STAMP)
 	$(BIN)/python bench/ack.py
+
+# Pickup latency and throughput of dispatch to workers, then 10 demo slides (~1 min).
+bench-dispatch: $(STAMP)
+	$(BIN)/python bench/dispatch.py --demo
 
 # Re-pin every dependency from pyproject.toml (run after changing dependencies).
 lock:
