@@ -130,7 +130,8 @@ class AppConfig:
     manufacturer: str = "dpatia"
     input_type: InputType = InputType.WHOLE_SLIDE
     tags: tuple[str, ...] = ()
-    analysis: str = "tissue"
+    # "demo" until the pipeline issue ships the tissue analysis (then "tissue").
+    analysis: str = "demo"
 
 
 @frozen
@@ -141,7 +142,25 @@ class SpoolConfig:
 
 @frozen
 class WorkersConfig:
+    """How analyses run: worker processes, retries, deadlines (etc/dpatia.ini [workers])."""
+
     count: int = 2
+    work_directory: FilePath = field(factory=lambda: FilePath("var/work"))
+    max_attempts: int = 3
+    job_timeout: float = 3600.0
+    kill_grace: float = 10.0
+    heartbeat_interval: float = 5.0
+    progress_interval: float = 2.0
+    shutdown_grace: float = 30.0
+    max_jobs_per_worker: int = 0
+    restart_backoff_cap: float = 60.0
+
+
+@frozen
+class DemoConfig:
+    """Settings of the built-in ``demo`` analysis."""
+
+    step_seconds: float = 2.0
 
 
 @frozen
@@ -167,6 +186,7 @@ class Config:
     spool: SpoolConfig = field(factory=SpoolConfig)
     workers: WorkersConfig = field(factory=WorkersConfig)
     sps: SPSConfig = field(factory=SPSConfig)
+    demo: DemoConfig = field(factory=DemoConfig)
 
 
 # --- value parsers --------------------------------------------------------------------
@@ -190,6 +210,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise ValueError("must be greater than 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must not be negative")
     return value
 
 
@@ -310,7 +337,21 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
         },
     ),
     "spool": (SpoolConfig, {"directory": _path, "sweep_interval": _positive_float}),
-    "workers": (WorkersConfig, {"count": _positive_int}),
+    "workers": (
+        WorkersConfig,
+        {
+            "count": _positive_int,
+            "work_directory": _path,
+            "max_attempts": _positive_int,
+            "job_timeout": _positive_float,
+            "kill_grace": _positive_float,
+            "heartbeat_interval": _positive_float,
+            "progress_interval": _non_negative_float,
+            "shutdown_grace": _non_negative_float,
+            "max_jobs_per_worker": _non_negative_int,
+            "restart_backoff_cap": _positive_float,
+        },
+    ),
     "sps": (
         SPSConfig,
         {
@@ -322,6 +363,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "background_concurrency": _positive_int,
         },
     ),
+    "demo": (DemoConfig, {"step_seconds": _non_negative_float}),
 }
 
 #: Command-line overrides: option name -> (section, key).

@@ -4,21 +4,26 @@
 
 - ``spool``  the durable job spool (starts first, stops last);
 - ``sps``    the outgoing HTTP connection pool to the SPS (closed at stop);
+- ``workers`` the worker supervisor: runs the analyses, writes their results;
 - ``api``    waits, at stop, for in-progress frames still being written;
 - ``http``   the IA-API listener (stops first: no new requests while draining).
 
-The worker supervisor joins this tree as ``workers`` between ``sps`` and ``api``.
+Children stop one after another, in reverse order: the listener closes, the front
+door's frames finish, the workers drain (their jobs need the SPS pool and the spool),
+then the SPS pool closes, and the spool stops last.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from functools import partial
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet import threads
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
@@ -26,8 +31,11 @@ from ._version import __version__
 from .api import IAAPI, make_site
 from .background import BackgroundQueue
 from .config import Config, ConfigError
+from .dispatch import WorkFolders
+from .result_writer import ResultWriter
 from .spool import DirectorySpool, SpoolError
 from .sps import SPSClient, make_http_client
+from .supervisor import Supervisor
 
 log = Logger()
 
@@ -41,6 +49,22 @@ class _Root(MultiService):
             super().startService()
         except SpoolError as e:
             raise SystemExit(f"dpatia: cannot start: {e}") from None
+
+    def stopService(self) -> Deferred[None]:
+        """Stop the children one at a time, last started first.
+
+        MultiService would stop them all at once; the workers' drain needs the SPS
+        pool and the spool until it is over.
+        """
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        for service in reversed(list(self)):
+            try:
+                await maybeDeferred(service.stopService)
+            except Exception:
+                log.failure("stopping service {name} failed", name=service.name)
 
 
 class _Ready(Service):
@@ -83,6 +107,18 @@ def _endpoint(reactor: Any, config: Config) -> Any:
         raise ConfigError(config.source, "server", "listen", str(e)) from None
 
 
+def _in_thread(reactor: Any, f: Any, *args: Any) -> Deferred[Any]:
+    """Run blocking file work (removing a job's work folder) in the reactor's pool."""
+    return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+
+def _analysis_settings(config: Config) -> dict[str, str]:
+    """The config section a built-in analysis reads (passed to its workers)."""
+    if config.app.analysis == "demo":
+        return {"step_seconds": f"{config.demo.step_seconds:g}"}
+    return {}
+
+
 def build_service(config: Config, reactor: Any) -> MultiService:
     """Build the named service tree for ``config`` on ``reactor``; nothing starts yet."""
     root = _Root()
@@ -114,6 +150,23 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     sps_service.setName("sps")
     sps_service.setServiceParent(root)
 
+    writer = ResultWriter(sps=sps, clock=reactor, display_name=config.app.display_name)
+    workers = Supervisor(
+        reactor=reactor,
+        spool=spool,
+        writer=writer,
+        config=config.workers,
+        analysis=config.app.analysis,
+        settings=_analysis_settings(config),
+        folders=WorkFolders(
+            config.workers.work_directory,
+            run_blocking=partial(_in_thread, reactor),
+        ),
+        sweep_interval=config.spool.sweep_interval,
+    )
+    workers.setName("workers")
+    workers.setServiceParent(root)
+
     api = IAAPI(
         config=config,
         spool=spool,
@@ -139,10 +192,13 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     ready.setServiceParent(root)
 
     log.info(
-        "dpatia {version}: IA-API on {listen} at {route}, spool {spool}",
+        "dpatia {version}: IA-API on {listen} at {route}, spool {spool}, "
+        "{count} workers running {analysis!r}",
         version=__version__,
         listen=config.server.listen,
         route=config.server.route,
         spool=config.spool.directory.path,
+        count=config.workers.count,
+        analysis=config.app.analysis,
     )
     return root

@@ -27,7 +27,7 @@ def test_shipped_config_loads_with_documented_defaults() -> None:
     assert config.server.public_url is None
     assert config.server.max_body_bytes == 1024 * 1024
     assert config.app.input_type is InputType.WHOLE_SLIDE
-    assert config.app.analysis == "tissue"
+    assert config.app.analysis == "demo"
     assert config.spool.directory.path.endswith("var/spool")
     assert config.workers.count == 2
     assert config.sps.verify_tls is True

@@ -1,0 +1,174 @@
+"""The analysis interface: what an analysis is given, and what it returns.
+
+An analysis is a callable ``analyse(job: AnalysisJob) -> AnalysisResult`` (or a
+:class:`~dpatia_daemon.models.Result`, for full control).  It runs in a worker process,
+in a thread of its own, so it may block, use numpy, call C code or sleep; it must not
+touch the Twisted reactor.  ``[app] analysis`` names it: a built-in short name
+(``demo``, ``tissue``) or ``package.module:callable`` (see :mod:`.loader`).
+
+What it gets, :class:`AnalysisJob`, is read-only: ids, the input geometry, slide
+metadata, the job's work folder (the place for downloads and scratch files; it is
+removed when the job ends), its settings (the ``[<name>]`` section of the config, for
+built-ins), and three callables:
+
+* ``progress(percent, text)`` reports progress; the daemon shows it on the slide,
+  throttled, so call it as often as is convenient;
+* ``cancelled()`` says whether the job was cancelled;
+* ``wait(seconds)`` waits up to ``seconds`` and returns True at once if the job is
+  cancelled meanwhile — use it (or :meth:`AnalysisJob.sleep`) instead of
+  ``time.sleep`` so cancellation is prompt.
+
+To stop on cancellation, raise :class:`AnalysisCancelled` (``job.check_cancelled()``
+and ``job.sleep()`` do).  Any other exception fails the attempt; its type and message
+(cut to a few KB) become the error the pathologist sees once attempts run out.
+
+What it returns, :class:`AnalysisResult`: the text shown in the annotation list, the
+key/value table shown when it is selected, and primitive items (polygons, polylines,
+labels) in width-normalised coordinates (x in [0, 1], y in [0, height/width]).  The
+daemon adds ``applicationVersion`` and its own bookkeeping and stores it at the SPS,
+replacing the job's progress frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from attrs import field, frozen
+
+from ..models import (
+    Label,
+    Point,
+    Polygon,
+    PrimitiveItem,
+    Result,
+    ResultData,
+    ResultPayload,
+    Style,
+    unstructure,
+)
+from ..results import image_size_of
+
+
+class AnalysisCancelled(Exception):
+    """Raised by an analysis (or :meth:`AnalysisJob.sleep`) to stop a cancelled job."""
+
+
+def _never_cancelled() -> bool:
+    return False
+
+
+def _no_wait(seconds: float) -> bool:
+    return False
+
+
+def _no_progress(percent: int, text: str) -> None:
+    return None
+
+
+@frozen
+class AnalysisJob:
+    """One job as an analysis sees it: read-only data and three callables.
+
+    ``input`` is the IA-API input (``{"type": "wholeSlide"}``, or a taggedPolygon /
+    multiArea selection with its geometry); ``slide_info`` the slide metadata known so
+    far (``imageSize``, ``micronsPerPixel``, …) or None; ``context`` the app-private
+    context of the request; ``work_dir`` the job's private folder.
+    """
+
+    job_id: str
+    slide_id: str
+    input: Mapping[str, Any]
+    work_dir: str
+    slide_info: Mapping[str, Any] | None = None
+    context: Mapping[str, Any] = field(factory=dict)
+    settings: Mapping[str, str] = field(factory=dict)
+    progress: Callable[[int, str], None] = field(default=_no_progress, repr=False)
+    cancelled: Callable[[], bool] = field(default=_never_cancelled, repr=False)
+    wait: Callable[[float], bool] = field(default=_no_wait, repr=False)
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """``(width, height)`` in pixels from the slide info, if known."""
+        return image_size_of(dict(self.slide_info) if self.slide_info is not None else None)
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`AnalysisCancelled` if the job was cancelled."""
+        if self.cancelled():
+            raise AnalysisCancelled(self.job_id)
+
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds``, or raise :class:`AnalysisCancelled` as soon as cancelled."""
+        if self.wait(seconds) or self.cancelled():
+            raise AnalysisCancelled(self.job_id)
+
+
+@frozen
+class AnalysisResult:
+    """An analysis's answer: list text, properties table and primitive items."""
+
+    display_result: str
+    display_properties: Mapping[str, str | int | float] = field(factory=dict)
+    items: Sequence[PrimitiveItem] = ()
+    context: Mapping[str, Any] = field(factory=dict)
+
+    def to_result(self, slide_id: str) -> Result:
+        """The SPS result for ``slide_id`` (the daemon adds version and bookkeeping)."""
+        return Result(
+            slideId=slide_id,
+            displayResult=self.display_result,
+            displayProperties=dict(self.display_properties),
+            data=ResultData(
+                context=dict(self.context),
+                result=ResultPayload(
+                    type="primitive", content=[unstructure(item) for item in self.items]
+                ),
+            ),
+        )
+
+
+#: The type of an analysis callable.
+Analysis = Callable[[AnalysisJob], AnalysisResult | Result]
+
+
+# --- small builders for primitive items -----------------------------------------------
+
+
+def rectangle(x0: float, y0: float, x1: float, y1: float) -> Polygon:
+    """A closed axis-aligned rectangle from (x0, y0) to (x1, y1), width-normalised."""
+    corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]
+    return Polygon(points=[Point(x, y) for x, y in corners])
+
+
+def label(x: float, y: float, text: str) -> Label:
+    """A text label whose top-left corner is at (x, y), width-normalised."""
+    return Label(location=Point(x, y), label=text)
+
+
+def item(
+    *,
+    stroke: str = "#00C000",
+    fill: str | None = None,
+    size: int | None = None,
+    polygons: Sequence[Polygon] = (),
+    polylines: Sequence[Polygon] = (),
+    labels: Sequence[Label] = (),
+) -> PrimitiveItem:
+    """One primitive item: a style and the shapes drawn with it."""
+    return PrimitiveItem(
+        style=Style(strokeStyle=stroke, fillStyle=fill, size=size),
+        polygons=list(polygons),
+        polylines=list(polylines),
+        labels=list(labels),
+    )
+
+
+__all__ = [
+    "Analysis",
+    "AnalysisCancelled",
+    "AnalysisJob",
+    "AnalysisResult",
+    "item",
+    "label",
+    "rectangle",
+]

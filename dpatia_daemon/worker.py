@@ -1,0 +1,376 @@
+"""The worker process: ``python -m dpatia_daemon.worker --analysis SPEC [...]``.
+
+The daemon's supervisor spawns it with AMP on child fds
+:data:`~dpatia_daemon.amp.WORKER_AMP_IN` / :data:`~dpatia_daemon.amp.WORKER_AMP_OUT`
+and stdout/stderr as log streams.  The worker:
+
+* imports the analysis at start (:func:`~dpatia_daemon.analyses.loader.load_analysis`);
+  if that fails it stays up and answers every ``RunJob`` with the reason, so the job
+  attempt fails with a clear error and the supervisor restarts it with backoff;
+* runs one analysis at a time in a thread of its own, so its reactor keeps answering
+  ``Ping`` and ``CancelJob`` whatever the analysis does;
+* reads ``job.json`` from the job's work folder and writes ``result.json`` there
+  (atomically), answering ``RunJob`` with its path;
+* coalesces progress reports: at most one ``Progress`` call in flight, carrying the
+  newest values;
+* exits when its AMP pipe closes (the daemon stopped it, or died), and on SIGTERM at
+  once; on Linux it also asks the kernel for SIGKILL when its parent dies, so a worker
+  stuck in C code is never orphaned.  SIGINT is ignored: a Ctrl-C in a terminal goes
+  to the whole process group, and the daemon decides when its workers stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import sys
+import threading
+from types import MappingProxyType
+from typing import Any
+
+from attrs import define, field
+from twisted.internet.defer import Deferred
+from twisted.logger import (
+    FileLogObserver,
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    eventAsText,
+    globalLogBeginner,
+)
+from twisted.protocols.amp import AMP
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+
+from .amp import (
+    JOB_FILE,
+    MAX_PROGRESS_TEXT,
+    RESULT_FILE,
+    SLIDE_INFO_FILE,
+    WORKER_AMP_IN,
+    WORKER_AMP_OUT,
+    AnalysisFailed,
+    CancelJob,
+    Hello,
+    JobCancelled,
+    Ping,
+    Progress,
+    RunJob,
+    WorkerBusy,
+    bounded,
+)
+from .analyses import Analysis, AnalysisCancelled, AnalysisJob, AnalysisResult
+from .analyses.loader import AnalysisLoadError, load_analysis
+from .jobs import Job
+from .models import Result, unstructure
+
+log = Logger()
+
+
+@define(eq=False)
+class _Running:
+    """The job a worker is running: its cancel event and the progress hand-over."""
+
+    job_id: str
+    done: Deferred[dict[str, str]]
+    cancel: threading.Event = field(factory=threading.Event)
+    lock: threading.Lock = field(factory=threading.Lock)
+    latest: tuple[int, str] | None = None
+    scheduled: bool = False
+    in_flight: bool = False
+
+
+class WorkerProtocol(AMP):
+    """The worker's side of the AMP conversation (see :mod:`dpatia_daemon.amp`).
+
+    Collaborators: the ``reactor`` (only ``callFromThread`` and ``stop``), the loaded
+    ``analysis`` (None when it failed to load, with ``load_error`` saying why), the
+    ``spec`` it was loaded from, and its ``settings``.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        spec: str,
+        analysis: Analysis | None,
+        load_error: str = "",
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.spec = spec
+        self.analysis = analysis
+        self.load_error = load_error
+        self.settings = MappingProxyType(dict(settings or {}))
+        self.current: _Running | None = None
+
+    # --- daemon → worker ---
+
+    @Hello.responder
+    def hello(self) -> dict[str, Any]:
+        """Who we are and whether the analysis loaded."""
+        return {"pid": os.getpid(), "analysis": self.spec, "load_error": self.load_error}
+
+    @Ping.responder
+    def ping(self) -> dict[str, Any]:
+        """Still here."""
+        return {}
+
+    @RunJob.responder
+    def run_job(self, job_id: str, work_dir: str) -> Deferred[dict[str, str]]:
+        """Start the analysis in its own thread; answer when it is done."""
+        if self.current is not None:
+            raise WorkerBusy(f"already running job {self.current.job_id}")
+        if self.analysis is None:
+            raise AnalysisFailed(self.load_error)
+        running = _Running(job_id=job_id, done=Deferred())
+        self.current = running
+        thread = threading.Thread(
+            target=self._thread_main,
+            args=(running, self.analysis, work_dir),
+            name=f"analysis {job_id}",
+            # A hung analysis must never keep the process alive once the daemon
+            # closed our pipe.
+            daemon=True,
+        )
+        thread.start()
+        return running.done
+
+    @CancelJob.responder
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """Set the cancellation event of ``job_id`` if it is the one running."""
+        running = self.current
+        if running is None or running.job_id != job_id:
+            return {"running": False}
+        running.cancel.set()
+        log.info("job {job_id}: cancellation requested", job_id=job_id)
+        return {"running": True}
+
+    # --- the analysis thread ---
+
+    def _thread_main(self, running: _Running, analysis: Analysis, work_dir: str) -> None:
+        outcome: dict[str, str] | Failure
+        try:
+            outcome = {"result_path": self._analyse(running, analysis, work_dir)}
+        except AnalysisCancelled:
+            outcome = Failure(JobCancelled(f"job {running.job_id} cancelled"))
+        except AnalysisFailed as e:
+            outcome = Failure(e)
+        except BaseException as e:  # noqa: B036 - the analysis is foreign code: report all
+            # Logged here (with its traceback) so the operator sees it in the daemon
+            # log; the one-line reason travels to the daemon with the error.
+            log.failure("job {job_id}: the analysis failed", job_id=running.job_id)
+            outcome = Failure(AnalysisFailed(bounded(f"{type(e).__name__}: {e}")))
+        self.reactor.callFromThread(self._finished, running, outcome)
+
+    def _analyse(self, running: _Running, analysis: Analysis, work_dir: str) -> str:
+        """Run ``analysis`` for the job in ``work_dir``; return the result file's path."""
+        folder = FilePath(work_dir)
+        job = Job.from_json(folder.child(JOB_FILE).getContent())
+        if job.job_id != running.job_id:
+            raise AnalysisFailed(f"{JOB_FILE} in {work_dir} is for job {job.job_id}")
+        slide_info: dict[str, Any] | None = job.image_info
+        info_file = folder.child(SLIDE_INFO_FILE)
+        if info_file.exists():
+            slide_info = json.loads(info_file.getContent())
+        analysis_job = AnalysisJob(
+            job_id=job.job_id,
+            slide_id=job.slide_id,
+            input=MappingProxyType(dict(job.input)),
+            work_dir=work_dir,
+            slide_info=MappingProxyType(slide_info) if slide_info is not None else None,
+            context=MappingProxyType(dict(job.context)),
+            settings=self.settings,
+            progress=lambda percent, text: self._report(running, percent, text),
+            cancelled=running.cancel.is_set,
+            wait=running.cancel.wait,
+        )
+        log.info("job {job_id}: analysis started", job_id=job.job_id)
+        answer = analysis(analysis_job)
+        if running.cancel.is_set():
+            raise AnalysisCancelled(job.job_id)
+        if isinstance(answer, AnalysisResult):
+            result = answer.to_result(job.slide_id)
+        elif isinstance(answer, Result):
+            result = answer
+        else:
+            raise AnalysisFailed(
+                f"the analysis returned {type(answer).__name__}, not an AnalysisResult or Result"
+            )
+        body = json.dumps(
+            {"jobId": job.job_id, "result": unstructure(result)}, allow_nan=False
+        ).encode("utf-8")
+        return _write_atomically(folder, RESULT_FILE, body)
+
+    def _report(self, running: _Running, percent: Any, text: Any) -> None:
+        """``progress(percent, text)`` as the analysis calls it, from its thread."""
+        try:
+            value = max(0, min(100, int(percent)))
+        except (TypeError, ValueError, OverflowError):
+            value = 0
+        message = bounded(" ".join(str(text).split()), MAX_PROGRESS_TEXT)
+        with running.lock:
+            running.latest = (value, message)
+            if running.scheduled:
+                return
+            running.scheduled = True
+        self.reactor.callFromThread(self._send_progress, running)
+
+    # --- back in the reactor thread ---
+
+    def _send_progress(self, running: _Running) -> None:
+        if running.in_flight:
+            return  # sent when the call in flight is answered
+        with running.lock:
+            latest, running.latest = running.latest, None
+            running.scheduled = False
+        if latest is None or running is not self.current:
+            return
+        running.in_flight = True
+        percent, text = latest
+        d = self.callRemote(Progress, job_id=running.job_id, percent=percent, text=text)
+
+        def answered(result: object) -> None:
+            running.in_flight = False
+            if isinstance(result, Failure):
+                log.warn(
+                    "job {job_id}: progress report failed: {error}",
+                    job_id=running.job_id,
+                    error=result.getErrorMessage(),
+                )
+            if running.latest is not None:
+                self._send_progress(running)
+
+        d.addBoth(answered)
+
+    def _finished(self, running: _Running, outcome: dict[str, str] | Failure) -> None:
+        if self.current is running:
+            self.current = None
+        if isinstance(outcome, Failure):
+            running.done.errback(outcome)
+        else:
+            log.info("job {job_id}: analysis done", job_id=running.job_id)
+            running.done.callback(outcome)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        """The daemon closed our pipe (or died): stop the analysis and exit."""
+        super().connectionLost(reason)
+        if self.current is not None:
+            self.current.cancel.set()
+        if getattr(self.reactor, "running", False):
+            self.reactor.stop()
+
+
+def _write_atomically(folder: FilePath[str], name: str, data: bytes) -> str:
+    """Write ``folder/name`` via a temp file, fsync and rename; return its path."""
+    target = folder.child(name)
+    tmp = folder.child(f".{name}.{os.getpid()}.tmp")
+    fd = os.open(tmp.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp.path, target.path)
+    return target.path
+
+
+# --- process set-up -------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Ask Linux for SIGKILL when the daemon dies (best effort; EOF covers the rest)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    # The daemon only sends SIGTERM after asking nicely (CancelJob or EOF): exit now,
+    # without waiting for an analysis thread.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(128 + signum)
+
+
+def _log_to_stderr() -> None:
+    """Twisted log events as plain lines on stderr: the daemon adds time and tags."""
+
+    def format_event(event: Any) -> str:
+        text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+        return text + "\n" if text else ""
+
+    # Twisted's own chatter (connection made/lost, main loop) is not news in a worker.
+    levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+    levels.setLogLevelForNamespace("twisted", LogLevel.warn)
+    observer = FilteringLogObserver(FileLogObserver(sys.stderr, format_event), [levels])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def _setting(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
+    return key.strip(), value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The worker's command line (built by the supervisor, not typed by people)."""
+    parser = argparse.ArgumentParser(prog="python -m dpatia_daemon.worker")
+    parser.add_argument("--analysis", required=True, help="[app] analysis spec")
+    parser.add_argument(
+        "--setting",
+        action="append",
+        type=_setting,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting for the analysis (repeatable)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Load the analysis, speak AMP on fds 3/4 until the daemon closes them, exit."""
+    options = parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    _die_with_parent()
+    _log_to_stderr()
+
+    analysis: Analysis | None = None
+    load_error = ""
+    try:
+        analysis = load_analysis(options.analysis)
+    except AnalysisLoadError as e:
+        load_error = str(e)
+        log.error("cannot load the analysis: {error}", error=load_error)
+
+    from twisted.internet import reactor
+    from twisted.internet.stdio import StandardIO
+
+    protocol = WorkerProtocol(
+        reactor, options.analysis, analysis, load_error, dict(options.setting)
+    )
+    # (mypy sees the Windows StandardIO, which has no fd arguments.)
+    StandardIO(protocol, stdin=WORKER_AMP_IN, stdout=WORKER_AMP_OUT, reactor=reactor)  # type: ignore[call-arg]
+    reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined,call-arg]
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    # Do not wait for an analysis thread (or a library's atexit hook) to finish.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
