@@ -28,7 +28,6 @@ from typing import Any
 import attrs
 from attrs import define, field
 from klein import Klein
-from twisted.internet.defer import Deferred, FirstError, ensureDeferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -53,13 +52,18 @@ from .models import (
     parse_invocation,
     unstructure,
 )
-from .results import Status, image_size_of, latest, replacing, status_frame
+from .result_writer import ResultGone, ResultWriter
+from .results import Status, image_size_of
 from .spool import ISpool, JobMoved
 from .sps import SPSClient, SPSError
 
 log = Logger()
 
 JSON_TYPE = b"application/json"
+
+
+class _NotQueued(Exception):
+    """The job left the queue before its "queued" frame was written: skip the frame."""
 
 
 class APIError(Exception):
@@ -159,6 +163,7 @@ class IAAPI:
     spool: ISpool
     sps: SPSClient
     clock: IReactorTime
+    writer: ResultWriter
     background: BackgroundQueue = field(factory=BackgroundQueue)
     app: Klein = field(init=False)
 
@@ -379,6 +384,8 @@ class IAAPI:
     async def _frame_for_notification(self, job: Job) -> None:
         try:
             await self._store_frame(job, image_size_of(job.image_info), only_if_queued=True)
+        except _NotQueued:
+            pass  # a worker has it already and shows its own progress
         except SPSError as e:
             log.warn(
                 "job {job_id}: could not store the queued frame at the SPS ({error}); "
@@ -392,72 +399,38 @@ class IAAPI:
     ) -> Result:
         """Create or update the app's latest result for the slide to say "queued".
 
-        Without ``image_size`` the slide's info is read for it, concurrently with the
-        list of existing results: a pathologist is waiting for this answer.
+        Through the shared :class:`ResultWriter`, under the slide's lock, so a worker
+        that already has the job never sees its progress or answer overwritten.
+        Without ``image_size`` the slide's info is read for the full-slide frame.
         """
-        listing: Deferred[list[Result]] = ensureDeferred(
-            self.sps.list_results(job.callback, job.application_id, job.slide_id)
-        )
-        calls: list[Deferred[Any]] = [listing]
-        if image_size is None:
-            calls.append(
-                ensureDeferred(self.sps.slide_info(job.callback, job.slide_id, extended=False))
-            )
-        try:
-            answers = await gatherResults(calls, consumeErrors=True)
-        except FirstError as e:
-            e.subFailure.raiseException()
-        existing = latest(answers[0])
-        if image_size is None:
-            image_size = image_size_of(answers[1])
-        frame = status_frame(
-            slide_id=job.slide_id,
-            status=Status.QUEUED,
-            text=f"{self.config.app.display_name}: queued",
-            job_id=job.job_id,
-            application_version=__version__,
-            image_size=image_size,
-        )
         if only_if_queued:
             current = await self.spool.get(job.job_id)
             if current is None or current.state is not JobState.QUEUED:
-                # A worker got there first; never overwrite its progress or answer.
-                return existing or frame
-        if existing is not None:
-            stored = await self.sps.update_result(
-                job.callback,
-                job.application_id,
-                replacing(existing, frame),
-                reapply=lambda current: replacing(current, frame),
-            )
-        else:
-            stored = await self.sps.create_result(job.callback, job.application_id, frame)
+                raise _NotQueued()
+        if image_size is None:
+            info = await self.sps.slide_info(job.callback, job.slide_id, extended=False)
+            image_size = image_size_of(info)
+
+        async def still_queued() -> bool:
+            current = await self.spool.get(job.job_id)
+            return current is not None and current.state is JobState.QUEUED
+
+        stored = await self.writer.store_queued_frame(job, image_size, still_queued)
         if stored.id is not None and stored.id != job.result_id:
             try:
                 await self.spool.update(attrs.evolve(job, result_id=stored.id))
             except JobMoved:
-                # Claimed meanwhile: the worker finds the result by listing, as we did.
+                # Claimed (or merged) meanwhile: the worker finds the result itself.
                 pass
         return stored
 
     async def _write_final_frame(self, job: Job, status: Status, text: str) -> None:
         assert job.result_id is not None
-        frame = status_frame(
-            slide_id=job.slide_id,
-            status=status,
-            text=f"{self.config.app.display_name}: {text}",
-            job_id=job.job_id,
-            application_version=__version__,
-        )
         try:
-            current = await self.sps.get_result(job.callback, job.application_id, job.result_id)
-            await self.sps.update_result(
-                job.callback,
-                job.application_id,
-                replacing(current, frame),
-                reapply=lambda latest_: replacing(latest_, frame),
+            await self.writer.update_current(
+                job, job.result_id, self.writer.frame(job, status, text), keep=None
             )
-        except SPSError as e:
+        except (SPSError, ResultGone) as e:
             log.warn(
                 "job {job_id}: could not mark its result {status} ({error})",
                 job_id=job.job_id,

@@ -172,6 +172,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         spool=spool,
         sps=sps,
         clock=reactor,
+        writer=writer,
         background=BackgroundQueue(concurrency=config.sps.background_concurrency),
     )
     api_service = _Stopper(api.background.close)

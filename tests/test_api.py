@@ -19,6 +19,7 @@ from dpatia_daemon import __version__
 from dpatia_daemon.api import IAAPI, make_site
 from dpatia_daemon.config import Config, SPSConfig, URLPrefix
 from dpatia_daemon.jobs import JobKind, JobState
+from dpatia_daemon.result_writer import ResultWriter
 from dpatia_daemon.simulator.fake import FakeSPS
 from dpatia_daemon.spool import DirectorySpool
 from dpatia_daemon.sps import SPSClient, make_http_client
@@ -108,7 +109,8 @@ def stack(reactor: Any, tmp_path: Path) -> Any:
     sps = SPSClient(
         http=http.client, clock=reactor, software_version=__version__, timeout=5.0, retries=1
     )
-    api = IAAPI(config=config, spool=spool, sps=sps, clock=reactor)
+    writer = ResultWriter(sps=sps, clock=reactor, display_name=config.app.display_name)
+    api = IAAPI(config=config, spool=spool, sps=sps, clock=reactor, writer=writer)
     api_port = reactor.listenTCP(0, make_site(api.resource(), config), interface="127.0.0.1")
     pool = HTTPConnectionPool(reactor, persistent=False)
     client = treq.client.HTTPClient(Agent(reactor, pool=pool))
