@@ -52,6 +52,7 @@ from .models import (
     parse_invocation,
     unstructure,
 )
+from .notifications import NotificationCounts
 from .result_writer import ResultGone, ResultWriter
 from .results import Status, image_size_of
 from .spool import ISpool, JobMoved
@@ -164,6 +165,7 @@ class IAAPI:
     sps: SPSClient
     clock: IReactorTime
     writer: ResultWriter
+    notification_counts: NotificationCounts = field(factory=NotificationCounts)
     background: BackgroundQueue = field(factory=BackgroundQueue)
     app: Klein = field(init=False)
 
@@ -199,6 +201,7 @@ class IAAPI:
                 "route": self.config.server.route,
                 "applicationId": self.config.app.application_id,
                 "jobs": {state.value: counts.get(state, 0) for state in JobState},
+                "notifications": self.notification_counts.as_dict(),
             },
         )
 
@@ -259,6 +262,16 @@ class IAAPI:
                 if isinstance(raw, bool) or not isinstance(raw, int):
                     raise InvalidInput("expected an integer", "$.imageInfo.priority")
                 priority = raw
+        refusal = self.config.notifications.refusal(notification.imageInfo)
+        self.notification_counts.count(taken=refusal is None)
+        if refusal is not None:
+            # Nothing stored, nothing fetched: the SPS sends one for every imported slide.
+            log.debug(
+                "image notification for slide {slide_id} not taken: {reason}",
+                slide_id=notification.slideId,
+                reason=refusal,
+            )
+            return _json(request, {})
         job = await self._accept(
             notification,
             JobKind.NOTIFICATION,

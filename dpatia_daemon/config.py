@@ -22,6 +22,7 @@ from attrs import field, frozen
 from twisted.python.filepath import FilePath
 
 from .models import InputType
+from .notifications import NotificationRules
 
 T = TypeVar("T")
 
@@ -187,6 +188,7 @@ class Config:
     workers: WorkersConfig = field(factory=WorkersConfig)
     sps: SPSConfig = field(factory=SPSConfig)
     demo: DemoConfig = field(factory=DemoConfig)
+    notifications: NotificationRules = field(factory=NotificationRules)
 
 
 # --- value parsers --------------------------------------------------------------------
@@ -218,6 +220,10 @@ def _non_negative_float(text: str) -> float:
     if not value >= 0:
         raise ValueError("must not be negative")
     return value
+
+
+def _optional_positive_float(text: str) -> float | None:
+    return _positive_float(text) if text.strip() else None
 
 
 def _bool(text: str) -> bool:
@@ -364,6 +370,17 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
         },
     ),
     "demo": (DemoConfig, {"step_seconds": _non_negative_float}),
+    "notifications": (
+        NotificationRules,
+        {
+            "enabled": _bool,
+            "stainings": _tags,
+            "body_parts": _tags,
+            "exam_codes": _tags,
+            "min_mpp": _optional_positive_float,
+            "max_mpp": _optional_positive_float,
+        },
+    ),
 }
 
 #: Command-line overrides: option name -> (section, key).
@@ -428,6 +445,14 @@ def load_config(path: str, overrides: Mapping[str, str | None] | None = None) ->
 
 def _check_consistency(config: Config) -> None:
     """Cross-key checks that a single value parser cannot make."""
+    rules = config.notifications
+    if rules.min_mpp is not None and rules.max_mpp is not None and rules.min_mpp > rules.max_mpp:
+        raise ConfigError(
+            config.source,
+            "notifications",
+            "min_mpp",
+            f"{rules.min_mpp} is greater than max_mpp {rules.max_mpp}",
+        )
     if not config.sps.allowed_callback_urls:
         raise ConfigError(
             config.source,

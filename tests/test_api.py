@@ -376,6 +376,7 @@ async def test_root_registration_and_info(stack: Stack) -> None:
         and root["route"] == "/dpatia"
     )
     assert root["jobs"] == {"queued": 0, "running": 0, "done": 0, "failed": 0, "cancelled": 0}
+    assert root["notifications"] == {"accepted": 0, "filtered": 0}
     code, registration, _ = await stack.get("/dpatia")
     assert code == 200
     host = stack.url.removeprefix("http://")
@@ -545,3 +546,44 @@ async def test_tokens_never_reach_the_log(stack: Stack) -> None:
         globalLogPublisher.removeObserver(observer)
     assert seen, "expected some log events"
     assert not [line for line in seen if stack.token in line]
+
+
+@pytest_twisted.ensureDeferred
+async def test_filtered_notification_writes_nothing_and_is_counted(stack: Stack) -> None:
+    """A notification the [notifications] rules refuse: {} at once, no job, no SPS call,
+    and GET / counts it; one that matches is taken."""
+    from dpatia_daemon.notifications import NotificationRules
+
+    stack.api.config = attrs.evolve(
+        stack.api.config, notifications=NotificationRules(stainings=("H&E",), max_mpp=0.6)
+    )
+    before = len(stack.fake.requests)
+    pas = stack.notification(
+        "slide-5", imageInfo={"staining": {"displayName": "PAS"}, "micronsPerPixel": 0.5}
+    )
+    code, answer, _ = await stack.post("/dpatia/imagenotification", pas)
+    assert (code, answer) == (200, {})
+    await stack.api.background.drain()
+    assert stack.spool_files() == []
+    assert len(stack.fake.requests) == before
+    he = stack.notification(
+        "slide-7", imageInfo={"staining": {"displayName": "h&e"}, "micronsPerPixel": 0.5}
+    )
+    code, answer, _ = await stack.post("/dpatia/imagenotification", he)
+    assert (code, answer) == (200, {})
+    assert [j.slide_id for j in await stack.spool.queued()] == ["slide-7"]
+    _, root, _ = await stack.get("/")
+    assert root["notifications"] == {"accepted": 1, "filtered": 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_disabled_notifications_are_all_ignored(stack: Stack) -> None:
+    """[notifications] enabled = false: every notification is answered {} and dropped."""
+    from dpatia_daemon.notifications import NotificationRules
+
+    stack.api.config = attrs.evolve(
+        stack.api.config, notifications=NotificationRules(enabled=False)
+    )
+    code, answer, _ = await stack.post("/dpatia/imagenotification", stack.notification("slide-9"))
+    assert (code, answer) == (200, {})
+    assert stack.spool_files() == []

@@ -87,6 +87,8 @@ def test_overrides_beat_the_file(tmp_path: Path) -> None:
         (MINIMAL + "verify_tls = maybe\n", {}, "[sps] verify_tls: must be true or false"),
         (MINIMAL + "ca_file = /nonexistent.pem\n", {}, "[sps] ca_file: '/nonexistent.pem' is not"),
         (MINIMAL + "timeout = -1\n", {}, "[sps] timeout: must be greater than 0"),
+        ("[notifications]\nmin_mpp = 1\nmax_mpp = 0.5\n" + MINIMAL, {}, "[notifications] min_mpp: 1.0 is greater"),
+        ("[notifications]\nenabled = sometimes\n" + MINIMAL, {}, "[notifications] enabled: must be true or false"),
         ("garbage\n", {}, "not a valid INI file"),
         (MINIMAL, {"workers": "x"}, "command line --workers: [workers] count: 'x' is not a number"),
     ],
