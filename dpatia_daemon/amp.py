@@ -35,6 +35,11 @@ JOB_FILE = "job.json"
 RESULT_FILE = "result.json"
 #: In a job's work folder, optional: slide metadata fetched by a pipeline step.
 SLIDE_INFO_FILE = "slide_info.json"
+#: In a job's work folder, optional: the thumbnail, the label image (``label.<ext>``)
+#: and the folder of downloaded WSI files, from the pipeline's steps.
+THUMBNAIL_FILE = "thumbnail.png"
+LABEL_STEM = "label"
+WSI_DIR = "wsi"
 
 #: Longest error message sent over AMP (characters); the rest is cut.
 MAX_MESSAGE = 4000
@@ -132,6 +137,9 @@ __all__ = [
     "MAX_PROGRESS_TEXT",
     "RESULT_FILE",
     "SLIDE_INFO_FILE",
+    "THUMBNAIL_FILE",
+    "LABEL_STEM",
+    "WSI_DIR",
     "WORKER_AMP_IN",
     "WORKER_AMP_OUT",
     "AnalysisFailed",

@@ -133,12 +133,15 @@ class AppConfig:
     tags: tuple[str, ...] = ()
     # "demo" until the pipeline issue ships the tissue analysis (then "tissue").
     analysis: str = "demo"
+    include_phi: bool = False
 
 
 @frozen
 class SpoolConfig:
     directory: FilePath = field(factory=lambda: FilePath("var/spool"))
     sweep_interval: float = 30.0
+    keep_wsi: bool = False
+    retention_days: float = 30.0
 
 
 @frozen
@@ -155,6 +158,16 @@ class WorkersConfig:
     shutdown_grace: float = 30.0
     max_jobs_per_worker: int = 0
     restart_backoff_cap: float = 60.0
+
+
+@frozen
+class PipelineConfig:
+    """How a worker fetches a slide before the analysis (etc/dpatia.ini [pipeline])."""
+
+    thumbnail_mpp: float = 16.0
+    tile_concurrency: int = 8
+    download_wsi: bool = True
+    download_idle_timeout: float = 120.0
 
 
 @frozen
@@ -188,6 +201,7 @@ class Config:
     workers: WorkersConfig = field(factory=WorkersConfig)
     sps: SPSConfig = field(factory=SPSConfig)
     demo: DemoConfig = field(factory=DemoConfig)
+    pipeline: PipelineConfig = field(factory=PipelineConfig)
     notifications: NotificationRules = field(factory=NotificationRules)
 
 
@@ -340,9 +354,18 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "input_type": _input_type,
             "tags": _tags,
             "analysis": _analysis,
+            "include_phi": _bool,
         },
     ),
-    "spool": (SpoolConfig, {"directory": _path, "sweep_interval": _positive_float}),
+    "spool": (
+        SpoolConfig,
+        {
+            "directory": _path,
+            "sweep_interval": _positive_float,
+            "keep_wsi": _bool,
+            "retention_days": _non_negative_float,
+        },
+    ),
     "workers": (
         WorkersConfig,
         {
@@ -370,6 +393,15 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
         },
     ),
     "demo": (DemoConfig, {"step_seconds": _non_negative_float}),
+    "pipeline": (
+        PipelineConfig,
+        {
+            "thumbnail_mpp": _positive_float,
+            "tile_concurrency": _positive_int,
+            "download_wsi": _bool,
+            "download_idle_timeout": _positive_float,
+        },
+    ),
     "notifications": (
         NotificationRules,
         {

@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
-from .amp import JOB_FILE, RESULT_FILE
+from .amp import JOB_FILE, LABEL_STEM, RESULT_FILE, WSI_DIR
 from .jobs import Job, JobKind, JobState
 from .models import InvalidInput, Result, result_from_json
 from .result_writer import ResultGone, ResultWriter, Superseded, is_final
@@ -134,6 +134,17 @@ def _write_private(path: FilePath[str], data: bytes) -> None:
     os.rename(tmp.path, path.path)
 
 
+#: Files of an ended job removed at once: the label image may show PHI.
+RETIRED_PREFIXES = (LABEL_STEM + ".",)
+
+
+def _remove_path(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _private_dir(path: FilePath[str]) -> None:
     if not path.isdir():
         os.makedirs(path.path, _DIR_MODE, exist_ok=True)
@@ -153,6 +164,10 @@ class WorkFolders:
 
     root: FilePath[str]
     run_blocking: Callable[..., Deferred[Any]] | None = None
+    #: Keep the downloaded WSI files when a job ends ([spool] keep_wsi).
+    keep_wsi: bool = False
+    #: Days an ended job's metadata, thumbnail and result are kept ([spool] retention_days).
+    retention_days: float = 30.0
 
     def folder(self, job: Job) -> FilePath[str]:
         """The folder of ``job`` (not created)."""
@@ -215,18 +230,44 @@ class WorkFolders:
             ) from None
 
     def remove(self, job: Job) -> Deferred[Any]:
-        """Delete the job's folder (in the background)."""
-        return self._blocking(shutil.rmtree, self.folder(job).path, True)
+        """Retire the job's folder (in the background) now that the job has ended.
+
+        The token (``job.json``) and the label image (it may show PHI) go at once, the
+        WSI files too unless ``keep_wsi``; metadata, thumbnail and ``result.json`` stay
+        for ``retention_days`` (then :meth:`prune` removes them).
+        """
+        return self._blocking(self._retire, self.folder(job).path)
+
+    def _retire(self, path: str) -> None:
+        if self.retention_days <= 0 and not self.keep_wsi:
+            shutil.rmtree(path, True)
+            return
+        try:
+            names = os.listdir(path)
+        except FileNotFoundError:
+            return
+        for name in names:
+            target = os.path.join(path, name)
+            if name == JOB_FILE or name.startswith(RETIRED_PREFIXES):
+                _remove_path(target)
+            elif name == WSI_DIR and not self.keep_wsi:
+                shutil.rmtree(target, True)
+        # The folder's mtime now says when the job ended: prune counts from it.
+        os.utime(path)
 
     def prune(self, keep: set[str], now: float, min_age: float = 600.0) -> Deferred[Any]:
-        """Delete job folders whose key is not in ``keep`` (left by a crash or a stop).
+        """Delete job folders whose key is not in ``keep`` (the queued and running jobs).
 
-        Folders changed in the last ``min_age`` seconds (before ``now``) are spared:
-        ``keep`` was read a moment ago, and a job may have started since.
+        A folder still holding ``job.json`` was left by a crash or a stop and goes once
+        it is ``min_age`` seconds old (``keep`` was read a moment ago, and a job may
+        have started since); a retired one (an ended job's records) is kept for
+        ``retention_days``.
         """
-        return self._blocking(self._prune, keep, now - min_age)
+        stale_before = now - min_age
+        retired_before = min(stale_before, now - self.retention_days * 86400)
+        return self._blocking(self._prune, keep, stale_before, retired_before)
 
-    def _prune(self, keep: set[str], older_than: float) -> list[str]:
+    def _prune(self, keep: set[str], stale_before: float, retired_before: float) -> list[str]:
         removed: list[str] = []
         try:
             names = os.listdir(self.root.path)
@@ -237,14 +278,16 @@ class WorkFolders:
                 continue
             path = self.root.child(name).path
             try:
-                if os.stat(path).st_mtime > older_than:
-                    continue
+                mtime = os.stat(path).st_mtime
+                active = os.path.exists(os.path.join(path, JOB_FILE))
             except OSError:
+                continue
+            if mtime > (stale_before if active else retired_before):
                 continue
             shutil.rmtree(path, True)
             removed.append(name)
         if removed:
-            log.info("removed {count} stale job work folders", count=len(removed))
+            log.info("removed {count} old job work folders", count=len(removed))
         return removed
 
     def _blocking(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:

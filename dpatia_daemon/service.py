@@ -32,6 +32,7 @@ from .api import IAAPI, make_site
 from .background import BackgroundQueue
 from .config import Config, ConfigError
 from .dispatch import WorkFolders
+from .pipeline import PipelineSettings
 from .result_writer import ResultWriter
 from .spool import DirectorySpool, SpoolError
 from .sps import SPSClient, make_http_client
@@ -119,6 +120,22 @@ def _analysis_settings(config: Config) -> dict[str, str]:
     return {}
 
 
+def _pipeline_settings(config: Config) -> PipelineSettings:
+    """What workers need to fetch a slide (no secrets: tokens travel in job.json)."""
+    return PipelineSettings(
+        include_phi=config.app.include_phi,
+        thumbnail_mpp=config.pipeline.thumbnail_mpp,
+        tile_concurrency=config.pipeline.tile_concurrency,
+        download_wsi=config.pipeline.download_wsi,
+        download_idle_timeout=config.pipeline.download_idle_timeout,
+        sps_timeout=config.sps.timeout,
+        sps_retries=config.sps.retries,
+        verify_tls=config.sps.verify_tls,
+        ca_file=config.sps.ca_file.path if config.sps.ca_file else None,
+        api_version=config.server.api_version,
+    )
+
+
 def build_service(config: Config, reactor: Any) -> MultiService:
     """Build the named service tree for ``config`` on ``reactor``; nothing starts yet."""
     root = _Root()
@@ -158,9 +175,12 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         config=config.workers,
         analysis=config.app.analysis,
         settings=_analysis_settings(config),
+        pipeline=_pipeline_settings(config),
         folders=WorkFolders(
             config.workers.work_directory,
             run_blocking=partial(_in_thread, reactor),
+            keep_wsi=config.spool.keep_wsi,
+            retention_days=config.spool.retention_days,
         ),
         sweep_interval=config.spool.sweep_interval,
     )

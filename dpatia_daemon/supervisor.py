@@ -80,6 +80,7 @@ from .amp import (
 from .config import WorkersConfig
 from .dispatch import Candidates, JobRun, StopReason, UnusableResult, WorkFolders, _observe
 from .jobs import Job
+from .pipeline import PipelineSettings
 from .result_writer import ResultWriter
 from .spool import ISpool
 
@@ -420,6 +421,8 @@ class Supervisor(Service):
     config: WorkersConfig
     analysis: str
     settings: Mapping[str, str] = field(factory=dict)
+    #: Fetch the slide before the analysis (None: the analysis alone, as in tests).
+    pipeline: PipelineSettings | None = None
     folders: WorkFolders = field()
     env: Mapping[str, str] | None = None
     python: str = sys.executable
@@ -641,6 +644,8 @@ class Supervisor(Service):
         argv = [self.python, "-m", "dpatia_daemon.worker", "--analysis", self.analysis]
         for key, value in sorted(self.settings.items()):
             argv += ["--setting", f"{key}={value}"]
+        if self.pipeline is not None:
+            argv += ["--pipeline", self.pipeline.to_json()]
         env = dict(os.environ if self.env is None else self.env)
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(

@@ -32,7 +32,8 @@ from types import MappingProxyType
 from typing import Any
 
 from attrs import define, field
-from twisted.internet.defer import Deferred
+from twisted.internet import threads
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
@@ -46,6 +47,7 @@ from twisted.protocols.amp import AMP
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
+from ._version import __version__
 from .amp import (
     JOB_FILE,
     MAX_PROGRESS_TEXT,
@@ -65,8 +67,11 @@ from .amp import (
 )
 from .analyses import Analysis, AnalysisCancelled, AnalysisJob, AnalysisResult
 from .analyses.loader import AnalysisLoadError, load_analysis
+from .download import DownloadError
 from .jobs import Job
 from .models import Result, unstructure
+from .pipeline import PipelineSettings, Prepared, analysis_progress, prepare
+from .sps import SPSClient, SPSError, make_http_client
 
 log = Logger()
 
@@ -82,6 +87,7 @@ class _Running:
     latest: tuple[int, str] | None = None
     scheduled: bool = False
     in_flight: bool = False
+    preparing: Deferred[Any] | None = None
 
 
 class WorkerProtocol(AMP):
@@ -99,6 +105,7 @@ class WorkerProtocol(AMP):
         analysis: Analysis | None,
         load_error: str = "",
         settings: dict[str, str] | None = None,
+        pipeline: PipelineSettings | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -106,7 +113,9 @@ class WorkerProtocol(AMP):
         self.analysis = analysis
         self.load_error = load_error
         self.settings = MappingProxyType(dict(settings or {}))
+        self.pipeline = pipeline
         self.current: _Running | None = None
+        self._sps: SPSClient | None = None
 
     # --- daemon → worker ---
 
@@ -129,16 +138,98 @@ class WorkerProtocol(AMP):
             raise AnalysisFailed(self.load_error)
         running = _Running(job_id=job_id, done=Deferred())
         self.current = running
+        if self.pipeline is None:
+            self._start_analysis(running, self.analysis, work_dir, None)
+        else:
+            # The pipeline's steps are network and disk work: they run on this reactor
+            # (AMP keeps answering), and CancelJob cancels them mid-download.
+            analysis = self.analysis
+            preparing = running.preparing = ensureDeferred(
+                self._prepare(running, self.pipeline, work_dir)
+            )
+            preparing.addCallbacks(
+                lambda prepared: self._start_analysis(running, analysis, work_dir, prepared),
+                lambda failure: self._prepare_failed(running, failure),
+            )
+        return running.done
+
+    def _start_analysis(
+        self, running: _Running, analysis: Analysis, work_dir: str, prepared: Prepared | None
+    ) -> None:
+        running.preparing = None
+        if running.cancel.is_set():
+            self._finished(running, Failure(JobCancelled(f"job {running.job_id} cancelled")))
+            return
         thread = threading.Thread(
             target=self._thread_main,
-            args=(running, self.analysis, work_dir),
-            name=f"analysis {job_id}",
+            args=(running, analysis, work_dir, prepared),
+            name=f"analysis {running.job_id}",
             # A hung analysis must never keep the process alive once the daemon
             # closed our pipe.
             daemon=True,
         )
         thread.start()
-        return running.done
+
+    async def _prepare(
+        self, running: _Running, settings: PipelineSettings, work_dir: str
+    ) -> Prepared:
+        folder = FilePath(work_dir)
+        job = Job.from_json(folder.child(JOB_FILE).getContent())
+        if job.job_id != running.job_id:
+            raise AnalysisFailed(f"{JOB_FILE} in {work_dir} is for job {job.job_id}")
+        return await prepare(
+            job,
+            folder,
+            settings,
+            sps=self._sps_client(settings),
+            clock=self.reactor,
+            run_blocking=lambda f, *args: threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), f, *args
+            ),
+            progress=lambda percent, text: self._report(running, percent, text),
+        )
+
+    def _prepare_failed(self, running: _Running, failure: Failure) -> None:
+        running.preparing = None
+        if running.cancel.is_set() or failure.check(CancelledError, JobCancelled):
+            outcome = Failure(JobCancelled(f"job {running.job_id} cancelled"))
+        elif failure.check(AnalysisFailed):
+            outcome = failure
+        elif failure.check(DownloadError, SPSError):
+            # Expected trouble (the SPS, the network): the message says it all.
+            log.warn(
+                "job {job_id}: fetching the slide failed: {error}",
+                job_id=running.job_id,
+                error=failure.getErrorMessage(),
+            )
+            outcome = Failure(
+                AnalysisFailed(bounded(f"fetching the slide failed: {failure.value}"))
+            )
+        else:
+            log.failure("job {job_id}: fetching the slide failed", failure, job_id=running.job_id)
+            outcome = Failure(
+                AnalysisFailed(bounded(f"{type(failure.value).__name__}: {failure.value}"))
+            )
+        self._finished(running, outcome)
+
+    def _sps_client(self, settings: PipelineSettings) -> SPSClient:
+        """One SPS client (and connection pool) for the worker's life."""
+        if self._sps is None:
+            http = make_http_client(
+                self.reactor,
+                verify_tls=settings.verify_tls,
+                ca_file=settings.ca_file,
+                connect_timeout=min(10.0, settings.sps_timeout),
+            )
+            self._sps = SPSClient(
+                http=http.client,
+                clock=self.reactor,
+                api_version=settings.api_version,
+                software_version=__version__,
+                timeout=settings.sps_timeout,
+                retries=settings.sps_retries,
+            )
+        return self._sps
 
     @CancelJob.responder
     def cancel_job(self, job_id: str) -> dict[str, Any]:
@@ -147,15 +238,19 @@ class WorkerProtocol(AMP):
         if running is None or running.job_id != job_id:
             return {"running": False}
         running.cancel.set()
+        if running.preparing is not None:
+            running.preparing.cancel()
         log.info("job {job_id}: cancellation requested", job_id=job_id)
         return {"running": True}
 
     # --- the analysis thread ---
 
-    def _thread_main(self, running: _Running, analysis: Analysis, work_dir: str) -> None:
+    def _thread_main(
+        self, running: _Running, analysis: Analysis, work_dir: str, prepared: Prepared | None
+    ) -> None:
         outcome: dict[str, str] | Failure
         try:
-            outcome = {"result_path": self._analyse(running, analysis, work_dir)}
+            outcome = {"result_path": self._analyse(running, analysis, work_dir, prepared)}
         except AnalysisCancelled:
             outcome = Failure(JobCancelled(f"job {running.job_id} cancelled"))
         except AnalysisFailed as e:
@@ -167,7 +262,9 @@ class WorkerProtocol(AMP):
             outcome = Failure(AnalysisFailed(bounded(f"{type(e).__name__}: {e}")))
         self.reactor.callFromThread(self._finished, running, outcome)
 
-    def _analyse(self, running: _Running, analysis: Analysis, work_dir: str) -> str:
+    def _analyse(
+        self, running: _Running, analysis: Analysis, work_dir: str, prepared: Prepared | None
+    ) -> str:
         """Run ``analysis`` for the job in ``work_dir``; return the result file's path."""
         folder = FilePath(work_dir)
         job = Job.from_json(folder.child(JOB_FILE).getContent())
@@ -175,8 +272,16 @@ class WorkerProtocol(AMP):
             raise AnalysisFailed(f"{JOB_FILE} in {work_dir} is for job {job.job_id}")
         slide_info: dict[str, Any] | None = job.image_info
         info_file = folder.child(SLIDE_INFO_FILE)
-        if info_file.exists():
+        if prepared is not None and prepared.slide_info is not None:
+            slide_info = prepared.slide_info
+        elif info_file.exists():
             slide_info = json.loads(info_file.getContent())
+
+        def report(percent: int, text: str) -> None:
+            if prepared is not None:
+                percent = analysis_progress(int(percent))
+            self._report(running, percent, text)
+
         analysis_job = AnalysisJob(
             job_id=job.job_id,
             slide_id=job.slide_id,
@@ -185,9 +290,12 @@ class WorkerProtocol(AMP):
             slide_info=MappingProxyType(slide_info) if slide_info is not None else None,
             context=MappingProxyType(dict(job.context)),
             settings=self.settings,
-            progress=lambda percent, text: self._report(running, percent, text),
+            progress=report,
             cancelled=running.cancel.is_set,
             wait=running.cancel.wait,
+            thumbnail_path=prepared.thumbnail_path if prepared else None,
+            label_path=prepared.label_path if prepared else None,
+            files=prepared.files if prepared else (),
         )
         log.info("job {job_id}: analysis started", job_id=job.job_id)
         answer = analysis(analysis_job)
@@ -331,6 +439,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dpatia_daemon.worker")
     parser.add_argument("--analysis", required=True, help="[app] analysis spec")
     parser.add_argument(
+        "--pipeline",
+        type=PipelineSettings.from_json,
+        default=None,
+        metavar="JSON",
+        help="fetch the slide first (metadata, thumbnail, label, WSI) with these settings",
+    )
+    parser.add_argument(
         "--setting",
         action="append",
         type=_setting,
@@ -361,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet.stdio import StandardIO
 
     protocol = WorkerProtocol(
-        reactor, options.analysis, analysis, load_error, dict(options.setting)
+        reactor, options.analysis, analysis, load_error, dict(options.setting), options.pipeline
     )
     # (mypy sees the Windows StandardIO, which has no fd arguments.)
     StandardIO(protocol, stdin=WORKER_AMP_IN, stdout=WORKER_AMP_OUT, reactor=reactor)  # type: ignore[call-arg]

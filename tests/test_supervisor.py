@@ -227,7 +227,7 @@ def only_result(rig: Rig, slide: str) -> Result:
 @pytest_twisted.ensureDeferred
 async def test_a_job_runs_and_its_result_replaces_the_progress_frame(rig: Rig) -> None:
     """One job: progress frames, then the final result in place of the frame (one
-    annotation), applicationVersion and bookkeeping set, work folder removed."""
+    annotation), applicationVersion and bookkeeping set, work folder retired."""
     rig.start()
     job = await rig.add("slide-ok", {"seconds": 0.5, "progress_every": 0.05})
     final = await rig.ended(job)
@@ -240,7 +240,11 @@ async def test_a_job_runs_and_its_result_replaces_the_progress_frame(rig: Rig) -
     # 10 progress reports in 0.5 s at most one write per 0.1 s, plus the final.
     assert 2 <= len(puts) <= 8
     assert len(rig.of("job-progress", job.job_id)) >= 5
-    assert not (rig.tmp / "work" / job.key).exists()
+    # The work folder is retired: the token goes with the job, the result stays for
+    # [spool] retention_days.
+    folder = rig.tmp / "work" / job.key
+    assert not (folder / "job.json").exists()
+    assert (folder / "result.json").exists()
 
 
 @pytest_twisted.ensureDeferred

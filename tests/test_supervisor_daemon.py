@@ -52,6 +52,9 @@ def config(tmp_path: Path, **workers: Any) -> str:
     path.write_text(
         "[app]\n"
         "analysis = tests.analyses_for_tests:run\n"
+        # These tests are about supervision: the fake slides have no WSI files.
+        "[pipeline]\n"
+        "download_wsi = false\n"
         "[spool]\n"
         f"directory = {tmp_path / 'spool'}\n"
         "[workers]\n"

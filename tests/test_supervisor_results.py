@@ -211,3 +211,64 @@ def test_prune_removes_only_old_folders_of_ended_jobs(tmp_path: Path) -> None:
         os.utime(root / job.key, (old, old))
     folders.prune({active.key}, now=old + 3600)
     assert sorted(p.name for p in root.iterdir()) == sorted([active.key, fresh.key])
+
+
+def _ended_job_folder(tmp_path: Path, folders: WorkFolders) -> tuple[Job, Path]:
+    job = Job(
+        slide_id="slide-r",
+        application_id="dpatia",
+        kind=JobKind.CREATE,
+        callback=Callback("http://127.0.0.1:1/x", "secret-token"),
+        created=1.0,
+    )
+    folder = Path(folders.prepare(job).path)
+    for name in ("slide_info.json", "thumbnail.png", "label.jpg", "result.json"):
+        (folder / name).write_bytes(b"x")
+    (folder / "wsi").mkdir()
+    (folder / "wsi" / "slide.tif").write_bytes(b"x" * 100)
+    return job, folder
+
+
+@pytest.mark.parametrize("keep_wsi", [False, True])
+def test_retiring_a_folder_keeps_the_records_and_drops_secrets(
+    tmp_path: Path, keep_wsi: bool
+) -> None:
+    """When a job ends, its token and label go at once, the WSI unless keep_wsi;
+    metadata, thumbnail and result stay for retention_days."""
+    folders = WorkFolders(FilePath(str(tmp_path / "work")), keep_wsi=keep_wsi, retention_days=30)
+    job, folder = _ended_job_folder(tmp_path, folders)
+    folders.remove(job)
+    left = sorted(p.name for p in folder.iterdir())
+    expected = ["result.json", "slide_info.json", "thumbnail.png"] + (["wsi"] if keep_wsi else [])
+    assert left == sorted(expected)
+    assert not any(b"secret-token" in p.read_bytes() for p in folder.rglob("*") if p.is_file())
+
+
+def test_retired_folders_are_pruned_after_retention_days(tmp_path: Path) -> None:
+    """prune() keeps a retired folder until retention_days have passed since the job
+    ended; a folder left by a crash (job.json still there) goes after min_age."""
+    folders = WorkFolders(FilePath(str(tmp_path / "work")), retention_days=2)
+    job, folder = _ended_job_folder(tmp_path, folders)
+    folders.remove(job)
+    ended = os.stat(folder).st_mtime
+    crashed = Job(
+        slide_id="slide-c",
+        application_id="dpatia",
+        kind=JobKind.CREATE,
+        callback=Callback("http://127.0.0.1:1/x", "t"),
+        created=1.0,
+    )
+    stale = Path(folders.prepare(crashed).path)
+    os.utime(stale, (ended, ended))
+    folders.prune(set(), now=ended + 3600)
+    assert folder.exists() and not stale.exists()
+    folders.prune(set(), now=ended + 2 * 86400 + 1)
+    assert not folder.exists()
+
+
+def test_zero_retention_removes_everything_at_once(tmp_path: Path) -> None:
+    """retention_days = 0: an ended job's folder is removed whole."""
+    folders = WorkFolders(FilePath(str(tmp_path / "work")), retention_days=0)
+    job, folder = _ended_job_folder(tmp_path, folders)
+    folders.remove(job)
+    assert not folder.exists()

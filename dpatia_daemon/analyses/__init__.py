@@ -7,8 +7,9 @@ touch the Twisted reactor.  ``[app] analysis`` names it: a built-in short name
 (``demo``, ``tissue``) or ``package.module:callable`` (see :mod:`.loader`).
 
 What it gets, :class:`AnalysisJob`, is read-only: ids, the input geometry, slide
-metadata, the job's work folder (the place for downloads and scratch files; it is
-removed when the job ends), its settings (the ``[<name>]`` section of the config, for
+metadata (``slides/{id}/info``), local paths of the slide's thumbnail, label and
+downloaded WSI files (``open_slide()`` opens the WSI with OpenSlide), the job's work
+folder (scratch space), its settings (the ``[<name>]`` section of the config, for
 built-ins), and three callables:
 
 * ``progress(percent, text)`` reports progress; the daemon shows it on the slide,
@@ -31,6 +32,7 @@ replacing the job's progress frame.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -48,6 +50,10 @@ from ..models import (
     unstructure,
 )
 from ..results import image_size_of
+
+
+class NoSlideFile(Exception):
+    """:meth:`AnalysisJob.open_slide` found no whole-slide image file to open."""
 
 
 class AnalysisCancelled(Exception):
@@ -86,6 +92,23 @@ class AnalysisJob:
     progress: Callable[[int, str], None] = field(default=_no_progress, repr=False)
     cancelled: Callable[[], bool] = field(default=_never_cancelled, repr=False)
     wait: Callable[[float], bool] = field(default=_no_wait, repr=False)
+    thumbnail_path: str | None = None
+    label_path: str | None = None
+    files: tuple[str, ...] = ()
+
+    def open_slide(self) -> Any:
+        """The whole-slide image opened with OpenSlide: the first downloaded file it reads.
+
+        Raises :class:`NoSlideFile` when there is none (``[pipeline] download_wsi`` off,
+        or a format OpenSlide does not know); close the slide when done (``with``).
+        """
+        import openslide
+
+        for path in self.files:
+            if openslide.OpenSlide.detect_format(path):
+                return openslide.OpenSlide(path)
+        names = ", ".join(os.path.basename(p) for p in self.files) or "none"
+        raise NoSlideFile(f"no downloaded file OpenSlide can read (files: {names})")
 
     @property
     def image_size(self) -> tuple[int, int] | None:
@@ -168,6 +191,7 @@ __all__ = [
     "AnalysisCancelled",
     "AnalysisJob",
     "AnalysisResult",
+    "NoSlideFile",
     "item",
     "label",
     "rectangle",
