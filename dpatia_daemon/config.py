@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from attrs import field, frozen
+from attrs import asdict, field, frozen
 from twisted.python.filepath import FilePath
 
 from .models import InputType
@@ -131,8 +131,7 @@ class AppConfig:
     manufacturer: str = "dpatia"
     input_type: InputType = InputType.WHOLE_SLIDE
     tags: tuple[str, ...] = ()
-    # "demo" until the pipeline issue ships the tissue analysis (then "tissue").
-    analysis: str = "demo"
+    analysis: str = "tissue"
     include_phi: bool = False
 
 
@@ -171,6 +170,25 @@ class PipelineConfig:
 
 
 @frozen
+class TissueConfig:
+    """Settings of the built-in ``tissue`` analysis; None means its own default
+    (defaults live in :mod:`dpatia_daemon.analyses.tissue`, beside the method)."""
+
+    min_area_mm2: float | None = None
+    min_hole_mm2: float | None = None
+    target_mpp: float | None = None
+    min_side: int | None = None
+    max_side: int | None = None
+    max_points: int | None = None
+    simplify_px: float | None = None
+    min_od: float | None = None
+
+    def settings(self) -> dict[str, str]:
+        """The keys that are set, as the strings an analysis's settings hold."""
+        return {k: f"{v:g}" for k, v in asdict(self).items() if v is not None}
+
+
+@frozen
 class DemoConfig:
     """Settings of the built-in ``demo`` analysis."""
 
@@ -202,6 +220,7 @@ class Config:
     sps: SPSConfig = field(factory=SPSConfig)
     demo: DemoConfig = field(factory=DemoConfig)
     pipeline: PipelineConfig = field(factory=PipelineConfig)
+    tissue: TissueConfig = field(factory=TissueConfig)
     notifications: NotificationRules = field(factory=NotificationRules)
 
 
@@ -238,6 +257,24 @@ def _non_negative_float(text: str) -> float:
 
 def _optional_positive_float(text: str) -> float | None:
     return _positive_float(text) if text.strip() else None
+
+
+def _optional_non_negative_float(text: str) -> float | None:
+    return _non_negative_float(text) if text.strip() else None
+
+
+def _optional_at_least(kind: type[int] | type[float], lowest: float) -> Callable[[str], Any]:
+    """A parser for an optional number of ``kind`` no smaller than ``lowest``."""
+
+    def parse(text: str) -> int | float | None:
+        if not text.strip():
+            return None
+        value = kind(text)
+        if value < lowest:
+            raise ValueError(f"must be at least {lowest:g}")
+        return value
+
+    return parse
 
 
 def _bool(text: str) -> bool:
@@ -393,6 +430,21 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
         },
     ),
     "demo": (DemoConfig, {"step_seconds": _non_negative_float}),
+    "tissue": (
+        TissueConfig,
+        {
+            # Bounds as in dpatia_daemon.analyses.tissue._LIMITS (a test checks), so a
+            # bad value stops the start instead of failing every job.
+            "min_area_mm2": _optional_at_least(float, 0.0),
+            "min_hole_mm2": _optional_at_least(float, 0.0),
+            "target_mpp": _optional_at_least(float, 1e-3),
+            "min_side": _optional_at_least(int, 16),
+            "max_side": _optional_at_least(int, 16),
+            "max_points": _optional_at_least(int, 100),
+            "simplify_px": _optional_at_least(float, 0.0),
+            "min_od": _optional_at_least(float, 0.0),
+        },
+    ),
     "pipeline": (
         PipelineConfig,
         {

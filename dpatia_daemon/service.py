@@ -117,6 +117,8 @@ def _analysis_settings(config: Config) -> dict[str, str]:
     """The config section a built-in analysis reads (passed to its workers)."""
     if config.app.analysis == "demo":
         return {"step_seconds": f"{config.demo.step_seconds:g}"}
+    if config.app.analysis == "tissue":
+        return config.tissue.settings()
     return {}
 
 

@@ -27,7 +27,7 @@ def test_shipped_config_loads_with_documented_defaults() -> None:
     assert config.server.public_url is None
     assert config.server.max_body_bytes == 1024 * 1024
     assert config.app.input_type is InputType.WHOLE_SLIDE
-    assert config.app.analysis == "demo"
+    assert config.app.analysis == "tissue"
     assert config.spool.directory.path.endswith("var/spool")
     assert config.workers.count == 2
     assert config.sps.verify_tls is True
@@ -134,3 +134,25 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_callback_prefix_matching(prefix: str, url: str, allowed: bool) -> None:
     """Scheme, host, port and whole path segments must all match."""
     assert URLPrefix.parse(prefix).matches(url) is allowed
+
+
+def test_tissue_section_matches_the_analysis_settings(tmp_path: Path) -> None:
+    """[tissue] offers exactly the settings the tissue analysis reads, with its lower
+    bounds (a bad value stops the start, not every job), and values set in the file
+    reach it as strings it accepts."""
+    import attrs
+
+    from dpatia_daemon.analyses.tissue import _LIMITS, TissueSettings
+    from dpatia_daemon.config import TissueConfig
+
+    assert {f.name for f in attrs.fields(TissueConfig)} == set(_LIMITS)
+    for name, (kind, lowest) in _LIMITS.items():
+        below = lowest - 1 if kind is int else (lowest / 2 if lowest else -1.0)
+        path = write(tmp_path, f"[tissue]\n{name} = {below}\n" + MINIMAL)
+        with pytest.raises(ConfigError, match=rf"\[tissue\] {name}: must be at least"):
+            load_config(path)
+        path = write(tmp_path, f"[tissue]\n{name} = {kind(lowest)}\n" + MINIMAL)
+        assert getattr(load_config(path).tissue, name) == lowest
+    config = TissueConfig(min_area_mm2=0.02, max_points=5000, min_od=0.0)
+    parsed = TissueSettings.from_mapping(config.settings())
+    assert (parsed.min_area_mm2, parsed.max_points, parsed.min_od) == (0.02, 5000, 0.0)

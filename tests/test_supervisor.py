@@ -337,16 +337,18 @@ async def test_a_worker_that_cannot_start_backs_off_instead_of_spinning(rig: Rig
 
 @pytest_twisted.ensureDeferred
 async def test_a_job_for_an_unavailable_analysis_fails_with_a_clear_message(rig: Rig) -> None:
-    """[app] analysis = tissue (not built yet): the job fails with that message."""
-    rig.start(analysis="tissue", max_attempts=1)
+    """[app] analysis names a module that cannot be imported: the job fails with that
+    one-line reason, on the slide too."""
+    rig.start(analysis="no_such_module_x:run", max_attempts=1)
     ready = await rig.wait("worker-ready")
-    assert ready.detail["load_error"] == "analysis 'tissue' is not available yet"
+    reason = "cannot import no_such_module_x (ModuleNotFoundError"
+    assert reason in ready.detail["load_error"]
     job = await rig.add("slide-tissue")
     final = await rig.ended(job)
     assert final.state is JobState.FAILED
-    assert final.last_error == "analysis 'tissue' is not available yet"
+    assert reason in (final.last_error or "")
     result = only_result(rig, "slide-tissue")
-    assert result.displayProperties["Error"] == "analysis 'tissue' is not available yet"
+    assert reason in str(result.displayProperties["Error"])
 
 
 @pytest.mark.parametrize("obedient", [True, False], ids=["stops", "ignores-cancel"])
@@ -483,10 +485,17 @@ async def test_stopping_puts_a_running_job_back_unharmed(rig: Rig) -> None:
 # --- the loader, without processes ----------------------------------------------------
 
 
+def test_the_built_in_analyses_load() -> None:
+    """The short names demo and tissue resolve to their callables."""
+    from dpatia_daemon.analyses import demo, tissue
+
+    assert load_analysis("demo") is demo.run
+    assert load_analysis("tissue") is tissue.analyse
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("tissue", "analysis 'tissue' is not available yet"),
         ("nosuch", "unknown analysis 'nosuch': use a built-in name (demo, tissue)"),
         ("no_such_module_x:run", "cannot import no_such_module_x (ModuleNotFoundError"),
         ("tests.analyses_for_tests:nope", "has no attribute 'nope'"),

@@ -400,17 +400,17 @@ def test_amp_commands_round_trip_in_memory() -> None:
     daemon = _DaemonAMP(lambda job_id, percent, text: progress.append((job_id, percent, text)))
     worker = WorkerProtocol(
         reactor=Clock(),
-        spec="tissue",
+        spec="no.such:analysis",
         analysis=None,
-        load_error="analysis 'tissue' is not available yet",
+        load_error="cannot import no.such",
     )
     pump = connect(worker, makeFakeServer(worker), daemon, makeFakeClient(daemon))
 
     hello = daemon.callRemote(Hello)
     pump.flush()
     answer = success_result_of(hello)
-    assert answer["analysis"] == "tissue"
-    assert answer["load_error"] == "analysis 'tissue' is not available yet"
+    assert answer["analysis"] == "no.such:analysis"
+    assert answer["load_error"] == "cannot import no.such"
 
     ping = daemon.callRemote(Ping)
     pump.flush()
@@ -422,7 +422,7 @@ def test_amp_commands_round_trip_in_memory() -> None:
     daemon.callRemote(RunJob, job_id="ab12", work_dir="/nonexistent").addErrback(failures.append)
     pump.flush()
     assert failures[0].check(AnalysisFailed)
-    assert failures[0].value.message == "analysis 'tissue' is not available yet"
+    assert failures[0].value.message == "cannot import no.such"
 
     cancel = daemon.callRemote(CancelJob, job_id="ab12")
     pump.flush()

@@ -1,6 +1,6 @@
 """Resolve ``[app] analysis`` to a callable, with an error an operator can act on.
 
-The spec is a built-in short name (``demo``; ``tissue`` once the pipeline issue lands)
+The spec is a built-in short name (``demo``, ``tissue``)
 or ``package.module:callable``.  Resolution imports code, so it runs in the worker
 (never in the daemon): a broken analysis can only break workers.  Every failure is an
 :class:`AnalysisLoadError` whose message is one line naming the spec and the problem.
@@ -17,12 +17,10 @@ from . import Analysis
 #: Built-in short names and where they live.
 BUILTINS: dict[str, str] = {
     "demo": "dpatia_daemon.analyses.demo:run",
+    "tissue": "dpatia_daemon.analyses.tissue:analyse",
 }
 
 #: Short names that are reserved but not implemented yet, with the message to show.
-NOT_YET: dict[str, str] = {
-    "tissue": "analysis 'tissue' is not available yet",
-}
 
 _SPEC = re.compile(r"([A-Za-z_][\w.]*):([A-Za-z_]\w*)\Z")
 
@@ -33,12 +31,10 @@ class AnalysisLoadError(Exception):
 
 def load_analysis(spec: str) -> Analysis:
     """Import and return the analysis callable named by ``spec``."""
-    if spec in NOT_YET:
-        raise AnalysisLoadError(NOT_YET[spec])
     target = BUILTINS.get(spec, spec)
     match = _SPEC.match(target)
     if match is None:
-        names = ", ".join(sorted([*BUILTINS, *NOT_YET]))
+        names = ", ".join(sorted(BUILTINS))
         raise AnalysisLoadError(
             f"unknown analysis {spec!r}: use a built-in name ({names}) or package.module:callable"
         )
@@ -62,4 +58,4 @@ def load_analysis(spec: str) -> Analysis:
     return cast(Analysis, analysis)
 
 
-__all__ = ["BUILTINS", "NOT_YET", "AnalysisLoadError", "load_analysis"]
+__all__ = ["BUILTINS", "AnalysisLoadError", "load_analysis"]
