@@ -1,4 +1,4 @@
-# dpatia: the two commands a newcomer needs are `make test` and `make run`.
+# dpatia: the two commands a newcomer needs are `make demo` and `make test`.
 # Every target bootstraps .venv from the pinned requirements.lock on first use.
 
 PYTHON ?= python3
@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= etc/dpatia.ini
 
-.PHONY: all test lint unit browser run bench bench-dispatch lock clean
+.PHONY: all test lint unit browser run demo bench bench-dispatch lock clean
 
 all: test
 
@@ -44,6 +44,13 @@ browser:
 
 run: $(STAMP)
 	$(BIN)/twistd --nodaemon --pidfile= dpatia --config $(CONFIG)
+
+# The simulator and the daemon on $(CONFIG): register, analyse three slides, show the
+# progress and results, write overlay PNGs to demo-out/, stop (< 2 min; see README).
+# More: make demo DEMO_ARGS="--keep-running" (or --quick, --out DIR, --timeout S).
+DEMO_ARGS ?=
+demo: $(STAMP)
+	$(BIN)/python -m dpatia_daemon.demo --config $(CONFIG) $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/ack.py
