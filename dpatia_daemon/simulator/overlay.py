@@ -51,6 +51,31 @@ class Shape:
         }
 
 
+#: A font with the glyphs results use (µm, mm²), where the system has one.
+_FONT_FILES = (
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+)
+#: Pillow's bundled default font has no glyph for these: spell them in ASCII there.
+_ASCII = str.maketrans({"²": "2", "³": "3", "µ": "u", "μ": "u"})
+
+
+def _font(size: int) -> Any:
+    for path in _FONT_FILES:
+        try:
+            return ImageFont.truetype(path, size)
+        except OSError:
+            continue
+    return ImageFont.load_default(size=size)
+
+
+def _printable(text: str, font: Any) -> str:
+    """``text`` as ``font`` can draw it (Pillow's default font lacks ² and µ)."""
+    if getattr(font, "path", None) in _FONT_FILES:
+        return text
+    return text.translate(_ASCII)
+
+
 def _colour(value: Any, default: str | None) -> str | None:
     """A CSS colour the page and Pillow can use, or ``default`` (never raw markup)."""
     if isinstance(value, str) and _COLOUR.match(value.strip()):
@@ -202,7 +227,7 @@ def render_overlay(base: Image.Image, shapes: Iterable[Shape]) -> Image.Image:
     scale = base.width
     layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
-    font = ImageFont.load_default(size=max(12, base.width // 45))
+    font = _font(max(12, base.width // 45))
     for shape in shapes:
         pts = [(x * scale, y * scale) for x, y in shape.points]
         stroke = _rgba(shape.stroke, 255) or (0, 255, 0, 255)
@@ -215,9 +240,9 @@ def render_overlay(base: Image.Image, shapes: Iterable[Shape]) -> Image.Image:
             draw.line(pts, fill=stroke, width=max(1, shape.width), joint="curve")
         elif shape.kind == "label" and shape.text:
             x, y = pts[0]
-            box = draw.textbbox((x, y), shape.text, font=font)
+            box = draw.textbbox((x, y), _printable(shape.text, font), font=font)
             draw.rectangle((box[0] - 3, box[1] - 2, box[2] + 3, box[3] + 2), fill=(0, 0, 0, 150))
-            draw.text((x, y), shape.text, fill=stroke, font=font)
+            draw.text((x, y), _printable(shape.text, font), fill=stroke, font=font)
     out = base.convert("RGBA")
     out.alpha_composite(layer)
     return out.convert("RGB")
@@ -240,13 +265,18 @@ def render_result_png(
     props = data.get("displayProperties") or {}
     if isinstance(props, dict):
         lines += [f"{k}: {v}" for k, v in props.items()]
-    font = ImageFont.load_default(size=16)
+    font = _font(16)
     strip = 10 + 22 * len(lines)
     canvas = Image.new("RGB", (drawn.width, drawn.height + strip), (255, 255, 255))
     canvas.paste(drawn, (0, 0))
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(lines):
-        draw.text((8, drawn.height + 6 + 22 * i), line[:200], fill=(20, 20, 20), font=font)
+        draw.text(
+            (8, drawn.height + 6 + 22 * i),
+            _printable(line[:200], font),
+            fill=(20, 20, 20),
+            font=font,
+        )
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         canvas.save(path, "PNG")
