@@ -57,6 +57,7 @@ from .result_writer import ResultGone, ResultWriter
 from .results import Status, image_size_of
 from .spool import ISpool, JobMoved
 from .sps import SPSClient, SPSError
+from .tokens import TokenBook
 
 log = Logger()
 
@@ -157,7 +158,9 @@ class IAAPI:
     """The Klein app answering the SPS.
 
     Collaborators: the frozen ``config``, the ``spool`` jobs are committed to, the
-    ``sps`` client for in-progress frames, and the ``clock`` that stamps jobs.
+    ``sps`` client for in-progress frames, and the ``clock`` that stamps jobs.  Every
+    accepted request's callback goes into ``tokens``: the newest token for its slide is
+    what running jobs write with.
     """
 
     config: Config
@@ -167,6 +170,7 @@ class IAAPI:
     writer: ResultWriter
     notification_counts: NotificationCounts = field(factory=NotificationCounts)
     background: BackgroundQueue = field(factory=BackgroundQueue)
+    tokens: TokenBook = field(factory=TokenBook)
     app: Klein = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -306,18 +310,23 @@ class IAAPI:
         self, call: Invocation | ImageNotification, kind: JobKind, what: str, **fields: Any
     ) -> Job:
         """Commit the job a validated request asks for to the spool (durably)."""
-        job = await self.spool.add(
-            Job(
-                slide_id=call.slideId,
-                application_id=call.applicationId,
-                kind=kind,
-                callback=Callback(call.callbackInfo.url, call.callbackInfo.token),
-                created=self.clock.seconds(),
-                context=call.context or {},
-                cancellation_token=call.cancellationToken,
-                **fields,
-            )
+        incoming = Job(
+            slide_id=call.slideId,
+            application_id=call.applicationId,
+            kind=kind,
+            callback=Callback(call.callbackInfo.url, call.callbackInfo.token),
+            created=self.clock.seconds(),
+            context=call.context or {},
+            cancellation_token=call.cancellationToken,
+            **fields,
         )
+        # Before the commit: a job of this slide may be running (then this request
+        # queues behind it) and its writes should use the new token from now on.  A
+        # failed commit does not make the token any less new.
+        self.tokens.record(
+            incoming.application_id, incoming.slide_id, incoming.callback, incoming.created
+        )
+        job = await self.spool.add(incoming)
         log.info(
             "job {job_id} accepted: {what} for slide {slide_id}",
             job_id=job.job_id,
@@ -333,7 +342,7 @@ class IAAPI:
             # A patchCollection button press: acknowledge it without storing anything,
             # as the Sectra example does; the state goes back to 0.
             return _json(request, _reset_buttons(unstructure(result)))
-        callback = Callback(invocation.callbackInfo.url, invocation.callbackInfo.token)
+        callback = self._remember_callback(invocation)
         stored = await self.sps.update_result(callback, invocation.applicationId, result)
         log.info(
             "result {result_id} of slide {slide_id} modified by a user",
@@ -359,7 +368,7 @@ class IAAPI:
             )
         if not jobs:
             jobs = await self.spool.find(slide_id=invocation.slideId)
-        callback = Callback(invocation.callbackInfo.url, invocation.callbackInfo.token)
+        callback = self._remember_callback(invocation)
         for job in jobs:
             cancelled = await self._stop(job, "cancelled by the user")
             if cancelled is not None and cancelled.result_id is not None:
@@ -374,6 +383,14 @@ class IAAPI:
                     ),
                 )
         return _json(request, [])
+
+    def _remember_callback(self, invocation: Invocation) -> Callback:
+        """The request's callback, recorded as the newest for its slide."""
+        callback = Callback(invocation.callbackInfo.url, invocation.callbackInfo.token)
+        self.tokens.record(
+            invocation.applicationId, invocation.slideId, callback, self.clock.seconds()
+        )
+        return callback
 
     async def _stop(self, job: Job, reason: str) -> Job | None:
         """Cancel a queued job now; ask the holder of a running job to stop it."""

@@ -13,7 +13,9 @@ directory, as for any twistd daemon; the systemd unit sets ``WorkingDirectory``.
 from __future__ import annotations
 
 import configparser
+import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -203,6 +205,10 @@ class SPSConfig:
     verify_tls: bool = True
     ca_file: FilePath | None = None
     background_concurrency: int = 4
+    #: Client credentials for ``POST /token`` (IA-API.md §2.9); the secret never
+    #: shows in a repr.
+    client_id: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
 
     def allows(self, url: str) -> bool:
         return any(prefix.matches(url) for prefix in self.allowed_callback_urls)
@@ -365,6 +371,10 @@ def _optional_path(text: str) -> FilePath | None:
     return path
 
 
+def _optional_text(text: str) -> str | None:
+    return text.strip() or None
+
+
 def _prefixes(text: str) -> tuple[URLPrefix, ...]:
     items = [t for t in re.split(r"[\s,]+", text) if t]
     return tuple(URLPrefix.parse(item) for item in items)
@@ -427,6 +437,8 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "verify_tls": _bool,
             "ca_file": _optional_path,
             "background_concurrency": _positive_int,
+            "client_id": _optional_text,
+            "client_secret": _optional_text,
         },
     ),
     "demo": (DemoConfig, {"step_seconds": _non_negative_float}),
@@ -543,4 +555,34 @@ def _check_consistency(config: Config) -> None:
             "sps",
             "allowed_callback_urls",
             "must list at least one URL prefix (the daemon calls only these SPS addresses)",
+        )
+    _check_credentials(config)
+
+
+def _check_credentials(config: Config) -> None:
+    """Both client credentials or neither; a secret only in a file nobody else reads."""
+    sps = config.sps
+    if (sps.client_id is None) != (sps.client_secret is None):
+        missing = "client_secret" if sps.client_secret is None else "client_id"
+        raise ConfigError(
+            config.source,
+            "sps",
+            missing,
+            "must be set too (client_id and client_secret go together)",
+        )
+    if sps.client_secret is None:
+        return
+    try:
+        mode = os.stat(config.source).st_mode
+    except OSError as e:
+        raise ConfigError(
+            config.source, "sps", "client_secret", f"cannot check the file: {e}"
+        ) from None
+    if mode & 0o044:
+        raise ConfigError(
+            config.source,
+            "sps",
+            "client_secret",
+            f"the file is readable by group or others (mode {stat.S_IMODE(mode):04o}) "
+            f"but holds a secret; run: chmod 600 {config.source}",
         )

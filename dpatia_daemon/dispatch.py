@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from .amp import JOB_FILE, LABEL_STEM, RESULT_FILE, WSI_DIR
-from .jobs import Job, JobKind, JobState
+from .jobs import Callback, Job, JobKind, JobState
 from .models import InvalidInput, Result, result_from_json
 from .result_writer import ResultGone, ResultWriter, Superseded, is_final
 from .results import CONTEXT_KEY, Status
@@ -185,6 +185,16 @@ class WorkFolders:
         if result.exists() and self._result_job_id(result) != job.job_id:
             result.remove()
         return folder
+
+    def update_job(self, job: Job) -> bool:
+        """Rewrite ``job.json`` of a prepared job (a newer callback token arrived), so
+        that its worker sees it; False if the job has no ``job.json`` (not prepared
+        yet, or retired)."""
+        path = self.folder(job).child(JOB_FILE)
+        if not path.exists():
+            return False
+        _write_private(path, job.to_json())
+        return True
 
     @staticmethod
     def _result_job_id(path: FilePath[str]) -> str | None:
@@ -391,6 +401,27 @@ class JobRun:
     def read_result(self, path: str) -> Result:
         """The result the worker wrote (:class:`UnusableResult` if it cannot be used)."""
         return self.folders.read_result(self.job, path)
+
+    def use_callback(self, callback: Callback) -> None:
+        """A newer request for the job's slide brought ``callback``: the job (and its
+        worker, through ``job.json``) use it from now on."""
+        if callback == self.job.callback:
+            return
+        self.job = attrs.evolve(self.job, callback=callback)
+        if self._ending:
+            return  # the worker is done with the job; its folder is being retired
+        try:
+            if self.folders.update_job(self.job):
+                log.info(
+                    "job {job_id}: a newer callback token arrived; handed to its worker",
+                    job_id=self.job_id,
+                )
+        except OSError as e:
+            log.warn(
+                "job {job_id}: could not hand a newer callback token to its worker ({error})",
+                job_id=self.job_id,
+                error=str(e),
+            )
 
     def begin(self) -> None:
         """Find (or create) the job's result at the SPS, while the analysis starts."""

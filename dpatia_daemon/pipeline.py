@@ -13,7 +13,8 @@ worker's reactor so AMP stays responsive:
 
 A thumbnail or label that cannot be had is a warning, not a failure: the analysis gets
 none and decides.  Metadata and the WSI are required when asked for: their failure
-fails the attempt (the daemon retries it).  A rejected token fails the attempt at once.
+fails the attempt (the daemon retries it).  A rejected token (once the fallbacks of
+:mod:`dpatia_daemon.tokens` are spent) fails the attempt at once.
 Progress: these steps report 0–60 %; the analysis's own 0–100 % is shown as 60–100 %.
 """
 
@@ -44,7 +45,9 @@ PREPARE_SHARE = 60
 @frozen
 class PipelineSettings:
     """What the worker needs to fetch a slide; passed to it as JSON on its command line
-    (no secrets: the callback token is read from the job's 0600 ``job.json``)."""
+    (no secrets: the callback token is read from the job's 0600 ``job.json``, client
+    credentials from the worker's environment; ``application_id`` goes with them to
+    ``POST /token``)."""
 
     include_phi: bool = False
     thumbnail_mpp: float = 16.0
@@ -56,6 +59,7 @@ class PipelineSettings:
     verify_tls: bool = True
     ca_file: str | None = None
     api_version: str = "1.5"
+    application_id: str = "dpatia"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -110,7 +114,9 @@ async def prepare(
         concurrency=settings.tile_concurrency,
     )
     if thumbnail is not None:
-        path = await save_image(thumbnail.image, folder.child(THUMBNAIL_FILE), run_blocking=run_blocking)
+        path = await save_image(
+            thumbnail.image, folder.child(THUMBNAIL_FILE), run_blocking=run_blocking
+        )
         thumbnail_path = path.path
 
     progress(10, "Fetching label")

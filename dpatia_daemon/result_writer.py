@@ -10,6 +10,10 @@ process through a FIFO lock, so that:
 * writes land in the order they were asked for: a "retrying" frame queued before a job
   is released is written before anything the next attempt writes.
 
+Every write uses the newest callback received for the slide (``tokens``, a
+:class:`~dpatia_daemon.tokens.TokenBook`), not necessarily the job's own: a job that
+waited long may hold an expired token.
+
 Version conflicts (someone outside this process wrote in between) are resolved by the
 SPS client's re-read and retry, through a ``reapply`` that may decline to overwrite
 (:class:`Superseded`): a progress frame never replaces a final answer.
@@ -33,7 +37,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from ._version import __version__
-from .jobs import Job, JobKind
+from .jobs import Callback, Job, JobKind
 from .models import Result, ResultData
 from .results import (
     CONTEXT_KEY,
@@ -45,6 +49,7 @@ from .results import (
     status_frame,
 )
 from .sps import SPSClient, SPSNotFound
+from .tokens import TokenBook
 
 log = Logger()
 
@@ -71,7 +76,8 @@ class ResultWriter:
     """Writes a job's result at the SPS: finds or creates it, frames, final answers.
 
     Collaborators: the ``sps`` client, the ``clock`` (for the wait in :meth:`resolve`),
-    and ``display_name`` (the app's name, the first words of every frame).
+    and ``display_name`` (the app's name, the first words of every frame); ``tokens``
+    (optional) knows the newest callback of each slide.
     ``fresh_grace``: how long :meth:`resolve` waits for the front door to store the
     frame of a brand-new ``create`` request before creating one itself.
     """
@@ -82,7 +88,12 @@ class ResultWriter:
     application_version: str = __version__
     fresh_grace: float = 5.0
     poll_interval: float = 0.5
+    tokens: TokenBook | None = None
     _locks: dict[tuple[str, str], DeferredLock] = field(factory=dict, init=False)
+
+    def callback(self, job: Job) -> Callback:
+        """The callback to write ``job``'s result with: the newest for its slide."""
+        return job.callback if self.tokens is None else self.tokens.newest(job)
 
     # --- building ---------------------------------------------------------------------
 
@@ -148,10 +159,12 @@ class ResultWriter:
         """
         if job.result_id is not None:
             try:
-                return await self.sps.get_result(job.callback, job.application_id, job.result_id)
+                return await self.sps.get_result(
+                    self.callback(job), job.application_id, job.result_id
+                )
             except SPSNotFound:
                 raise ResultGone(f"result {job.result_id} is gone") from None
-        results = await self.sps.list_results(job.callback, job.application_id, job.slide_id)
+        results = await self.sps.list_results(self.callback(job), job.application_id, job.slide_id)
         return latest(results)
 
     async def resolve(self, job: Job) -> Result:
@@ -179,7 +192,7 @@ class ResultWriter:
         if fresh and waited < self.fresh_grace:
             return None
         stored = await self.sps.create_result(
-            job.callback, job.application_id, self.frame(job, Status.QUEUED, "queued")
+            self.callback(job), job.application_id, self.frame(job, Status.QUEUED, "queued")
         )
         log.info(
             "job {job_id}: created result {result_id} on slide {slide_id}",
@@ -214,7 +227,7 @@ class ResultWriter:
         async def put() -> Result:
             try:
                 return await self.sps.update_result(
-                    job.callback, job.application_id, replacing(stored, new), reapply=reapply
+                    self.callback(job), job.application_id, replacing(stored, new), reapply=reapply
                 )
             except SPSNotFound:
                 raise ResultGone(f"result {stored.id} is gone") from None
@@ -228,7 +241,9 @@ class ResultWriter:
 
         async def read_and_put() -> Result:
             try:
-                current = await self.sps.get_result(job.callback, job.application_id, result_id)
+                current = await self.sps.get_result(
+                    self.callback(job), job.application_id, result_id
+                )
             except SPSNotFound:
                 raise ResultGone(f"result {result_id} is gone") from None
             if keep is not None and keep(current):
@@ -241,7 +256,7 @@ class ResultWriter:
 
             try:
                 return await self.sps.update_result(
-                    job.callback, job.application_id, replacing(current, new), reapply=reapply
+                    self.callback(job), job.application_id, replacing(current, new), reapply=reapply
                 )
             except SPSNotFound:
                 raise ResultGone(f"result {result_id} is gone") from None
@@ -270,12 +285,12 @@ class ResultWriter:
                 return existing
             if existing is not None:
                 return await self.sps.update_result(
-                    job.callback,
+                    self.callback(job),
                     job.application_id,
                     replacing(existing, frame),
                     reapply=lambda current: replacing(current, frame),
                 )
-            return await self.sps.create_result(job.callback, job.application_id, frame)
+            return await self.sps.create_result(self.callback(job), job.application_id, frame)
 
         return await self._serialised(job, write)
 

@@ -20,6 +20,7 @@ import socket
 from functools import partial
 from typing import Any
 
+import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet import threads
@@ -37,6 +38,7 @@ from .result_writer import ResultWriter
 from .spool import DirectorySpool, SpoolError
 from .sps import SPSClient, make_http_client
 from .supervisor import Supervisor
+from .tokens import Credentials, TokenBook, callback_auth
 
 log = Logger()
 
@@ -123,7 +125,8 @@ def _analysis_settings(config: Config) -> dict[str, str]:
 
 
 def _pipeline_settings(config: Config) -> PipelineSettings:
-    """What workers need to fetch a slide (no secrets: tokens travel in job.json)."""
+    """What workers need to fetch a slide (no secrets: tokens travel in job.json, client
+    credentials in the workers' environment)."""
     return PipelineSettings(
         include_phi=config.app.include_phi,
         thumbnail_mpp=config.pipeline.thumbnail_mpp,
@@ -135,7 +138,15 @@ def _pipeline_settings(config: Config) -> PipelineSettings:
         verify_tls=config.sps.verify_tls,
         ca_file=config.sps.ca_file.path if config.sps.ca_file else None,
         api_version=config.server.api_version,
+        application_id=config.app.application_id,
     )
+
+
+def _credentials(config: Config) -> Credentials | None:
+    """``[sps] client_id``/``client_secret``, if configured."""
+    if config.sps.client_id is None or config.sps.client_secret is None:
+        return None
+    return Credentials(config.sps.client_id, config.sps.client_secret)
 
 
 def build_service(config: Config, reactor: Any) -> MultiService:
@@ -165,11 +176,26 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         timeout=config.sps.timeout,
         retries=config.sps.retries,
     )
+    credentials = _credentials(config)
+    if credentials is not None:
+        log.info(
+            "SPS client credentials configured (client id {client_id}): callback tokens "
+            "the SPS rejects are replaced by tokens from POST /token",
+            client_id=credentials.client_id,
+        )
+    sps = attrs.evolve(
+        sps,
+        auth=callback_auth(sps.fetch_token, reactor, config.app.application_id, credentials),
+    )
+    # The newest callback of each slide, from the front door to the job runners.
+    tokens = TokenBook()
     sps_service = _Stopper(http.close)
     sps_service.setName("sps")
     sps_service.setServiceParent(root)
 
-    writer = ResultWriter(sps=sps, clock=reactor, display_name=config.app.display_name)
+    writer = ResultWriter(
+        sps=sps, clock=reactor, display_name=config.app.display_name, tokens=tokens
+    )
     workers = Supervisor(
         reactor=reactor,
         spool=spool,
@@ -185,6 +211,8 @@ def build_service(config: Config, reactor: Any) -> MultiService:
             retention_days=config.spool.retention_days,
         ),
         sweep_interval=config.spool.sweep_interval,
+        tokens=tokens,
+        credentials=credentials,
     )
     workers.setName("workers")
     workers.setServiceParent(root)
@@ -196,6 +224,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         clock=reactor,
         writer=writer,
         background=BackgroundQueue(concurrency=config.sps.background_concurrency),
+        tokens=tokens,
     )
     api_service = _Stopper(api.background.close)
     api_service.setName("api")

@@ -3,9 +3,10 @@
 :class:`SPSClient` owns *how* dpatia talks to an SPS: the URL of every endpoint, the
 headers (Bearer token, ``X-Sectra-ApiVersion``, ``X-Sectra-SoftwareVersion``), a
 deadline per attempt, retries with jittered exponential backoff, the version-conflict
-dance of result updates, and the mapping of every failure to one :class:`SPSError`
-subclass.  It owns no connection pool: :func:`make_http_client` builds one (with the TLS
-policy) for the service, which closes it at stop.
+dance of result updates, the token of every call (its ``auth`` collaborator, with one
+retry per replacement token after a 401/403), and the mapping of every failure to one
+:class:`SPSError` subclass.  It owns no connection pool: :func:`make_http_client` builds
+one (with the TLS policy) for the service, which closes it at stop.
 
 Secrets (the callback token, client secrets, fetched access tokens) never appear in an
 exception, a repr or a log line; body excerpts are redacted before they are kept, and
@@ -18,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import random as _random
+import typing
 from collections.abc import Callable, Iterable, Sequence
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -60,6 +62,9 @@ QC_STATUSES = frozenset({"NotSet", "QualityOk", "Rejected"})
 
 _EXCERPT_CHARS = 300
 _REDACTED = "<redacted>"
+#: Re-sends of one call after a 401/403, each with another token: the callback token's
+#: fallback (client credentials), then one forced refresh of that token.
+_AUTH_RETRIES = 2
 
 
 # --- errors ---------------------------------------------------------------------------
@@ -153,6 +158,23 @@ class SPSHttp:
     def close(self) -> Deferred[None]:
         """Close the pool's idle persistent connections (fires when they are closed)."""
         return self.pool.closeCachedConnections()
+
+
+class Authorizer(typing.Protocol):
+    """Chooses the Bearer token of every callback call (``SPSClient.auth``).
+
+    :class:`dpatia_daemon.tokens.CallbackAuth` is the implementation: the newest
+    callback token first, client-credentials tokens after a 401/403.
+    """
+
+    async def token(self, callback: Callback) -> str:
+        """The token to send for a call made with ``callback``."""
+        ...
+
+    async def rejected(self, callback: Callback, token: str, error: SPSUnauthorized) -> str | None:
+        """The SPS refused ``token``: another token to send the call with once more, or
+        None to give up (or raise an :class:`SPSError` that says more than ``error``)."""
+        ...
 
 
 # --- HTTP plumbing --------------------------------------------------------------------
@@ -253,6 +275,9 @@ class _Spec:
     stream: bool = False
     conflict_aware: bool = False
     secrets: tuple[str, ...] = field(default=(), repr=False)
+    #: The callback the call was made with (None for ``POST token``): ``auth`` picks
+    #: the Bearer token for it.
+    callback: Callback | None = field(default=None, repr=False)
 
 
 class _DeadlineExceeded(Exception):
@@ -380,6 +405,9 @@ class SPSClient:
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
     random: Callable[[], float] = field(default=_random.random, repr=False)
+    #: Which Bearer token a callback call sends, and another after a 401/403 (retried
+    #: once per token).  None: the callback's own token, and a 401/403 is final.
+    auth: Authorizer | None = None
 
     # --- endpoints ---------------------------------------------------------------------
 
@@ -703,6 +731,7 @@ class SPSClient:
             stream=stream,
             conflict_aware=conflict_aware,
             secrets=(callback.token,),
+            callback=callback,
         )
 
     def _headers(self, spec: _Spec) -> Headers:
@@ -789,7 +818,47 @@ class SPSClient:
         return min(self.backoff_cap, self.backoff_base * 2**attempt) * self.random()
 
     async def _call(self, spec: _Spec) -> _Answer:
-        """Run ``spec`` with retries; return a 2xx answer or raise an :class:`SPSError`."""
+        """Run ``spec`` with retries; return a 2xx answer or raise an :class:`SPSError`.
+
+        The one place tokens are chosen: with ``auth``, the Bearer token of a callback
+        call comes from it, and after a 401/403 the call is sent once more with the
+        token it offers instead (at most ``_AUTH_RETRIES`` times, never the same
+        token twice).  A 401/403 answer means the SPS did not act on the request, so
+        this is safe for a POST too.
+        """
+        callback = spec.callback
+        if self.auth is None or callback is None:
+            return await self._attempts(spec)
+        token = await self.auth.token(callback)
+        tried = [token]
+        while True:
+            try:
+                return await self._attempts(self._bearer(spec, token, tried))
+            except SPSUnauthorized as e:
+                if len(tried) > _AUTH_RETRIES:
+                    raise
+                replacement = await self.auth.rejected(callback, token, e)
+                if replacement is None or replacement in tried:
+                    raise
+                log.info(
+                    "SPS {endpoint}: token rejected (HTTP {status}); trying another token",
+                    endpoint=e.endpoint,
+                    status=e.status,
+                )
+                token = replacement
+                tried.append(token)
+
+    @staticmethod
+    def _bearer(spec: _Spec, token: str, tried: Sequence[str]) -> _Spec:
+        """``spec`` sending ``token``; every token tried is redacted from errors."""
+        return attrs.evolve(
+            spec,
+            authorization=f"Bearer {token}",
+            secrets=tuple(dict.fromkeys((*spec.secrets, *tried))),
+        )
+
+    async def _attempts(self, spec: _Spec) -> _Answer:
+        """Run ``spec`` with retries of transport errors, 5xx and 429."""
         attempts = self.retries + 1
         for attempt in range(attempts):
             last = attempt == attempts - 1
@@ -1018,6 +1087,7 @@ def make_http_client(
 __all__ = [
     "QC_STATUSES",
     "AccessToken",
+    "Authorizer",
     "SPSClient",
     "SPSConflict",
     "SPSError",

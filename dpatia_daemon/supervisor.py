@@ -51,6 +51,7 @@ from collections.abc import Callable, Iterable, Mapping
 from enum import StrEnum
 from typing import Any
 
+import attrs
 from attrs import define, field, frozen
 from twisted.application.service import IService, Service
 from twisted.internet import error as ierror
@@ -79,10 +80,11 @@ from .amp import (
 )
 from .config import WorkersConfig
 from .dispatch import Candidates, JobRun, StopReason, UnusableResult, WorkFolders, _observe
-from .jobs import Job
+from .jobs import Callback, Job
 from .pipeline import PipelineSettings
 from .result_writer import ResultWriter
 from .spool import ISpool
+from .tokens import Credentials, TokenBook, without_credentials
 
 log = Logger()
 
@@ -411,8 +413,11 @@ class Supervisor(Service):
     is its time), the ``spool`` jobs are claimed from, the ``writer`` for SPS
     results, the frozen ``[workers]`` ``config``, the ``analysis`` spec and its
     ``settings`` (passed to workers), the job ``folders``, and the workers' ``env``
-    (default: this process's environment).  ``python`` runs the workers.  The rest are
-    tunables with production defaults that tests shorten.
+    (default: this process's environment).  ``python`` runs the workers.  ``tokens``
+    tells running jobs of newer callback tokens for their slide; ``credentials`` (the
+    SPS client credentials) reach workers through their environment, never their
+    command line (which every local user can read).  The rest are tunables with
+    production defaults that tests shorten.
     """
 
     reactor: Any
@@ -425,6 +430,8 @@ class Supervisor(Service):
     pipeline: PipelineSettings | None = None
     folders: WorkFolders = field()
     env: Mapping[str, str] | None = None
+    tokens: TokenBook | None = None
+    credentials: Credentials | None = field(default=None, repr=False)
     python: str = sys.executable
     sweep_interval: float = 30.0
     cancel_poll_interval: float = 1.0
@@ -440,6 +447,7 @@ class Supervisor(Service):
     _need_refresh: bool = field(default=True, init=False)
     _refreshing: bool = field(default=False, init=False)
     _unwatch: Callable[[], None] | None = field(default=None, init=False)
+    _untoken: Callable[[], None] | None = field(default=None, init=False)
     _loops: list[LoopingCall] = field(factory=list, init=False)
     _observers: list[Callable[[SupervisorEvent], None]] = field(factory=list, init=False)
     _serial: int = field(default=0, init=False)
@@ -456,6 +464,8 @@ class Supervisor(Service):
         self._accepting = True
         self._need_refresh = True
         self._unwatch = self.spool.watch(self._on_queued)
+        if self.tokens is not None:
+            self._untoken = self.tokens.subscribe(self._new_callback)
         self._slots = [
             _Slot(
                 number=n,
@@ -490,6 +500,9 @@ class Supervisor(Service):
         if self._unwatch is not None:
             self._unwatch()
             self._unwatch = None
+        if self._untoken is not None:
+            self._untoken()
+            self._untoken = None
         for loop in self._loops:
             if loop.running:
                 loop.stop()
@@ -647,6 +660,9 @@ class Supervisor(Service):
         if self.pipeline is not None:
             argv += ["--pipeline", self.pipeline.to_json()]
         env = dict(os.environ if self.env is None else self.env)
+        without_credentials(env)
+        if self.credentials is not None:
+            env.update(self.credentials.to_environ())
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p
@@ -890,6 +906,10 @@ class Supervisor(Service):
                 self._set(worker, WorkerState.IDLE)
             self._pump()
             return
+        if self.tokens is not None:
+            # A newer request for the slide may have come (for another key, or to
+            # another daemon's record): the worker starts with the newest token.
+            job = attrs.evolve(job, callback=self.tokens.newest(job))
         run = JobRun(
             job=job,
             spool=self.spool,
@@ -906,6 +926,12 @@ class Supervisor(Service):
         run.ended.addCallback(self._run_ended, run)
         d = Deferred.fromCoroutine(self._execute(worker, run))
         d.addErrback(self._execute_failed, worker, run)
+
+    def _new_callback(self, application_id: str, slide_id: str, callback: Callback) -> None:
+        """A request brought a newer callback for a slide: its running jobs use it."""
+        for run in list(self._runs.values()):
+            if run.job.slide_id == slide_id and run.job.application_id == application_id:
+                run.use_callback(callback)
 
     def _run_ended(self, final: Job | None, run: JobRun) -> Job | None:
         if self._runs.get(run.job_id) is run:

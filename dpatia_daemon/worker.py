@@ -10,7 +10,10 @@ and stdout/stderr as log streams.  The worker:
 * runs one analysis at a time in a thread of its own, so its reactor keeps answering
   ``Ping`` and ``CancelJob`` whatever the analysis does;
 * reads ``job.json`` from the job's work folder and writes ``result.json`` there
-  (atomically), answering ``RunJob`` with its path;
+  (atomically), answering ``RunJob`` with its path; while it fetches the slide it
+  follows ``job.json`` (the daemon rewrites it when a newer callback token arrives),
+  and with SPS client credentials (from its environment, which it then clears) it
+  obtains its own tokens when the SPS rejects the callback token;
 * coalesces progress reports: at most one ``Progress`` call in flight, carrying the
   newest values;
 * exits when its AMP pipe closes (the daemon stopped it, or died), and on SIGTERM at
@@ -31,6 +34,7 @@ import threading
 from types import MappingProxyType
 from typing import Any
 
+import attrs
 from attrs import define, field
 from twisted.internet import threads
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
@@ -72,6 +76,7 @@ from .jobs import Job
 from .models import Result, unstructure
 from .pipeline import PipelineSettings, Prepared, analysis_progress, prepare
 from .sps import SPSClient, SPSError, make_http_client
+from .tokens import Credentials, JobFile, callback_auth
 
 log = Logger()
 
@@ -95,7 +100,8 @@ class WorkerProtocol(AMP):
 
     Collaborators: the ``reactor`` (only ``callFromThread`` and ``stop``), the loaded
     ``analysis`` (None when it failed to load, with ``load_error`` saying why), the
-    ``spec`` it was loaded from, and its ``settings``.
+    ``spec`` it was loaded from, its ``settings``, and the SPS client ``credentials``
+    (None when not configured).
     """
 
     def __init__(
@@ -106,6 +112,7 @@ class WorkerProtocol(AMP):
         load_error: str = "",
         settings: dict[str, str] | None = None,
         pipeline: PipelineSettings | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -116,6 +123,8 @@ class WorkerProtocol(AMP):
         self.pipeline = pipeline
         self.current: _Running | None = None
         self._sps: SPSClient | None = None
+        self._credentials = credentials
+        self._job_file = JobFile(clock=reactor)
 
     # --- daemon → worker ---
 
@@ -177,17 +186,22 @@ class WorkerProtocol(AMP):
         job = Job.from_json(folder.child(JOB_FILE).getContent())
         if job.job_id != running.job_id:
             raise AnalysisFailed(f"{JOB_FILE} in {work_dir} is for job {job.job_id}")
-        return await prepare(
-            job,
-            folder,
-            settings,
-            sps=self._sps_client(settings),
-            clock=self.reactor,
-            run_blocking=lambda f, *args: threads.deferToThreadPool(
-                self.reactor, self.reactor.getThreadPool(), f, *args
-            ),
-            progress=lambda percent, text: self._report(running, percent, text),
-        )
+        sps = self._sps_client(settings)
+        self._job_file.follow(folder.child(JOB_FILE).path, job)
+        try:
+            return await prepare(
+                job,
+                folder,
+                settings,
+                sps=sps,
+                clock=self.reactor,
+                run_blocking=lambda f, *args: threads.deferToThreadPool(
+                    self.reactor, self.reactor.getThreadPool(), f, *args
+                ),
+                progress=lambda percent, text: self._report(running, percent, text),
+            )
+        finally:
+            self._job_file.stop()
 
     def _prepare_failed(self, running: _Running, failure: Failure) -> None:
         running.preparing = None
@@ -221,7 +235,7 @@ class WorkerProtocol(AMP):
                 ca_file=settings.ca_file,
                 connect_timeout=min(10.0, settings.sps_timeout),
             )
-            self._sps = SPSClient(
+            sps = SPSClient(
                 http=http.client,
                 clock=self.reactor,
                 api_version=settings.api_version,
@@ -229,6 +243,14 @@ class WorkerProtocol(AMP):
                 timeout=settings.sps_timeout,
                 retries=settings.sps_retries,
             )
+            auth = callback_auth(
+                sps.fetch_token,
+                self.reactor,
+                settings.application_id,
+                self._credentials,
+                callbacks=self._job_file,
+            )
+            self._sps = attrs.evolve(sps, auth=auth)
         return self._sps
 
     @CancelJob.responder
@@ -459,6 +481,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Load the analysis, speak AMP on fds 3/4 until the daemon closes them, exit."""
     options = parse_args(argv)
+    # First: out of the environment before anything (the analysis) can start a process.
+    credentials = Credentials.take_from_environ(os.environ)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     _die_with_parent()
@@ -476,7 +500,13 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet.stdio import StandardIO
 
     protocol = WorkerProtocol(
-        reactor, options.analysis, analysis, load_error, dict(options.setting), options.pipeline
+        reactor,
+        options.analysis,
+        analysis,
+        load_error,
+        dict(options.setting),
+        options.pipeline,
+        credentials,
     )
     # (mypy sees the Windows StandardIO, which has no fd arguments.)
     StandardIO(protocol, stdin=WORKER_AMP_IN, stdout=WORKER_AMP_OUT, reactor=reactor)  # type: ignore[call-arg]
