@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
-from .amp import JOB_FILE, LABEL_STEM, RESULT_FILE, WSI_DIR
+from .amp import JOB_FILE, LABEL_STEM, RESULT_FILE, SLIDE_INFO_FILE, WSI_DIR
 from .jobs import Callback, Job, JobKind, JobState
 from .models import InvalidInput, Result, result_from_json
 from .result_writer import ResultGone, ResultWriter, Superseded, is_final
@@ -238,6 +238,25 @@ class WorkFolders:
             raise UnusableResult(
                 f"the analysis returned an invalid result: {e} at {e.field}"
             ) from None
+
+    def quality_control(self, job: Job) -> tuple[str, str | None] | None:
+        """The QC verdict the analysis returned with its result, and the ``versionId`` of
+        the slide's current QC state (from its metadata) to send with it; or None."""
+        folder = self.folder(job)
+        try:
+            record = json.loads(folder.child(RESULT_FILE).getContent())
+        except (OSError, ValueError):
+            return None
+        verdict = record.get("qualityControl") if isinstance(record, dict) else None
+        if not isinstance(verdict, str):
+            return None
+        version: str | None = None
+        try:
+            info = json.loads(folder.child(SLIDE_INFO_FILE).getContent())
+            version = info["qualityControl"]["versionId"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no QC state known yet (SPS before 4.2, or no metadata): send none
+        return verdict, version if isinstance(version, str) else None
 
     def remove(self, job: Job) -> Deferred[Any]:
         """Retire the job's folder (in the background) now that the job has ended.
@@ -607,7 +626,38 @@ class JobRun:
         log.info(
             "job {job_id}: result {result_id} stored", job_id=self.job_id, result_id=self.stored.id
         )
+        await self._store_quality_control()
         await self._end(JobState.DONE, None)
+
+    async def _store_quality_control(self) -> None:
+        """Send the analysis's QC verdict, if it gave one (IA-API.md §2.7).
+
+        After the result: a verdict the SPS refuses (an older SPS, a QC state changed
+        by a user meanwhile) is logged, and the job still counts as done.
+        """
+        verdict = self.folders.quality_control(self.job)
+        if verdict is None:
+            return
+        status, version_id = verdict
+        try:
+            await self._call(
+                self.writer.sps.set_quality_control(
+                    self.writer.callback(self.job),
+                    self.job.slide_id,
+                    status=status,
+                    version_id=version_id,
+                    application_version=self.writer.application_version,
+                )
+            )
+        except (SPSError, ValueError) as e:
+            log.warn(
+                "job {job_id}: the slide's quality-control verdict {status} was not stored: {error}",
+                job_id=self.job_id,
+                status=status,
+                error=str(e),
+            )
+            return
+        log.info("job {job_id}: quality control set to {status}", job_id=self.job_id, status=status)
 
     async def fail(self, error: str) -> None:
         """The attempt failed (analysis error, crash, timeout): retry or give up."""

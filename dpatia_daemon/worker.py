@@ -323,17 +323,20 @@ class WorkerProtocol(AMP):
         answer = analysis(analysis_job)
         if running.cancel.is_set():
             raise AnalysisCancelled(job.job_id)
+        verdict: str | None = None
         if isinstance(answer, AnalysisResult):
             result = answer.to_result(job.slide_id)
+            verdict = answer.quality_control
         elif isinstance(answer, Result):
             result = answer
         else:
             raise AnalysisFailed(
                 f"the analysis returned {type(answer).__name__}, not an AnalysisResult or Result"
             )
-        body = json.dumps(
-            {"jobId": job.job_id, "result": unstructure(result)}, allow_nan=False
-        ).encode("utf-8")
+        record: dict[str, Any] = {"jobId": job.job_id, "result": unstructure(result)}
+        if verdict is not None:
+            record["qualityControl"] = verdict
+        body = json.dumps(record, allow_nan=False).encode("utf-8")
         return _write_atomically(folder, RESULT_FILE, body)
 
     def _report(self, running: _Running, percent: Any, text: Any) -> None:

@@ -9,6 +9,7 @@ context tells :func:`run` what to do: ``{"test": {...}}`` with any of
 ``crash``          ``"exit"`` (os._exit(3)) or ``"kill"`` (SIGKILL itself) after "started";
 ``crash_attempts`` crash only on the first N attempts (counted in the work folder);
 ``fail``           raise ValueError with this message;
+``qc``             return this quality-control verdict with the result;
 ``hang``           ignore cancellation and never return (``"sleep"``), or stop the whole
                    process (``"stop"``: SIGSTOP, so it stops answering heartbeats);
 ``garbage``        print huge lines, binary and many lines on stdout and stderr;
@@ -91,6 +92,7 @@ def run(job: AnalysisJob) -> AnalysisResult:
         display_result="test answer",
         display_properties={"Attempt": attempt, "Pid": os.getpid()},
         items=[item(polygons=[rectangle(0.1, 0.1, 0.2, 0.2)], labels=[label(0.1, 0.1, "T")])],
+        quality_control=spec.get("qc"),
     )
 
 

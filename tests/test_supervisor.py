@@ -8,6 +8,7 @@ with a bounded timeout, never a sleep.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Callable
@@ -24,9 +25,10 @@ from twisted.python.filepath import FilePath
 from twisted.web.server import Site
 
 from dpatia_daemon import __version__
+from dpatia_daemon.analyses import AnalysisResult, Patch, PatchCollection, item
 from dpatia_daemon.analyses.loader import AnalysisLoadError, load_analysis
 from dpatia_daemon.config import WorkersConfig
-from dpatia_daemon.jobs import Callback, Job, JobKind, JobState
+from dpatia_daemon.jobs import Callback, Job, JobKind, JobState, job_key
 from dpatia_daemon.models import Result
 from dpatia_daemon.result_writer import ResultWriter
 from dpatia_daemon.results import Status, frame_status
@@ -267,6 +269,80 @@ async def test_sigkill_mid_job_completes_exactly_once_on_a_restarted_worker(rig:
     result = only_result(rig, "slide-kill")
     assert result.displayResult == "test answer"
     assert result.displayProperties["Attempt"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_analysis_exception_is_a_failed_attempt_and_a_failure_result(rig: Rig) -> None:
+    """An analysis that raises: each attempt fails with its message (the worker stays
+    up); after max_attempts the job is FAILED and the slide shows the message."""
+    rig.start(max_attempts=2)
+    job = await rig.add("slide-raise", {"fail": "stain not recognised"})
+    final = await rig.ended(job, timeout=30)
+    assert final.state is JobState.FAILED
+    assert len(rig.of("job-started", job.job_id)) == 2
+    assert "ValueError: stain not recognised" in (final.last_error or "")
+    assert not rig.of("worker-exited")
+    result = only_result(rig, "slide-raise")
+    assert frame_status(result) is Status.FAILED
+    assert "ValueError: stain not recognised" in str(result.displayProperties["Error"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_quality_control_verdict_is_stored_after_the_result(rig: Rig) -> None:
+    """An analysis returning quality_control: after the result, the slide's QC status
+    is set at the SPS with the versionId from the slide's metadata."""
+    rig.start()
+    rig.fake.add_slide("slide-qc", width=2000, height=1000)
+    version = rig.fake.slides["slide-qc"].info["qualityControl"]["versionId"]
+    # The pipeline would have stored the metadata in the job's folder: do it here.
+    folder = rig.tmp / "work" / job_key("dpatia", "slide-qc", {"type": "wholeSlide"})
+    folder.mkdir(parents=True, mode=0o700)
+    (folder / "slide_info.json").write_text(
+        json.dumps({"qualityControl": {"status": "NotSet", "versionId": version}})
+    )
+    job = await rig.add("slide-qc", {"qc": "Rejected"})
+    final = await rig.ended(job)
+    assert final.state is JobState.DONE
+    assert rig.fake.slides["slide-qc"].info["qualityControl"]["status"] == "Rejected"
+    assert only_result(rig, "slide-qc").displayResult == "test answer"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"quality_control": "Fine"}, "quality_control must be one of"),
+        ({"items": [item()], "patches": PatchCollection(tags=["a"], patches=[])}, "not both"),
+    ],
+)
+def test_a_malformed_analysis_result_is_refused(kwargs: dict[str, Any], message: str) -> None:
+    """AnalysisResult checks its QC verdict and that it draws items or patches."""
+    with pytest.raises(ValueError, match=message):
+        AnalysisResult(display_result="x", **kwargs)
+
+
+def test_a_patch_collection_result_has_the_ia_api_shape() -> None:
+    """patches become a patchCollection result as IA-API.md §2.6 describes it."""
+    collection = PatchCollection(
+        tags=["tumour", "stroma"],
+        patches=[Patch(x=0.5, y=0.25, tag=1, sort_key=0.9)],
+        patch_size=128,
+        magnification=10,
+        actions=[{"id": "verify", "name": "Verify", "tooltip": "Mark as verified"}],
+    )
+    result = AnalysisResult(display_result="2 classes", patches=collection).to_result("s")
+    assert result.data.result is not None
+    assert result.data.result.type == "patchCollection"
+    content = result.data.result.content
+    assert content["tags"] == ["tumour", "stroma"]
+    assert content["patches"] == [
+        {"tag": 1, "position": {"x": 0.5, "y": 0.25}, "sortKeyValue": 0.9}
+    ]
+    assert (content["patchSize"], content["magnification"]) == (128, 10)
+    assert content["actions"] == [
+        {"id": "verify", "state": 0, "name": "Verify", "tooltip": "Mark as verified"}
+    ]
+    with pytest.raises(ValueError, match="not an index"):
+        PatchCollection(tags=["a"], patches=[Patch(x=0, y=0, tag=3)])
 
 
 @pytest_twisted.ensureDeferred

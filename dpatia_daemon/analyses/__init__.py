@@ -128,26 +128,105 @@ class AnalysisJob:
 
 @frozen
 class AnalysisResult:
-    """An analysis's answer: list text, properties table and primitive items."""
+    """An analysis's answer: list text, properties table, and what is drawn.
+
+    ``items`` are primitive items (polygons, polylines, labels); ``patches`` a
+    patchCollection instead (a gallery of patches the user can re-tag) — one or the
+    other.  ``quality_control``, if set (``"QualityOk"``, ``"Rejected"`` or
+    ``"NotSet"``), is stored as the slide's QC verdict (IA-API 1.10, DPAT 4.2).
+    """
 
     display_result: str
     display_properties: Mapping[str, str | int | float] = field(factory=dict)
     items: Sequence[PrimitiveItem] = ()
     context: Mapping[str, Any] = field(factory=dict)
+    patches: PatchCollection | None = None
+    quality_control: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.patches is not None and self.items:
+            raise ValueError("an AnalysisResult has primitive items or patches, not both")
+        if self.quality_control not in (None, *QC_VERDICTS):
+            raise ValueError(
+                f"quality_control must be one of {', '.join(QC_VERDICTS)}, "
+                f"not {self.quality_control!r}"
+            )
 
     def to_result(self, slide_id: str) -> Result:
         """The SPS result for ``slide_id`` (the daemon adds version and bookkeeping)."""
+        if self.patches is not None:
+            payload = ResultPayload(type="patchCollection", content=self.patches.content())
+        else:
+            payload = ResultPayload(
+                type="primitive", content=[unstructure(item) for item in self.items]
+            )
         return Result(
             slideId=slide_id,
             displayResult=self.display_result,
             displayProperties=dict(self.display_properties),
-            data=ResultData(
-                context=dict(self.context),
-                result=ResultPayload(
-                    type="primitive", content=[unstructure(item) for item in self.items]
-                ),
-            ),
+            data=ResultData(context=dict(self.context), result=payload),
         )
+
+
+#: The slide quality-control verdicts an analysis may return (IA-API.md §2.7).
+QC_VERDICTS = ("QualityOk", "Rejected", "NotSet")
+
+
+@frozen
+class Patch:
+    """One patch of a patchCollection: its centre (width-normalised), its tag (an index
+    into the collection's ``tags``) and the value the viewer sorts patches by."""
+
+    x: float
+    y: float
+    tag: int = 0
+    sort_key: float = 0.0
+
+
+@frozen
+class PatchCollection:
+    """A patchCollection result (IA-API.md §2.6): patches of ``patch_size`` pixels
+    taken at ``magnification``, each with a tag from ``tags`` the user can change; the
+    analysed area as ``polygons``; optional buttons (``actions``: ``{id, name,
+    tooltip}``; a press arrives as a ``modify``)."""
+
+    tags: Sequence[str]
+    patches: Sequence[Patch]
+    patch_size: int = 256
+    magnification: float = 20.0
+    description: str = ""
+    polygons: Sequence[Polygon] = ()
+    allow_verify: bool = True
+    actions: Sequence[Mapping[str, str]] = ()
+
+    def __attrs_post_init__(self) -> None:
+        for patch in self.patches:
+            if not 0 <= patch.tag < len(self.tags):
+                raise ValueError(f"patch tag {patch.tag} is not an index into tags")
+
+    def content(self) -> dict[str, Any]:
+        """The ``data.result.content`` of the patchCollection."""
+        return {
+            "description": self.description,
+            "polygons": [unstructure(p) for p in self.polygons],
+            "patches": [
+                {"tag": p.tag, "position": {"x": p.x, "y": p.y}, "sortKeyValue": p.sort_key}
+                for p in self.patches
+            ],
+            "tags": list(self.tags),
+            "patchSize": self.patch_size,
+            "magnification": self.magnification,
+            "statuses": {"allowVerify": {"value": self.allow_verify, "message": ""}},
+            "actions": [
+                {
+                    "id": str(a.get("id", "")),
+                    "state": 0,
+                    "name": str(a.get("name", "")),
+                    "tooltip": str(a.get("tooltip", "")),
+                }
+                for a in self.actions
+            ],
+        }
 
 
 #: The type of an analysis callable.
@@ -192,6 +271,9 @@ __all__ = [
     "AnalysisJob",
     "AnalysisResult",
     "NoSlideFile",
+    "Patch",
+    "PatchCollection",
+    "QC_VERDICTS",
     "item",
     "label",
     "rectangle",
