@@ -290,7 +290,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     source = workdir / "source"
     source.mkdir(exist_ok=True)
-    rows: list[tuple[str, float, str, str]] = []
+    rows: list[tuple[str, float, float, str, str]] = []
     thumb_rows: list[tuple[str, int, float, float]] = []
     servers: list[Server] = []
     try:
@@ -313,43 +313,50 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             },
         )
         servers.append(server)
-        copies = {
-            "cat": [raw_copy(single, workdir / "copy", fsync=False) for _ in range(args.repeat)],
-            "dd conv=fsync": [
-                raw_copy(single, workdir / "copy", fsync=True) for _ in range(args.repeat)
-            ],
-        }
-        raw = {k: size / statistics.median(v) / 1e6 for k, v in copies.items()}
-        for name, mbs in raw.items():
-            rows.append((f"raw copy ({name})", mbs, "", ""))
-        for slide, label, seed in (
-            (SLIDE_SINGLE, "single", SEED_SINGLE_MBS),
-            (SLIDE_MULTI, "3-part", SEED_MULTI_MBS),
-        ):
-            for threaded in (False, True):
-                runs = [
+        # Round robin over the cases, so drift on the shared disk hits them alike.
+        configs = [
+            (slide, label, seed, threaded)
+            for slide, label, seed in (
+                (SLIDE_SINGLE, "single", SEED_SINGLE_MBS),
+                (SLIDE_MULTI, "3-part", SEED_MULTI_MBS),
+            )
+            for threaded in (False, True)
+        ]
+        copies: dict[str, list[float]] = {"cat": [], "dd conv=fsync": []}
+        runs: dict[Any, list[tuple[float, int, int]]] = {c: [] for c in configs}
+        for _ in range(args.repeat):
+            copies["cat"].append(raw_copy(single, workdir / "copy", fsync=False))
+            copies["dd conv=fsync"].append(raw_copy(single, workdir / "copy", fsync=True))
+            for config in configs:
+                slide, _label, _seed, threaded = config
+                runs[config].append(
                     await timed_download(reactor, server, slide, workdir / "dl", threaded)
-                    for _ in range(args.repeat)
-                ]
-                elapsed = statistics.median(r[0] for r in runs)
-                got = runs[0][1]
-                assert got == size, f"downloaded {got} bytes, expected {size}"
-                growth = max(r[2] for r in runs)
-                mbs = size / elapsed / 1e6
-                ok = (
-                    mbs >= 0.5 * raw["dd conv=fsync"]
-                    and mbs >= seed
-                    and growth <= RSS_GOAL_MIB * (1 << 20)
                 )
-                rows.append(
-                    (
-                        f"download {label}, {'thread' if threaded else 'inline'} writes",
-                        mbs,
-                        f"{growth / (1 << 20):.1f}",
-                        f"{mbs / raw['dd conv=fsync']:.2f}x dd, {mbs / raw['cat']:.2f}x cat, "
-                        f"{mbs / seed:.2f}x seed  {'OK' if ok else 'MISS'}",
-                    )
+        raw = {k: size / statistics.median(v) / 1e6 for k, v in copies.items()}
+        for name, times in copies.items():
+            rows.append((f"raw copy ({name})", raw[name], size / min(times) / 1e6, "", ""))
+        for config in configs:
+            slide, label, seed, threaded = config
+            got = runs[config][0][1]
+            assert got == size, f"downloaded {got} bytes, expected {size}"
+            mbs = size / statistics.median(r[0] for r in runs[config]) / 1e6
+            best = size / min(r[0] for r in runs[config]) / 1e6
+            growth = max(r[2] for r in runs[config])
+            ok = (
+                mbs >= 0.5 * raw["dd conv=fsync"]
+                and mbs >= seed
+                and growth <= RSS_GOAL_MIB * (1 << 20)
+            )
+            rows.append(
+                (
+                    f"download {label}, {'thread' if threaded else 'inline'} writes",
+                    mbs,
+                    best,
+                    f"{growth / (1 << 20):.1f}",
+                    f"{mbs / raw['dd conv=fsync']:.2f}x dd, {mbs / raw['cat']:.2f}x cat, "
+                    f"{mbs / seed:.2f}x seed  {'OK' if ok else 'MISS'}",
                 )
+            )
         server.stop()
         servers.remove(server)
         shutil.rmtree(source, ignore_errors=True)
@@ -400,12 +407,12 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
     print()
-    print(f"(a) download on loopback, {human(size)}, median of {args.repeat}")
-    header = f"{'':44}{'MB/s':>9}{'peak RSS +MiB':>15}  vs"
+    print(f"(a) download on loopback, {human(size)}, median and best of {args.repeat}")
+    header = f"{'':36}{'MB/s':>7}{'best':>7}{'peak RSS +MiB':>15}  median vs"
     print(header)
     print("-" * (len(header) + 40))
-    for name, mbs, growth, verdict in rows:
-        print(f"{name:44}{mbs:>9.0f}{growth:>15}  {verdict}")
+    for name, mbs, best, growth, verdict in rows:
+        print(f"{name:36}{mbs:>7.0f}{best:>7.0f}{growth:>15}  {verdict}")
     print(
         f"goals: >= 0.5x raw copy (dd conv=fsync), >= seed ({SEED_SINGLE_MBS:.0f} single / "
         f"{SEED_MULTI_MBS:.0f} multipart MB/s), RSS growth <= {RSS_GOAL_MIB:.0f} MiB"
@@ -425,7 +432,7 @@ def cli() -> None:
     parser.add_argument("--size", default="1G", help="download size (default 1G; e.g. 256M)")
     parser.add_argument("--tiles", type=int, default=80, help="tiles in the thumbnail level")
     parser.add_argument("--latency", type=float, default=0.005, help="seconds added per tile")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per measurement")
     parser.add_argument("--workdir", help="where the files go (default: a temp dir in /tmp)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -166,7 +166,7 @@ class PipelineConfig:
     """How a worker fetches a slide before the analysis (etc/dpatia.ini [pipeline])."""
 
     thumbnail_mpp: float = 16.0
-    tile_concurrency: int = 8
+    tile_concurrency: int = 16
     download_wsi: bool = True
     download_idle_timeout: float = 120.0
 

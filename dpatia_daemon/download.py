@@ -4,9 +4,13 @@
 
 * **Streaming with bounded memory.**  The body goes chunk by chunk from the HTTP
   client to disk; nothing holds more than a chunk or two (plus the multipart parser's
-  few held-back bytes), whatever the slide weighs.  When something slower than the
-  network is under way (an ``fsync`` in a thread), the transport is paused and
-  resumed after: TCP back-pressure, not a growing buffer.
+  few held-back bytes), whatever the slide weighs.  Whenever the disk side must be
+  waited for (a full write queue in threaded mode, too many commits in flight), the
+  transport is paused and resumed after: TCP back-pressure, not a growing buffer.
+* **Disk and network in parallel.**  Every 16 MiB the kernel is asked to start
+  writing the new range out (``sync_file_range``), so a 1 GiB file is not left dirty
+  in the page cache for one long ``fsync`` at the end (nor throttles the rest of the
+  machine); a finished part is fsynced and renamed while the next part streams in.
 * **Both answer forms** (IA-API.md §2.4): a single file (any non-multipart type;
   its name from ``Content-Disposition``, else one derived from a hash of the slide id)
   and any ``multipart/*`` (one file per part, via :mod:`.multipart`).
@@ -32,8 +36,10 @@ Blocking file work (``fsync``, ``rename``, the manifest) runs through ``run_bloc
 (``run_blocking(f, *args) -> Deferred``: the reactor's thread pool in the worker, an
 inline runner in unit tests), so the worker's reactor keeps answering AMP.  Plain
 ``os.write`` of each chunk happens inline on the reactor thread by default: it only
-copies into the page cache, and measured faster than handing chunks to a thread
-(``bench/pipeline.py``; ``threaded_writes=True`` selects the other strategy).
+copies into the page cache; handing chunks to a thread (``threaded_writes=True``)
+measured no faster on loopback (``bench/pipeline.py``), costs more CPU and a few MiB
+of queue, and is kept as an option for slow or network filesystems where a
+``write`` itself can block.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from attrs import define, field, frozen
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, ensureDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -102,6 +108,8 @@ _HIGH_WATER: Final = 8 * 1024 * 1024
 _LOW_WATER: Final = 2 * 1024 * 1024
 #: How often (clock seconds) ``progress`` is called at most while bytes arrive.
 _PROGRESS_INTERVAL: Final = 0.5
+#: Commits (fsync + rename) in flight before the body waits for one to finish.
+_MAX_COMMITS: Final = 4
 #: Hand each this many new bytes of a file to the kernel's writeback (see ``_File``).
 _WRITEBACK_EVERY: Final = 16 * 1024 * 1024
 #: Extensions for a nameless single file, by media type (OpenSlide looks at some).
@@ -625,6 +633,8 @@ class _Body(Protocol):
         self._last = run.clock.seconds()
         self._idle: IDelayedCall | None = None
         self._producer: IPushProducer | None = None
+        self._finishing = False
+        run.fail = self._fail
 
     # --- protocol -----------------------------------------------------------------------
 
@@ -730,15 +740,25 @@ class _Body(Protocol):
         return self.run.finish_file(event.index, target)
 
     def _complete(self) -> None:
-        """The whole body is handled: hand over to the run to close the manifest."""
-        self._over = True
+        """The whole body is handled: fire ``done`` once the last commits finished."""
+        if self._finishing:
+            return
+        self._finishing = True
+        # No byte is due any more; the deadline still bounds the commits.
         self._stop_timer()
-        self.done.callback(self.run.files())
+
+        def committed(_: object) -> None:
+            if not self._over:
+                self._over = True
+                self.done.callback(self.run.files())
+
+        self.run.all_committed().addCallback(committed)
 
     # --- failures, timers ---------------------------------------------------------------
 
     def _fail(self, error: BaseException) -> None:
         """Close the connection, keep the .part, fail ``done`` (once)."""
+        self.run.failed = True
         if self._over:
             return
         self._over = True
@@ -752,6 +772,7 @@ class _Body(Protocol):
 
     def _cancelled(self, _: Deferred[list[FilePath[str]]]) -> None:
         """``done`` was cancelled (deadline or caller): stop like a failure, quietly."""
+        self.run.failed = True
         if self._over:
             return
         self._over = True
@@ -807,6 +828,12 @@ class _Run:
     single_name: str | None = None
     part_size: int = 0
     delivered: bool = False
+    #: Set once the attempt failed; ``fail`` tells the body (set by it).
+    failed: bool = False
+    fail: Callable[[BaseException], None] = lambda _: None
+    _commits: DeferredLock = field(factory=DeferredLock)
+    _in_flight: int = 0
+    _room: list[Deferred[None]] = field(factory=list)
     offset: int = 0
     total: int | None = None
     received_bytes: int = 0
@@ -875,54 +902,98 @@ class _Run:
         )
 
     def finish_file(self, index: int, target: _Target) -> Deferred[None] | None:
-        """Check a completed file's size, then commit it (or confirm a skipped one)."""
-        expected = self.total if self.single_name is not None else None
+        """Check a completed file's size, then commit it (or confirm a skipped one).
+
+        Commits run one after another (a ``DeferredLock``), so the manifest records
+        files in order, but the body keeps streaming meanwhile: the next part is
+        written while the previous one is fsynced, which matters for answers of many
+        small DICOM files.  Past :data:`_MAX_COMMITS` commits in flight the returned
+        Deferred asks the body to wait (each holds an open descriptor).
+        """
         if isinstance(target, _Skip):
             recorded = self.manifest.files[index].size
-            if target.size != recorded:
-                # The server's file changed since it was stored: forget ours, so the
-                # next attempt downloads it again.
-                del self.manifest.files[index]
+            if target.size == recorded:
+                return None
+            # The server's file changed since it was stored: forget ours, so the next
+            # attempt downloads it again.
+
+            def forget() -> Deferred[None]:
+                self.manifest.files.pop(index, None)
                 self.manifest.complete = False
-                d = self.run_blocking(
+                return self.run_blocking(
                     _forget,
                     self.folder.child(target.name).path,
                     self.folder.path,
                     self.manifest.to_bytes(),
                 )
 
-                def changed(_: object) -> None:
-                    raise self.error(
-                        f"file {index + 1} ({target.name}) is now {target.size} bytes, "
-                        f"not {recorded}; it will be downloaded again"
-                    )
+            def changed(_: object) -> None:
+                raise self.error(
+                    f"file {index + 1} ({target.name}) is now {target.size} bytes, "
+                    f"not {recorded}; it will be downloaded again"
+                )
 
-                return d.addCallback(changed)
-            return None
+            return self._commits.run(forget).addCallback(changed)
+        expected = self.total if self.single_name is not None else None
         if expected is not None and target.size != expected:
             target.abandon()
             raise self.error(
                 f"{target.name} has {target.size} bytes, Content-Length said {expected}"
             )
-        manifest = _Manifest(
-            self.manifest.slide,
-            False,
-            {**self.manifest.files, index: _Entry(target.name, target.size)},
-            None,
-        )
         assert isinstance(target, _File)
-        finished = target.finish(manifest.to_bytes())
 
-        def committed(_: object) -> None:
-            self.manifest = manifest
-            log.info(
-                "slide {slide_id}: file {index} complete ({size} bytes)",
-                slide_id=self.slide_id,
-                index=index,
-                size=target.size,
+        def commit() -> Deferred[None]:
+            if self.failed:
+                target.abandon()  # keep the .part; the attempt is over
+                return succeed(None)
+            # Built when this commit's turn comes, so earlier commits are included.
+            manifest = _Manifest(
+                self.manifest.slide,
+                False,
+                {**self.manifest.files, index: _Entry(target.name, target.size)},
+                None,
             )
 
-        return finished.addCallback(committed)
+            def committed(_: object) -> None:
+                self.manifest = manifest
+                log.info(
+                    "slide {slide_id}: file {index} complete ({size} bytes)",
+                    slide_id=self.slide_id,
+                    index=index,
+                    size=target.size,
+                )
+
+            return target.finish(manifest.to_bytes()).addCallback(committed)
+
+        self._in_flight += 1
+        d = self._commits.run(commit)
+
+        def settled(result: object) -> None:
+            self._in_flight -= 1
+            if self._in_flight < _MAX_COMMITS:
+                waiters, self._room = self._room, []
+                for w in waiters:
+                    w.callback(None)
+            if isinstance(result, Failure) and not self.failed:
+                why = result.getErrorMessage() or type(result.value).__name__
+                error = (
+                    result.value
+                    if isinstance(result.value, DownloadError)
+                    else self.error(f"cannot write the file: {why}")
+                )
+                self.fail(error)
+            return None
+
+        d.addBoth(settled)
+        if self._in_flight >= _MAX_COMMITS:
+            room: Deferred[None] = Deferred()
+            self._room.append(room)
+            return room
+        return None
+
+    def all_committed(self) -> Deferred[None]:
+        """Fires when every commit started so far has finished."""
+        return self._commits.run(lambda: succeed(None))
 
     def files(self) -> list[FilePath[str]]:
         """The completed files, in answer order."""
@@ -1032,9 +1103,12 @@ def _validator(response: IResponse) -> str | None:
 
 async def _download(run: _Run) -> list[FilePath[str]]:
     """The body of :func:`download_files` (see there)."""
-    prepared: _Prepared = await run.run_blocking(
-        _prepare, run.folder.path, _slide_key(run.slide_id)
-    )
+    try:
+        prepared: _Prepared = await run.run_blocking(
+            _prepare, run.folder.path, _slide_key(run.slide_id)
+        )
+    except OSError as e:
+        raise run.error(f"cannot use the download folder: {e}") from None
     run.manifest = prepared.manifest
     run.present = prepared.present
     manifest = prepared.manifest
@@ -1143,7 +1217,10 @@ async def _close_manifest(run: _Run, total: int) -> list[FilePath[str]]:
     """Record that every file is complete; report the end; return the files."""
     run.manifest.complete = True
     run.manifest.pending = None
-    await run.run_blocking(_save_manifest, run.folder.path, run.manifest.to_bytes())
+    try:
+        await run.run_blocking(_save_manifest, run.folder.path, run.manifest.to_bytes())
+    except OSError as e:
+        raise run.error(f"cannot write the manifest: {e}") from None
     run._report(total, total)
     return run.files()
 

@@ -51,7 +51,7 @@ class PipelineSettings:
 
     include_phi: bool = False
     thumbnail_mpp: float = 16.0
-    tile_concurrency: int = 8
+    tile_concurrency: int = 16
     download_wsi: bool = True
     download_idle_timeout: float = 120.0
     sps_timeout: float = 30.0
@@ -123,7 +123,7 @@ async def prepare(
     label_path: str | None = None
     label = await fetch_label(sps, callback, slide_id)
     if label is not None:
-        target = folder.child(f"{LABEL_STEM}.{image_extension(label)}")
+        target = folder.child(LABEL_STEM + image_extension(label))
         label_path = (await save_bytes(label, target, run_blocking=run_blocking)).path
 
     files: tuple[str, ...] = ()

@@ -278,6 +278,7 @@ class _Spec:
     #: The callback the call was made with (None for ``POST token``): ``auth`` picks
     #: the Bearer token for it.
     callback: Callback | None = field(default=None, repr=False)
+    extra_headers: tuple[tuple[str, str], ...] = ()
 
 
 class _DeadlineExceeded(Exception):
@@ -478,8 +479,20 @@ class SPSClient:
         spec = self._spec(callback, "GET", endpoint, path, params, accept="image/*")
         return (await self._call(spec)).body
 
-    async def open_files(self, callback: Callback, slide_id: str) -> IResponse:
+    async def open_files(
+        self,
+        callback: Callback,
+        slide_id: str,
+        *,
+        range_from: int | None = None,
+        if_range: str | None = None,
+    ) -> IResponse:
         """``GET slides/{id}/files``: the response, as soon as its headers arrived.
+
+        ``range_from=N`` (N > 0) asks for the rest of a single-file answer from byte N
+        (``Range: bytes=N-``, with ``If-Range: if_range`` — the earlier answer's strong
+        ETag or Last-Modified — when given): the SPS answers 206 with Content-Range, or
+        200 with the whole file; 416 raises :class:`SPSError` (not retried).
 
         The deadline and the retries cover getting the headers only (and reading the
         body of an error answer).  The body (a single file or ``multipart/related``,
@@ -497,6 +510,13 @@ class SPSClient:
             accept="*/*",
             stream=True,
         )
+        extra: tuple[tuple[str, str], ...] = ()
+        if range_from:
+            extra += (("range", f"bytes={int(range_from)}-"),)
+        if if_range:
+            extra += (("if-range", if_range),)
+        if extra:
+            spec = attrs.evolve(spec, extra_headers=extra)
         return (await self._call(spec)).response
 
     async def list_results(self, callback: Callback, app_id: str, slide_id: str) -> list[Result]:
@@ -743,6 +763,8 @@ class SPSClient:
         headers.setRawHeaders(b"accept", [spec.accept.encode("ascii")])
         if spec.content_type is not None:
             headers.setRawHeaders(b"content-type", [spec.content_type.encode("ascii")])
+        for name, value in spec.extra_headers:
+            headers.setRawHeaders(name.encode("ascii"), [value.encode("latin-1")])
         return headers
 
     # --- one attempt -------------------------------------------------------------------

@@ -69,7 +69,7 @@ _PREFERRED_EXTENSIONS: Final = ("jpg", "jpeg", "png")
 _BACKGROUND: Final = (255, 255, 255)
 
 
-class _Unusable(Exception):
+class _Unusable(ValueError):
     """The slide info does not allow a thumbnail (a warning, not a failure)."""
 
 
@@ -212,8 +212,9 @@ def _paste(canvas: Image.Image, batch: list[tuple[Rect, bytes]]) -> int:
 class _Assembler:
     """Pastes tiles into the canvas in a thread, one batch at a time, as they arrive."""
 
-    def __init__(self, canvas: Image.Image, run_blocking: RunBlocking) -> None:
+    def __init__(self, canvas: Image.Image, run_blocking: RunBlocking, batch: int = 1) -> None:
         self.canvas = canvas
+        self.batch = batch
         self.run = run_blocking
         self.pending: list[tuple[Rect, bytes]] = []
         self.busy: Deferred[Any] | None = None
@@ -222,9 +223,10 @@ class _Assembler:
         self.idle: list[Deferred[None]] = []
 
     def add(self, rect: Rect, data: bytes) -> None:
-        """Queue one tile for pasting."""
+        """Queue one tile for pasting (in batches: each thread hop wakes the reactor)."""
         self.pending.append((rect, data))
-        self._kick()
+        if len(self.pending) >= self.batch:
+            self._kick()
 
     def _kick(self) -> None:
         if self.busy is not None or self.error is not None:
@@ -364,11 +366,12 @@ async def fetch_thumbnail(
             side_without_mpp=side_without_mpp,
             ext=ext,
         )
-    except (_Unusable, ValueError) as e:
+    except ValueError as e:
         log.warn("slide {slide_id}: no thumbnail: {reason}", slide_id=slide_id, reason=str(e))
         return None
     canvas = await run_blocking(Image.new, "RGB", plan.size, _BACKGROUND)
-    assembler = _Assembler(canvas, run_blocking)
+    # Paste in batches of a few tiles: each thread hop costs the reactor a wake-up.
+    assembler = _Assembler(canvas, run_blocking, batch=4)
     try:
         count = await _fetch_tiles(sps, callback, slide_id, plan, assembler, concurrency)
         await assembler.drained()
@@ -457,7 +460,7 @@ def _write_atomically(path: str, data: bytes) -> None:
     """Write ``data`` to a temporary sibling, fsync, rename over ``path``, fsync the folder."""
     folder = os.path.dirname(path) or "."
     temp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
         while view:

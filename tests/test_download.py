@@ -619,17 +619,30 @@ def test_interrupted_multipart_resumes_without_rewriting_completed_parts(
     assert manifest(env.folder)["complete"] is True
 
 
-def test_interrupted_single_file_starts_over_without_range_support(tmp_path: Path) -> None:
-    """With today's SPSClient (no range_from) an interrupted file is fetched whole again."""
+def test_interrupted_single_file_starts_over_when_the_sps_ignores_range(tmp_path: Path) -> None:
+    """The real SPSClient asks for the rest (Range); an SPS that answers 200 with the
+    whole file instead gets the file fetched whole again, correctly."""
     payload = data_of(200_000)
-    server = FileServer([("scan.svs", payload)], cut_after=80_000)
+    server = FileServer([("scan.svs", payload)], cut_after=80_000, honour_range=False)
     env = make_env(tmp_path, server)
     failure_result_of(env.download(), DownloadError)
     assert env.folder.child("scan.svs.part").getsize() == 80_000
     files = env.result(env.download())
     assert files[0].getContent() == payload
-    assert "range" not in server.requests[-1]
+    assert server.requests[-1]["range"] == "bytes=80000-"
     assert server.sent == 80_000 + 200_000
+
+
+def test_interrupted_single_file_resumes_with_the_real_client(tmp_path: Path) -> None:
+    """SPSClient.open_files sends Range/If-Range: the retry appends the missing bytes."""
+    payload = data_of(200_000)
+    server = FileServer([("scan.svs", payload)], cut_after=80_000)
+    env = make_env(tmp_path, server)
+    failure_result_of(env.download(), DownloadError)
+    files = env.result(env.download())
+    assert files[0].getContent() == payload
+    assert server.requests[-1]["if-range"] == '"v1"'
+    assert server.sent == 200_000
 
 
 def test_interrupted_single_file_resumes_with_range(tmp_path: Path) -> None:
@@ -842,7 +855,7 @@ async def _loopback(
         return await download_files(client, callback, SLIDE, folder, clock=reactor, **kwargs)
     finally:
         await http.close()
-        await port.stopListening()
+        await maybeDeferred(port.stopListening)
 
 
 @pytest.mark.integration
@@ -861,37 +874,72 @@ async def test_loopback_multipart_streams(reactor: Any, tmp_path: Path, threaded
     assert [(f.basename(), f.getContent()) for f in files] == parts
 
 
+async def _held_up(
+    reactor: Any, server: FileServer, folder: FilePath[str], op: str, **kwargs: Any
+) -> tuple[Deferred[list[FilePath[str]]], Deferred[None], list[int]]:
+    """Start a loopback download whose blocking operations named ``op`` wait for a gate;
+    return the download, the gate, and a list that counts the held operations."""
+    from twisted.internet import task
+
+    threads = _threads(reactor)
+    gate: Deferred[None] = Deferred()
+    held: list[int] = []
+
+    def run_blocking(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if f.__name__ == op and not gate.called:
+            held.append(1)
+            d: Deferred[None] = Deferred()
+            gate.addCallback(lambda _: threads(f, *args).chainDeferred(d))
+            return d
+        return threads(f, *args)
+
+    download = ensureDeferred(
+        _loopback(reactor, server, folder, run_blocking=run_blocking, **kwargs)
+    )
+    while not held:
+        await task.deferLater(reactor, 0.01)
+    await task.deferLater(reactor, 0.3)  # let the server fill every buffer it can
+    return download, gate, held
+
+
 @pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_loopback_back_pressure(reactor: Any, tmp_path: Path) -> None:
-    """While the disk is slow (a commit held up) the client stops reading: the server is
-    paused and has sent only what socket buffers hold, not the rest of the body."""
+    """Threaded writes: while the disk is slow (a write held up) the client stops
+    reading past the high-water mark; the server is paused with the rest unsent."""
     size = 48 * 1024 * 1024
-    parts = [("a.dcm", b"\x00" * 1000), ("b.dcm", data_of(size, 5))]
-    server = FileServer(parts, chunk=65_536)
+    server = FileServer([("a.svs", data_of(size, 5))], chunk=65_536)
     folder = FilePath(str(tmp_path / "wsi"))
-    threads = _threads(reactor)
-    gate: Deferred[None] = Deferred()
-    gated: list[bool] = []
-
-    def run_blocking(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        if f.__name__ == "_commit" and not gated:
-            gated.append(True)
-            return gate.addCallback(lambda _: threads(f, *args))
-        return threads(f, *args)
-
-    download = ensureDeferred(_loopback(reactor, server, folder, run_blocking=run_blocking))
-    from twisted.internet import task
-
-    while not gated:
-        await task.deferLater(reactor, 0.01)
-    await task.deferLater(reactor, 0.3)  # let the server fill every buffer it can
-    held = server.sent
+    download, gate, _ = await _held_up(
+        reactor, server, folder, "_write_batch", threaded_writes=True
+    )
     assert server.pauses >= 1
-    assert held < 16 * 1024 * 1024, held
+    assert server.sent < 16 * 1024 * 1024, server.sent
     gate.callback(None)
     files = await download
-    assert files[1].getsize() == size
+    assert files[0].getContent() == server.files[0][1]
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_loopback_commits_overlap_but_are_bounded(reactor: Any, tmp_path: Path) -> None:
+    """Many small parts: the stream goes on while earlier files are fsynced, but with
+    no more than 4 commits in flight (each holds a descriptor): then the client waits."""
+    parts = [(f"{i:03}.dcm", data_of(500_000, i)) for i in range(60)]
+    server = FileServer(parts, chunk=65_536)
+    folder = FilePath(str(tmp_path / "wsi"))
+    download, gate, held = await _held_up(reactor, server, folder, "_commit")
+    assert len(held) == 1  # the others queue behind it, in order
+    # Parts 2-4 were written while part 1 waits for its fsync...
+    assert folder.child("003.dcm.part").getsize() == 500_000
+    assert not folder.child("000.dcm").exists()
+    # ...and then the client stopped reading: the server holds most of the body.
+    assert not folder.child("005.dcm.part").exists()
+    assert server.sent < 20_000_000, server.sent
+    gate.callback(None)
+    files = await download
+    assert [(f.basename(), f.getContent()) for f in files] == parts
+    assert [e["index"] for e in manifest(folder)["files"]] == list(range(60))
 
 
 # --- odd answers ----------------------------------------------------------------------------
@@ -909,7 +957,9 @@ def test_unexpected_status_is_an_error(tmp_path: Path) -> None:
             return b"abcd"
 
     env = make_env(tmp_path, Partial())
-    assert "unexpected answer HTTP 206" in str(failure_result_of(env.download(), DownloadError).value)
+    assert "unexpected answer HTTP 206" in str(
+        failure_result_of(env.download(), DownloadError).value
+    )
 
 
 def test_switch_from_single_to_multipart(tmp_path: Path) -> None:
@@ -956,3 +1006,13 @@ def test_progress_is_throttled(tmp_path: Path) -> None:
     server.producers[-1].resumeProducing()
     env.result(d)
     assert seen[1][0] > 30_000 and seen[-1] == (100_000, 100_000)
+
+
+def test_unusable_folder_is_a_download_error(tmp_path: Path) -> None:
+    """A folder that cannot be created (a file is in the way) is a DownloadError."""
+    env = make_env(tmp_path, FileServer([("a.svs", b"x")]))
+    env.folder.parent().makedirs()
+    env.folder.setContent(b"in the way")
+    assert "cannot use the download folder" in str(
+        failure_result_of(env.download(), DownloadError).value
+    )
