@@ -115,8 +115,11 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     port = reactor.listenTCP(0, Site(fake.resource()), interface="127.0.0.1", backlog=256)
     callback = f"http://127.0.0.1:{port.getHost().port}{BASE}"
     config = workdir / "dpatia.ini"
+    # Acceptance alone: no local workers competing for the cores ([workers] count = 0,
+    # a front-door daemon whose jobs other daemons sharing the spool would run).
     config.write_text(
-        f"[spool]\ndirectory = {spool}\n[sps]\nallowed_callback_urls = http://127.0.0.1:*/\n"
+        f"[spool]\ndirectory = {spool}\n[workers]\ncount = 0\n"
+        "[sps]\nallowed_callback_urls = http://127.0.0.1:*/\n"
     )
     daemon = DaemonProcess(reactor=reactor, config=str(config), cwd=str(workdir))
     await daemon.start()

@@ -416,7 +416,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
     "workers": (
         WorkersConfig,
         {
-            "count": _positive_int,
+            "count": _non_negative_int,
             "work_directory": _path,
             "max_attempts": _positive_int,
             "job_timeout": _positive_float,

@@ -196,26 +196,30 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     writer = ResultWriter(
         sps=sps, clock=reactor, display_name=config.app.display_name, tokens=tokens
     )
-    workers = Supervisor(
-        reactor=reactor,
-        spool=spool,
-        writer=writer,
-        config=config.workers,
-        analysis=config.app.analysis,
-        settings=_analysis_settings(config),
-        pipeline=_pipeline_settings(config),
-        folders=WorkFolders(
-            config.workers.work_directory,
-            run_blocking=partial(_in_thread, reactor),
-            keep_wsi=config.spool.keep_wsi,
-            retention_days=config.spool.retention_days,
-        ),
-        sweep_interval=config.spool.sweep_interval,
-        tokens=tokens,
-        credentials=credentials,
-    )
-    workers.setName("workers")
-    workers.setServiceParent(root)
+    if config.workers.count:
+        workers = Supervisor(
+            reactor=reactor,
+            spool=spool,
+            writer=writer,
+            config=config.workers,
+            analysis=config.app.analysis,
+            settings=_analysis_settings(config),
+            pipeline=_pipeline_settings(config),
+            folders=WorkFolders(
+                config.workers.work_directory,
+                run_blocking=partial(_in_thread, reactor),
+                keep_wsi=config.spool.keep_wsi,
+                retention_days=config.spool.retention_days,
+            ),
+            sweep_interval=config.spool.sweep_interval,
+            tokens=tokens,
+            credentials=credentials,
+        )
+        workers.setName("workers")
+        workers.setServiceParent(root)
+    else:
+        # A front door only: it accepts and spools jobs; daemons sharing the spool run them.
+        log.info("no workers ([workers] count = 0): jobs are accepted, others run them")
 
     api = IAAPI(
         config=config,

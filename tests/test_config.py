@@ -71,7 +71,7 @@ def test_overrides_beat_the_file(tmp_path: Path) -> None:
         ("[server]\nport = 1\n" + MINIMAL, {}, "[server] port: unknown key"),
         ("[srv]\n" + MINIMAL, {}, "[srv]: unknown section"),
         ("[workers]\ncount = two\n" + MINIMAL, {}, "[workers] count: 'two' is not a number"),
-        ("[workers]\ncount = 0\n" + MINIMAL, {}, "[workers] count: must be at least 1"),
+        ("[workers]\ncount = -1\n" + MINIMAL, {}, "[workers] count: must not be negative"),
         ("[server]\nlisten = nonsense:1\n" + MINIMAL, {}, "[server] listen: not a usable"),
         ("[server]\nroute = dpatia\n" + MINIMAL, {}, "[server] route: must be a path"),
         ("[server]\npublic_url = ftp://x\n" + MINIMAL, {}, "[server] public_url: must be an"),

@@ -180,7 +180,7 @@ async def test_sigterm_stops_the_daemon_cleanly(
         (None, [], "no such file"),
         (
             "[sps]\nallowed_callback_urls = http://127.0.0.1:*/\n",
-            ["--workers", "0"],
+            ["--workers", "-1"],
             "command line --workers",
         ),
     ],

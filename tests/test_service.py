@@ -44,3 +44,13 @@ def test_systemd_listen_without_sockets_is_a_config_error(
         build_service(config_for(tmp_path, "systemd:domain=INET:index=0"), MemoryReactorClock())
     assert "[server] listen: systemd socket activation requested" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_zero_workers_builds_a_front_door_only(tmp_path: Path) -> None:
+    """[workers] count = 0: no supervisor in the tree; the daemon accepts and spools."""
+    config = config_for(tmp_path)
+    config = attrs.evolve(config, workers=attrs.evolve(config.workers, count=0))
+    names = [service.name for service in build_service(config, MemoryReactorClock())]
+    assert "workers" not in names
+    assert {"spool", "api", "http"} <= set(names)
+
