@@ -63,8 +63,11 @@ def serve_sps(slides: int) -> None:
     from dpatia_daemon.simulator.fake import FakeSPS
 
     fake = FakeSPS(clock=reactor)
+    # Each slide has a small WSI file: workers fetch metadata, label and files before
+    # the analysis, as the seed's worker did.
+    wsi = bytes(range(256)) * 4096  # 1 MiB
     for n in range(slides):
-        fake.add_slide(f"bench-{n:05d}")
+        fake.add_slide(f"bench-{n:05d}", files=[("slide.tif", wsi)])
     token = fake.issue_token()
     site = Site(fake.resource())
     site.noisy = False
