@@ -22,6 +22,8 @@ Every response, errors included, is JSON and carries ``X-Sectra-ApiVersion`` and
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -169,11 +171,14 @@ class IAAPI:
     clock: IReactorTime
     writer: ResultWriter
     notification_counts: NotificationCounts = field(factory=NotificationCounts)
+    _answering: int = field(default=0, init=False)
     background: BackgroundQueue = field(factory=BackgroundQueue)
     tokens: TokenBook = field(factory=TokenBook)
     app: Klein = field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        # Background SPS writes yield to requests being answered (see BackgroundQueue).
+        self.background.busy = lambda: self._answering > 0
         # Routes depend on the configured route, so the app is built per instance.
         app = self.app = Klein()
         route = self.config.server.route
@@ -235,6 +240,10 @@ class IAAPI:
         )
 
     async def invoke(self, request: IRequest) -> bytes:
+        with self._answering_request():
+            return await self._invoke(request)
+
+    async def _invoke(self, request: IRequest) -> bytes:
         data = self._read_json(request)
         invocation, parsed = parse_invocation(data)
         self._check_invocation(invocation)
@@ -248,6 +257,20 @@ class IAAPI:
         return await self._cancel(request, invocation)
 
     async def image_notification(self, request: IRequest) -> bytes:
+        with self._answering_request():
+            return await self._image_notification(request)
+
+    @contextmanager
+    def _answering_request(self) -> Iterator[None]:
+        self._answering += 1
+        try:
+            yield
+        finally:
+            self._answering -= 1
+            if not self._answering:
+                self.background.wake()
+
+    async def _image_notification(self, request: IRequest) -> bytes:
         data = self._read_json(request)
         notification: ImageNotification = parse(ImageNotification, data)
         self._check_invocation(notification)

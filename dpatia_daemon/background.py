@@ -1,4 +1,5 @@
-"""A small FIFO of fire-and-forget SPS writes, run a few at a time.
+"""A small FIFO of fire-and-forget SPS writes, run a few at a time (one at a time while
+the front door is busy answering).
 
 The front door answers image notifications at once and stores their "queued" frame
 afterwards.  Run unbounded, a burst of imports would start two SPS calls per
@@ -29,6 +30,9 @@ class BackgroundQueue:
     """Runs submitted tasks oldest first, at most ``concurrency`` at a time."""
 
     concurrency: int = 4
+    #: While this says the front door is answering requests, run one task at a time:
+    #: an acknowledgement is what the SPS waits for; nobody waits for these writes.
+    busy: Callable[[], bool] = lambda: False
     _waiting: deque[tuple[str, Task]] = field(factory=deque, init=False)
     _running: int = field(default=0, init=False)
     _idle: list[Deferred[None]] = field(factory=list, init=False)
@@ -65,8 +69,12 @@ class BackgroundQueue:
             self._waiting.clear()
         return self.drain()
 
+    def wake(self) -> None:
+        """The front door went idle: use the full concurrency again."""
+        self._next()
+
     def _next(self) -> None:
-        while self._waiting and self._running < self.concurrency:
+        while self._waiting and self._running < (1 if self.busy() else self.concurrency):
             name, task = self._waiting.popleft()
             self._running += 1
             ensureDeferred(task()).addErrback(self._failed, name).addBoth(self._done)

@@ -893,7 +893,8 @@ class SpoolStore:
             raise
         for r in results:
             if isinstance(r, Job):
-                log.info("job {job_id} queued for key {key}", job_id=r.job_id, key=r.key)
+                # The front door logs each acceptance; this is the spool-level detail.
+                log.debug("job {job_id} queued for key {key}", job_id=r.job_id, key=r.key)
         return results
 
     def add(self, job: Job) -> Job:
