@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from .amp import JOB_FILE, LABEL_STEM, RESULT_FILE, SLIDE_INFO_FILE, WSI_DIR
+from .atomic import write_atomically
 from .jobs import Callback, Job, JobKind, JobState
 from .models import InvalidInput, Result, result_from_json
 from .result_writer import ResultGone, ResultWriter, Superseded, is_final
@@ -50,7 +51,6 @@ T = TypeVar("T")
 
 _KEY = re.compile(r"[0-9a-f]{2,64}\Z")
 _DIR_MODE = 0o700
-_FILE_MODE = 0o600
 #: Longest error text put in a frame's label (the full text goes in a property).
 _LABEL_ERROR = 160
 
@@ -122,18 +122,6 @@ class UnusableResult(Exception):
     """A ``result.json`` that cannot be stored; the message says why."""
 
 
-def _write_private(path: FilePath[str], data: bytes) -> None:
-    """Write ``path`` (0600) via a temp file and a rename (no fsync: nothing here is the
-    durable copy of anything — the spool is)."""
-    tmp = path.sibling(f".{path.basename()}.{os.getpid()}.tmp")
-    fd = os.open(tmp.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.rename(tmp.path, path.path)
-
-
 #: Files of an ended job removed at once: the label image may show PHI.
 RETIRED_PREFIXES = (LABEL_STEM + ".",)
 
@@ -180,7 +168,7 @@ class WorkFolders:
         folder = self.folder(job)
         _private_dir(self.root)
         _private_dir(folder)
-        _write_private(folder.child(JOB_FILE), job.to_json())
+        write_atomically(folder.child(JOB_FILE).path, job.to_json(), fsync=False)
         result = folder.child(RESULT_FILE)
         if result.exists() and self._result_job_id(result) != job.job_id:
             result.remove()
@@ -193,7 +181,7 @@ class WorkFolders:
         path = self.folder(job).child(JOB_FILE)
         if not path.exists():
             return False
-        _write_private(path, job.to_json())
+        write_atomically(path.path, job.to_json(), fsync=False)
         return True
 
     @staticmethod

@@ -68,6 +68,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
+from .atomic import write_atomically
 from .filenames import NameAllocator, UnsafePath, contained_child, fallback_name
 from .jobs import Callback
 from .multipart import (
@@ -234,20 +235,6 @@ class _Prepared:
     part_size: int
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename (no dir fsync)."""
-    temp = path + ".tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temp, path)
-
-
 def _fsync_dir(path: str) -> None:
     """Make renames in directory ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -284,7 +271,7 @@ def _prepare(folder: str, slide: str) -> _Prepared:
 
 def _save_manifest(folder: str, data: bytes) -> None:
     """Replace the manifest atomically and durably."""
-    _write_atomically(os.path.join(folder, MANIFEST_NAME), data)
+    write_atomically(os.path.join(folder, MANIFEST_NAME), data)
     _fsync_dir(folder)
 
 
@@ -297,7 +284,7 @@ def _commit(fd: int, temp: str, final: str, folder: str, manifest: bytes) -> Non
     os.rename(temp, final)
     # The manifest is written only after the file is durable under its final name, so
     # it never claims a file that a crash could lose.
-    _write_atomically(os.path.join(folder, MANIFEST_NAME), manifest)
+    write_atomically(os.path.join(folder, MANIFEST_NAME), manifest)
     _fsync_dir(folder)
 
 

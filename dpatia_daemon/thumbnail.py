@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Final
 
 from attrs import frozen
@@ -36,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
+from .atomic import write_atomically
 from .dzi import DZI, Rect
 from .jobs import Callback
 from .sps import SPSClient, SPSError, SPSUnauthorized
@@ -456,33 +458,13 @@ def image_extension(data: bytes) -> str:
     return ".bin"
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary sibling, fsync, rename over ``path``, fsync the folder."""
-    folder = os.path.dirname(path) or "."
-    temp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temp, path)
-    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _encode_and_write(image: Image.Image, path: str, fmt: str, quality: int) -> None:
     buffer = io.BytesIO()
     if fmt == "JPEG":
         image.convert("RGB").save(buffer, "JPEG", quality=quality)
     else:
         image.save(buffer, fmt)
-    _write_atomically(path, buffer.getvalue())
+    write_atomically(path, buffer.getvalue(), fsync_dir=True)
 
 
 async def save_image(
@@ -505,5 +487,5 @@ async def save_bytes(
     data: bytes, path: FilePath[str], *, run_blocking: RunBlocking
 ) -> FilePath[str]:
     """Store ``data`` (e.g. the label as the SPS sent it) at ``path`` atomically, in a thread."""
-    await run_blocking(_write_atomically, path.path, data)
+    await run_blocking(partial(write_atomically, fsync_dir=True), path.path, data)
     return path

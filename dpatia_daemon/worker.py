@@ -71,6 +71,7 @@ from .amp import (
 )
 from .analyses import Analysis, AnalysisCancelled, AnalysisJob, AnalysisResult
 from .analyses.loader import AnalysisLoadError, load_analysis
+from .atomic import write_atomically
 from .download import DownloadError
 from .jobs import Job
 from .models import Result, unstructure
@@ -337,7 +338,7 @@ class WorkerProtocol(AMP):
         if verdict is not None:
             record["qualityControl"] = verdict
         body = json.dumps(record, allow_nan=False).encode("utf-8")
-        return _write_atomically(folder, RESULT_FILE, body)
+        return write_atomically(folder.child(RESULT_FILE).path, body)
 
     def _report(self, running: _Running, percent: Any, text: Any) -> None:
         """``progress(percent, text)`` as the analysis calls it, from its thread."""
@@ -396,20 +397,6 @@ class WorkerProtocol(AMP):
             self.current.cancel.set()
         if getattr(self.reactor, "running", False):
             self.reactor.stop()
-
-
-def _write_atomically(folder: FilePath[str], name: str, data: bytes) -> str:
-    """Write ``folder/name`` via a temp file, fsync and rename; return its path."""
-    target = folder.child(name)
-    tmp = folder.child(f".{name}.{os.getpid()}.tmp")
-    fd = os.open(tmp.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp.path, target.path)
-    return target.path
 
 
 # --- process set-up -------------------------------------------------------------------
