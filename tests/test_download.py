@@ -1016,3 +1016,26 @@ def test_unusable_folder_is_a_download_error(tmp_path: Path) -> None:
     assert "cannot use the download folder" in str(
         failure_result_of(env.download(), DownloadError).value
     )
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_simulator_cut_download_resumes_with_range(reactor: Any, tmp_path: Path) -> None:
+    """The SPS simulator's fault "drop the connection mid-download": the retry asks for
+    the rest (Range, If-Range) and the simulator answers 206 from that offset."""
+    from dpatia_daemon.simulator.faults import Faults
+
+    payload = data_of(3_000_000, 7)
+    source = tmp_path / "scan.tif"
+    source.write_bytes(payload)
+    fake = FakeSPS(clock=reactor, faults=Faults(drop_after_bytes=1_000_000, drop_count=1))
+    fake.add_slide(SLIDE).file_paths = [("scan.tif", source)]
+    fake.tokens.add("t")
+    folder = FilePath(str(tmp_path / "wsi"))
+    with pytest.raises(DownloadError):
+        await _loopback(reactor, fake.resource(), folder)
+    files = await _loopback(reactor, fake.resource(), folder)
+    assert [(f.basename(), f.getContent()) for f in files] == [("scan.tif", payload)]
+    last = fake.requests[-1]
+    assert last.header("range").startswith("bytes=")
+    assert int(last.header("range")[6:-1]) >= 900_000

@@ -12,8 +12,10 @@ the dropped-download fault happens.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -220,11 +222,19 @@ class _SegmentProducer:
     needs nothing else (and runs in memory under StubTreq).
     """
 
-    def __init__(self, request: IRequest, segments: list[Segment], drop_after: int | None):
+    def __init__(
+        self,
+        request: IRequest,
+        segments: list[Segment],
+        drop_after: int | None,
+        skip: int = 0,
+    ):
         # A twisted.web Request: IRequest does not declare the consumer methods it has.
         self.request: Any = request
         self.segments = list(segments)
         self.drop_after = drop_after
+        #: Bytes of the first (file) segment not to send: a Range request's offset.
+        self.skip = skip
         self.sent = 0
         self.file: IO[bytes] | None = None
         self.paused = False
@@ -246,6 +256,9 @@ class _SegmentProducer:
                 continue
             if self.file is None:
                 self.file = head.open("rb")
+                if self.skip:
+                    self.file.seek(self.skip)
+                    self.skip = 0
             chunk = self.file.read(CHUNK)
             if chunk:
                 return chunk
@@ -330,12 +343,38 @@ class FileStream(Resource):
         self.drop_after = drop_after
 
     def render_GET(self, request: IRequest) -> Any:
-        """Set the headers and start the producer."""
+        """Set the headers and start the producer.
+
+        A single file honours ``Range: bytes=N-`` (206 with Content-Range; 416 past the
+        end) unless an ``If-Range`` names another version than its ``ETag``, so an
+        interrupted download can resume as it may with a real server.
+        """
+        skip = 0
         if len(self.files) == 1:
             name, content = self.files[0]
             segments: list[Segment] = [content]
+            size = _size(content)
+            etag = _etag(content)
             request.setHeader(b"content-type", b"application/octet-stream")
             request.setHeader(b"content-disposition", f'attachment; filename="{_quote(name)}"')
+            request.setHeader(b"etag", etag)
+            request.setHeader(b"accept-ranges", b"bytes")
+            start = _range_start(request, etag)
+            if start is not None and start >= size:
+                request.setResponseCode(416)
+                request.setHeader(b"content-range", f"bytes */{size}")
+                request.setHeader(b"content-length", b"0")
+                return b""
+            if start:
+                request.setResponseCode(206)
+                request.setHeader(b"content-range", f"bytes {start}-{size - 1}/{size}")
+                if isinstance(content, bytes):
+                    segments = [content[start:]]
+                else:
+                    skip = start
+                request.setHeader(b"content-length", str(size - start))
+                _SegmentProducer(request, segments, self.drop_after, skip).start()
+                return NOT_DONE_YET
         else:
             segments = multipart_segments(self.files, self.boundary)
             request.setHeader(b"content-type", f"multipart/related; boundary={self.boundary}")
@@ -343,6 +382,26 @@ class FileStream(Resource):
         request.setResponseCode(200)
         _SegmentProducer(request, segments, self.drop_after).start()
         return NOT_DONE_YET
+
+
+def _etag(content: Segment) -> str:
+    """A strong validator: the bytes' digest, or a file's size and modification time."""
+    if isinstance(content, bytes):
+        return '"' + hashlib.sha256(content).hexdigest()[:24] + '"'
+    st = content.stat()
+    return f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
+
+
+def _range_start(request: IRequest, etag: str) -> int | None:
+    """N of a ``Range: bytes=N-`` request that may be honoured, else None."""
+    raw = request.getHeader(b"range")
+    if raw is None:
+        return None
+    if_range = request.getHeader(b"if-range")
+    if if_range is not None and if_range.decode("latin-1") != etag:
+        return None  # another version than the client has: send it whole
+    match = re.fullmatch(rb"bytes=(\d+)-", raw.strip())
+    return int(match.group(1)) if match else None
 
 
 __all__ = [
