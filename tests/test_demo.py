@@ -82,13 +82,10 @@ def result_colours(result: dict[str, Any]) -> set[tuple[int, int, int]]:
 def test_quick_demo_registers_analyses_three_slides_and_draws_their_results(
     tmp_path: Path, analysis: str | None
 ) -> None:
-    """On the shipped config (and with the demo analysis, if that is not the shipped
-    one): exit 0; every job printed progress and ended Done; results.json holds the
+    """On the shipped config (tissue) and with the demo analysis: exit 0; every job printed progress and ended Done; results.json holds the
     final results; each slide's PNG is a valid image with its result's colour on it."""
     args: list[str] = []
     if analysis is not None:
-        if re.search(rf"^analysis = {analysis}$", SHIPPED.read_text(), re.M):
-            pytest.skip(f"the shipped config already runs {analysis!r}")
         config = tmp_path / f"{analysis}.ini"
         config.write_text(ini_with(SHIPPED.read_text(), {("app", "analysis"): analysis}))
         args = ["--config", str(config)]
