@@ -424,7 +424,11 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     print("-" * len(header))
     for name, tiles, seconds, speedup in thumb_rows:
         print(f"{name:55}{tiles:>7}{seconds:>10.3f}{speedup:>9.1f}x")
-    print("goal: fetch_thumbnail at concurrency 8 >= 6x faster than one tile after another")
+    default = PipelineSettings().tile_concurrency
+    print(
+        f"goal: fetch_thumbnail >= 6x faster than one tile after another "
+        f"(dpatia fetches [pipeline] tile_concurrency = {default} tiles at a time by default)"
+    )
 
 
 def cli() -> None:
