@@ -424,6 +424,8 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     print("-" * len(header))
     for name, tiles, seconds, speedup in thumb_rows:
         print(f"{name:55}{tiles:>7}{seconds:>10.3f}{speedup:>9.1f}x")
+    from dpatia_daemon.pipeline import PipelineSettings
+
     default = PipelineSettings().tile_concurrency
     print(
         f"goal: fetch_thumbnail >= 6x faster than one tile after another "
