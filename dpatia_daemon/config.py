@@ -380,7 +380,7 @@ def _prefixes(text: str) -> tuple[URLPrefix, ...]:
     return tuple(URLPrefix.parse(item) for item in items)
 
 
-# section -> key -> (parser, attrs field name)
+# section -> (its frozen class, {key: parser of the key's text})
 _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
     "server": (
         ServerConfig,

@@ -743,11 +743,11 @@ class _Body(Protocol):
 
     # --- failures, timers ---------------------------------------------------------------
 
-    def _fail(self, error: BaseException) -> None:
-        """Close the connection, keep the .part, fail ``done`` (once)."""
+    def _stop(self) -> bool:
+        """Close the connection and keep the .part; False if already stopped."""
         self.run.failed = True
         if self._over:
-            return
+            return False
         self._over = True
         self._stop_timer()
         if self._target is not None:
@@ -755,20 +755,16 @@ class _Body(Protocol):
             self._target = None
         if self._producer is not None:
             self._producer.stopProducing()
-        self.done.errback(Failure(error))
+        return True
+
+    def _fail(self, error: BaseException) -> None:
+        """Stop and fail ``done`` (once)."""
+        if self._stop():
+            self.done.errback(Failure(error))
 
     def _cancelled(self, _: Deferred[list[FilePath[str]]]) -> None:
         """``done`` was cancelled (deadline or caller): stop like a failure, quietly."""
-        self.run.failed = True
-        if self._over:
-            return
-        self._over = True
-        self._stop_timer()
-        if self._target is not None:
-            self._target.abandon()
-            self._target = None
-        if self._producer is not None:
-            self._producer.stopProducing()
+        self._stop()
 
     def _check_idle(self) -> None:
         self._idle = None

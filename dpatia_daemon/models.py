@@ -13,7 +13,6 @@ from __future__ import annotations
 from enum import Enum, StrEnum
 from typing import Any, Literal
 
-import attrs
 import cattrs
 from attrs import field, frozen
 from cattrs.preconf.json import make_converter
@@ -184,20 +183,6 @@ class Invocation:
     context: dict[str, JSONValue] | None = None
     cancellationToken: str | None = None
     input: JSONValue = None
-
-
-@frozen
-class ImageInfo:
-    """The part of ``imageInfo`` (same shape as ``slides/{id}/info``) that dpatia reads.
-
-    The whole object is kept as JSON in the job; this typed view serves filters.
-    """
-
-    micronsPerPixel: float | None = None
-    staining: dict[str, JSONValue] | None = None
-    bodyPart: str | None = None
-    examCode: str | None = None
-    priority: int | None = None
 
 
 @frozen
@@ -413,7 +398,6 @@ __all__ = [
     "Action",
     "AnalysisInput",
     "CallbackInfo",
-    "ImageInfo",
     "ImageNotification",
     "InputTemplate",
     "InputType",
@@ -432,7 +416,6 @@ __all__ = [
     "TaggedPolygonInput",
     "VersionInfo",
     "WholeSlideInput",
-    "attrs",
     "converter",
     "parse",
     "parse_invocation",

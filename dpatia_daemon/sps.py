@@ -535,10 +535,7 @@ class SPSClient:
         endpoint = "GET applications/{appId}/results/{id}"
         path = f"applications/{_seg(app_id)}/results/{_seg(result_id)}"
         spec = self._spec(callback, "GET", endpoint, path)
-        answer = await self._call(spec)
-        return self._result(
-            self._json(answer, endpoint, spec.secrets), endpoint, answer, spec.secrets
-        )
+        return self._stored_result(await self._call(spec), endpoint, spec)
 
     async def create_result(self, callback: Callback, app_id: str, result: Result) -> Result:
         """``POST applications/{appId}/results``: store a new result; returns it with ids.
@@ -559,10 +556,7 @@ class SPSClient:
             # was not received (connect errors) or the SPS said so (429/503).
             idempotent=False,
         )
-        answer = await self._call(spec)
-        return self._result(
-            self._json(answer, endpoint, spec.secrets), endpoint, answer, spec.secrets
-        )
+        return self._stored_result(await self._call(spec), endpoint, spec)
 
     async def update_result(
         self,
@@ -615,10 +609,7 @@ class SPSClient:
             body=json.dumps(unstructure(result)).encode("utf-8"),
             conflict_aware=True,
         )
-        answer = await self._call(spec)
-        return self._result(
-            self._json(answer, endpoint, spec.secrets), endpoint, answer, spec.secrets
-        )
+        return self._stored_result(await self._call(spec), endpoint, spec)
 
     async def set_quality_control(
         self,
@@ -984,6 +975,12 @@ class SPSClient:
             return json.loads(answer.body)
         except ValueError:
             raise self._protocol_error(endpoint, "not JSON", answer, secrets) from None
+
+    def _stored_result(self, answer: _Answer, endpoint: str, spec: _Spec) -> Result:
+        """The result a result call answered with (its JSON body parsed and checked)."""
+        return self._result(
+            self._json(answer, endpoint, spec.secrets), endpoint, answer, spec.secrets
+        )
 
     def _result(self, data: Any, endpoint: str, answer: _Answer, secrets: Sequence[str]) -> Result:
         """Parse a result or raise :class:`SPSProtocolError`."""
