@@ -13,6 +13,8 @@ directory, as for any twistd daemon; the systemd unit sets ``WorkingDirectory``.
 from __future__ import annotations
 
 import configparser
+import enum
+import functools
 import os
 import re
 import stat
@@ -117,6 +119,14 @@ class URLPrefix:
 # --- sections -------------------------------------------------------------------------
 
 
+class AccessLog(enum.Enum):
+    """Which answered requests get a line in the log ([server] access_log)."""
+
+    ALL = "all"
+    ERRORS = "errors"  # answers with status 400 or above
+    OFF = "off"
+
+
 @frozen
 class ServerConfig:
     listen: str = "tcp:5006"
@@ -124,6 +134,7 @@ class ServerConfig:
     public_url: str | None = None
     max_body_bytes: int = 1024 * 1024
     api_version: str = "1.5"
+    access_log: AccessLog = AccessLog.ERRORS
 
 
 @frozen
@@ -211,7 +222,14 @@ class SPSConfig:
     client_secret: str | None = field(default=None, repr=False)
 
     def allows(self, url: str) -> bool:
-        return any(prefix.matches(url) for prefix in self.allowed_callback_urls)
+        return _allowed(self.allowed_callback_urls, url)
+
+
+@functools.lru_cache(maxsize=256)
+def _allowed(prefixes: tuple[URLPrefix, ...], url: str) -> bool:
+    # Cached: an SPS sends the same callback URL with every request, and parsing it
+    # again for each acknowledgement is measurable.
+    return any(prefix.matches(url) for prefix in prefixes)
 
 
 @frozen
@@ -347,6 +365,13 @@ def _input_type(text: str) -> InputType:
         raise ValueError("must be one of " + ", ".join(t.value for t in InputType)) from None
 
 
+def _access_log(text: str) -> AccessLog:
+    try:
+        return AccessLog(text.strip())
+    except ValueError:
+        raise ValueError("must be one of " + ", ".join(a.value for a in AccessLog)) from None
+
+
 def _tags(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
@@ -390,6 +415,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "public_url": _public_url,
             "max_body_bytes": _positive_int,
             "api_version": _version,
+            "access_log": _access_log,
         },
     ),
     "app": (

@@ -16,8 +16,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from dpatia_daemon import __version__
-from dpatia_daemon.api import IAAPI, make_site
-from dpatia_daemon.config import Config, SPSConfig, URLPrefix
+from dpatia_daemon.api import IAAPI, IASite, make_site
+from dpatia_daemon.config import AccessLog, Config, SPSConfig, URLPrefix
 from dpatia_daemon.jobs import JobKind, JobState
 from dpatia_daemon.result_writer import ResultWriter
 from dpatia_daemon.simulator.fake import FakeSPS
@@ -587,3 +587,55 @@ async def test_disabled_notifications_are_all_ignored(stack: Stack) -> None:
     code, answer, _ = await stack.post("/dpatia/imagenotification", stack.notification("slide-9"))
     assert (code, answer) == (200, {})
     assert stack.spool_files() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_log_keeps_refusals_only_by_default(stack: Stack) -> None:
+    """With the default ``access_log = errors`` a refused request gets its access-log
+    line and an accepted one does not (its "job accepted" line says it all)."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    seen: list[str] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        seen.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        code, _, _ = await stack.post("/dpatia/imagenotification", stack.notification("slide-5"))
+        assert code == 200
+        code, _, _ = await stack.post("/dpatia/imagenotification", b"{not json")
+        assert code == 400
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    access = [line for line in seen if '"POST /dpatia/imagenotification HTTP/1.1"' in line]
+    assert len(access) == 1 and '" 400 ' in access[0], access
+    assert [line for line in seen if "accepted: image notification for slide slide-5" in line]
+
+
+@pytest.mark.parametrize(
+    ("setting", "code", "logged"),
+    [
+        (AccessLog.ALL, 200, True),
+        (AccessLog.ALL, 404, True),
+        (AccessLog.ERRORS, 200, False),
+        (AccessLog.ERRORS, 302, False),
+        (AccessLog.ERRORS, 400, True),
+        (AccessLog.ERRORS, 502, True),
+        (AccessLog.OFF, 200, False),
+        (AccessLog.OFF, 500, False),
+    ],
+)
+def test_access_log_setting_decides_which_answers_are_logged(
+    monkeypatch: pytest.MonkeyPatch, setting: AccessLog, code: int, logged: bool
+) -> None:
+    from types import SimpleNamespace
+
+    from twisted.web.resource import Resource
+
+    written: list[int] = []
+    monkeypatch.setattr(Site, "log", lambda self, request: written.append(request.code))
+    site = IASite(Resource())
+    site.access_log = setting
+    site.log(SimpleNamespace(code=code))
+    assert written == ([code] if logged else [])

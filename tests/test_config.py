@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dpatia_daemon.config import ConfigError, URLPrefix, load_config
+from dpatia_daemon.config import AccessLog, ConfigError, URLPrefix, load_config
 from dpatia_daemon.models import InputType
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +26,7 @@ def test_shipped_config_loads_with_documented_defaults() -> None:
     assert config.server.route == "/dpatia"
     assert config.server.public_url is None
     assert config.server.max_body_bytes == 1024 * 1024
+    assert config.server.access_log is AccessLog.ERRORS
     assert config.app.input_type is InputType.WHOLE_SLIDE
     assert config.app.analysis == "tissue"
     assert config.spool.directory.path.endswith("var/spool")
@@ -76,6 +77,7 @@ def test_overrides_beat_the_file(tmp_path: Path) -> None:
         ("[server]\nroute = dpatia\n" + MINIMAL, {}, "[server] route: must be a path"),
         ("[server]\npublic_url = ftp://x\n" + MINIMAL, {}, "[server] public_url: must be an"),
         ("[app]\ninput_type = slide\n" + MINIMAL, {}, "[app] input_type: must be one of"),
+        ("[server]\naccess_log = some\n" + MINIMAL, {}, "[server] access_log: must be one of"),
         ("[app]\nanalysis = a b\n" + MINIMAL, {}, "[app] analysis: must be a short name"),
         (
             "[sps]\nallowed_callback_urls = ftp://x/\n",
@@ -87,8 +89,16 @@ def test_overrides_beat_the_file(tmp_path: Path) -> None:
         (MINIMAL + "verify_tls = maybe\n", {}, "[sps] verify_tls: must be true or false"),
         (MINIMAL + "ca_file = /nonexistent.pem\n", {}, "[sps] ca_file: '/nonexistent.pem' is not"),
         (MINIMAL + "timeout = -1\n", {}, "[sps] timeout: must be greater than 0"),
-        ("[notifications]\nmin_mpp = 1\nmax_mpp = 0.5\n" + MINIMAL, {}, "[notifications] min_mpp: 1.0 is greater"),
-        ("[notifications]\nenabled = sometimes\n" + MINIMAL, {}, "[notifications] enabled: must be true or false"),
+        (
+            "[notifications]\nmin_mpp = 1\nmax_mpp = 0.5\n" + MINIMAL,
+            {},
+            "[notifications] min_mpp: 1.0 is greater",
+        ),
+        (
+            "[notifications]\nenabled = sometimes\n" + MINIMAL,
+            {},
+            "[notifications] enabled: must be true or false",
+        ),
         ("garbage\n", {}, "not a valid INI file"),
         (MINIMAL, {"workers": "x"}, "command line --workers: [workers] count: 'x' is not a number"),
     ],
