@@ -1,5 +1,5 @@
-"""A small FIFO of fire-and-forget SPS writes, run a few at a time (one at a time while
-the front door is busy answering).
+"""A small FIFO of fire-and-forget SPS writes, run a few at a time, and held back while
+the front door is busy answering.
 
 The front door answers image notifications at once and stores their "queued" frame
 afterwards.  Run unbounded, a burst of imports would start two SPS calls per
@@ -7,6 +7,12 @@ notification at the same moment: the daemon would spend its CPU on those instead
 acknowledging, and the SPS would see a thundering herd.  This queue runs them oldest
 first with bounded concurrency; each task decides for itself, when its turn comes,
 whether it is still worth doing (a job a worker already picked up needs no frame).
+
+While requests are being answered, a task waits until the front door is idle or until
+it has waited ``max_delay`` seconds, and then runs alone: during a burst of imports the
+CPU goes to acknowledgements (what the SPS waits for), the frames follow within
+seconds (nobody is looking at a slide being imported), and a stream that never pauses
+still gets every frame, one after another.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -25,25 +32,34 @@ log = Logger()
 Task = Callable[[], Coroutine[Any, Any, Any]]
 
 
+def _global_reactor() -> IReactorTime:
+    from twisted.internet import reactor
+
+    return reactor  # type: ignore[return-value]
+
+
 @define
 class BackgroundQueue:
     """Runs submitted tasks oldest first, at most ``concurrency`` at a time."""
 
     concurrency: int = 4
-    #: While this says the front door is answering requests, run one task at a time:
-    #: an acknowledgement is what the SPS waits for; nobody waits for these writes.
+    #: While this says the front door is answering requests, a task waits (see above).
     busy: Callable[[], bool] = lambda: False
-    _waiting: deque[tuple[str, Task]] = field(factory=deque, init=False)
+    #: The longest a task waits for the front door to go idle before it runs anyway.
+    max_delay: float = 5.0
+    clock: IReactorTime = field(factory=_global_reactor)
+    _waiting: deque[tuple[str, Task, float]] = field(factory=deque, init=False)
     _running: int = field(default=0, init=False)
     _idle: list[Deferred[None]] = field(factory=list, init=False)
     _closed: bool = field(default=False, init=False)
+    _timer: IDelayedCall | None = field(default=None, init=False)
 
     def submit(self, name: str, task: Task) -> None:
         """Queue ``task`` (a coroutine factory); ``name`` labels it in the log."""
         if self._closed:
             log.warn("not running {name}: the daemon is stopping", name=name)
             return
-        self._waiting.append((name, task))
+        self._waiting.append((name, task, self.clock.seconds()))
         self._next()
 
     @property
@@ -61,6 +77,7 @@ class BackgroundQueue:
     def close(self) -> Deferred[None]:
         """Drop the tasks not started yet (they are best effort); wait for the rest."""
         self._closed = True
+        self._cancel_timer()
         if self._waiting:
             log.info(
                 "stopping: {count} background SPS writes not started are dropped",
@@ -73,15 +90,38 @@ class BackgroundQueue:
         """The front door went idle: use the full concurrency again."""
         self._next()
 
+    def _limit(self) -> int:
+        if not self.busy():
+            return self.concurrency
+        overdue = self.clock.seconds() - self._waiting[0][2] >= self.max_delay
+        return 1 if overdue else 0
+
     def _next(self) -> None:
-        while self._waiting and self._running < (1 if self.busy() else self.concurrency):
-            name, task = self._waiting.popleft()
+        while self._waiting and self._running < self._limit():
+            name, task, _ = self._waiting.popleft()
             self._running += 1
             ensureDeferred(task()).addErrback(self._failed, name).addBoth(self._done)
+        if self._waiting and not self._running and not self._closed:
+            # Held back by a busy front door with nothing running: come back when the
+            # oldest task is due (sooner if the front door goes idle: wake()).
+            due = self._waiting[0][2] + self.max_delay - self.clock.seconds()
+            if self._timer is None:
+                self._timer = self.clock.callLater(max(0.0, due), self._due)
         if not self.backlog:
+            self._cancel_timer()
             idle, self._idle = self._idle, []
             for d in idle:
                 d.callback(None)
+
+    def _due(self) -> None:
+        self._timer = None
+        self._next()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
 
     @staticmethod
     def _failed(failure: Failure, name: str) -> None:

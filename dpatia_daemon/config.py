@@ -135,6 +135,7 @@ class ServerConfig:
     max_body_bytes: int = 1024 * 1024
     api_version: str = "1.5"
     access_log: AccessLog = AccessLog.ERRORS
+    processes: int = 1
 
 
 @frozen
@@ -216,6 +217,7 @@ class SPSConfig:
     verify_tls: bool = True
     ca_file: FilePath | None = None
     background_concurrency: int = 4
+    background_max_delay: float = 5.0
     #: Client credentials for ``POST /token`` (IA-API.md §2.9); the secret never
     #: shows in a repr.
     client_id: str | None = None
@@ -365,6 +367,13 @@ def _input_type(text: str) -> InputType:
         raise ValueError("must be one of " + ", ".join(t.value for t in InputType)) from None
 
 
+def _processes(text: str) -> int:
+    value = _positive_int(text)
+    if value > 16:
+        raise ValueError("must be at most 16")
+    return value
+
+
 def _access_log(text: str) -> AccessLog:
     try:
         return AccessLog(text.strip())
@@ -416,6 +425,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "max_body_bytes": _positive_int,
             "api_version": _version,
             "access_log": _access_log,
+            "processes": _processes,
         },
     ),
     "app": (
@@ -463,6 +473,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "verify_tls": _bool,
             "ca_file": _optional_path,
             "background_concurrency": _positive_int,
+            "background_max_delay": _non_negative_float,
             "client_id": _optional_text,
             "client_secret": _optional_text,
         },

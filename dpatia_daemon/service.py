@@ -33,6 +33,7 @@ from .api import IAAPI, make_site
 from .background import BackgroundQueue
 from .config import Config, ConfigError
 from .dispatch import WorkFolders
+from .front_doors import FrontDoors, ParentLink, ReusePortListener, reuseport_address
 from .pipeline import PipelineSettings
 from .result_writer import ResultWriter
 from .spool import DirectorySpool, SpoolError
@@ -149,8 +150,34 @@ def _credentials(config: Config) -> Credentials | None:
     return Credentials(config.sps.client_id, config.sps.client_secret)
 
 
-def build_service(config: Config, reactor: Any) -> MultiService:
-    """Build the named service tree for ``config`` on ``reactor``; nothing starts yet."""
+def _check_processes(config: Config) -> None:
+    if config.server.processes == 1:
+        return
+    try:
+        reuseport_address(config.server.listen)
+    except ValueError:
+        raise ConfigError(
+            config.source,
+            "server",
+            "processes",
+            "more than one process needs a plain tcp: listener (not ssl: or systemd:); "
+            "terminate TLS in front of dpatia, or set processes = 1",
+        ) from None
+    if config.server.processes > 1 and not os.path.isfile(config.source):
+        raise ConfigError(
+            config.source, "server", "processes", "extra processes need a config file"
+        )
+
+
+def build_service(config: Config, reactor: Any, *, front_door: int | None = None) -> MultiService:
+    """Build the named service tree for ``config`` on ``reactor``; nothing starts yet.
+
+    With ``front_door`` set, the tree of an extra front-door process (see
+    ``front_doors.py``): the spool, the SPS client and the IA-API on the inherited
+    listening socket, no workers and no sweeps.
+    """
+    if front_door is None:
+        _check_processes(config)
     root = _Root()
 
     spool = DirectorySpool(
@@ -158,6 +185,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         reactor=reactor,
         sweep_interval=config.spool.sweep_interval,
         owner=f"{socket.gethostname()}:{os.getpid()}",
+        sweeps=front_door is None,
     )
     spool.setName("spool")
     spool.setServiceParent(root)
@@ -196,7 +224,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     writer = ResultWriter(
         sps=sps, clock=reactor, display_name=config.app.display_name, tokens=tokens
     )
-    if config.workers.count:
+    if config.workers.count and front_door is None:
         workers = Supervisor(
             reactor=reactor,
             spool=spool,
@@ -217,7 +245,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         )
         workers.setName("workers")
         workers.setServiceParent(root)
-    else:
+    elif front_door is None:
         # A front door only: it accepts and spools jobs; daemons sharing the spool run them.
         log.info("no workers ([workers] count = 0): jobs are accepted, others run them")
 
@@ -227,30 +255,61 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         sps=sps,
         clock=reactor,
         writer=writer,
-        background=BackgroundQueue(concurrency=config.sps.background_concurrency),
+        background=BackgroundQueue(
+            concurrency=config.sps.background_concurrency,
+            max_delay=config.sps.background_max_delay,
+            clock=reactor,
+        ),
         tokens=tokens,
     )
     api_service = _Stopper(api.background.close)
     api_service.setName("api")
     api_service.setServiceParent(root)
 
-    listener = StreamServerEndpointService(
-        _endpoint(reactor, config), make_site(api.resource(), config)
-    )
-    # Fail the start (exit code != 0) when the port cannot be bound, instead of
-    # logging and running deaf.
-    listener._raiseSynchronously = True
-    listener.setName("http")
-    listener.setServiceParent(root)
+    site = make_site(api.resource(), config)
+    if front_door is not None:
+        door = ReusePortListener(reactor, config.server.listen, site)
+        door.setName("http")
+        door.setServiceParent(root)
+        link = ParentLink(reactor, spool.watch)
+        link.setName("link")
+        link.setServiceParent(root)
+        ready = _Ready(reactor, f"dpatia front door {front_door} ready")
+        ready.setName("ready")
+        ready.setServiceParent(root)
+        return root
+
+    if config.server.processes > 1:
+        shared = ReusePortListener(reactor, config.server.listen, site)
+        shared.setName("http")
+        shared.setServiceParent(root)
+        doors = FrontDoors(
+            reactor=reactor,
+            count=config.server.processes - 1,
+            port=shared.port,
+            listen=config.server.listen,
+            argv=["--config", config.source, "--spool", config.spool.directory.path],
+            notice=spool.notice,
+        )
+        doors.setName("front doors")
+        doors.setServiceParent(root)
+    else:
+        listener = StreamServerEndpointService(_endpoint(reactor, config), site)
+        # Fail the start (exit code != 0) when the port cannot be bound, instead of
+        # logging and running deaf.
+        listener._raiseSynchronously = True
+        listener.setName("http")
+        listener.setServiceParent(root)
 
     ready = _Ready(reactor, "dpatia ready")
     ready.setName("ready")
     ready.setServiceParent(root)
 
     log.info(
-        "dpatia {version}: IA-API on {listen} at {route}, spool {spool}, "
-        "{count} workers running {analysis!r}",
+        "dpatia {version}: IA-API on {listen} at {route} ({processes} front-door "
+        "processes), spool {spool}, {count} workers running {analysis!r}",
         version=__version__,
+        processes=config.server.processes,
         listen=config.server.listen,
         route=config.server.route,
         spool=config.spool.directory.path,

@@ -671,10 +671,14 @@ class SpoolStore:
         os.rename(path.path, target.path)
 
     def _remember(self, job: Job) -> None:
-        """Remember which key ``job_id`` belongs to (keys never change)."""
+        self.remember(job.job_id, job.key)
+
+    def remember(self, job_id: str, key: str) -> None:
+        """Remember which key ``job_id`` belongs to (keys never change): lookups by id
+        then read its files instead of listing directories."""
         with self._lock:
-            self._hints[job.job_id] = job.key
-            self._hints.move_to_end(job.job_id)
+            self._hints[job_id] = key
+            self._hints.move_to_end(job_id)
             while len(self._hints) > _HINTS_MAX:
                 self._hints.popitem(last=False)
 
@@ -1298,6 +1302,9 @@ class DirectorySpool(Service):
     owner: str = field(factory=_default_owner)
     threads: int = 4
     max_batch: int = 512
+    #: False in an extra front-door process: the main process sweeps (recovers dead
+    #: holders' jobs, finds other daemons' jobs) for the machine.
+    sweeps: bool = True
     store: SpoolStore = field(init=False)
     _pool: ThreadPool | None = field(init=False, default=None)
     _loop: LoopingCall | None = field(init=False, default=None)
@@ -1342,9 +1349,10 @@ class DirectorySpool(Service):
         self._pool = pool
         # If the reactor stops without stopping us, do not leave threads behind.
         self._shutdown_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
-        self._loop = LoopingCall(self._sweep_safely)
-        self._loop.clock = self.reactor
-        self._loop.start(self.sweep_interval, now=True)
+        if self.sweeps:
+            self._loop = LoopingCall(self._sweep_safely)
+            self._loop.clock = self.reactor
+            self._loop.start(self.sweep_interval, now=True)
 
     def stopService(self) -> Deferred[None]:
         """Stop: finish in-flight commits and operations, then the sweep and the pool."""
@@ -1431,6 +1439,25 @@ class DirectorySpool(Service):
     def watch(self, callback: Callable[[Job], None]) -> Callable[[], None]:
         """Register ``callback`` for jobs becoming QUEUED; return an unsubscribe function."""
         return self._watchers.add(callback)
+
+    def notice(self, job_id: str, key: str) -> Deferred[None]:
+        """Another process sharing this spool (an extra front door) queued ``job_id``
+        under ``key``: tell the watchers now rather than at the next sweep.  (The key
+        makes it one file read, not a listing of the queue.)"""
+        try:
+            _check_id(job_id)
+            _check_id(key, "key")
+        except ValueError:
+            return fail()
+        if job_id in self._announced:
+            return succeed(None)
+        self.store.remember(job_id, key)
+
+        def found(job: Job | None) -> None:
+            if job is not None and job.job_id not in self._announced:
+                self._announce(job)  # only if still QUEUED
+
+        return self.get(job_id).addCallback(found)
 
     def _announce(self, job: Job) -> None:
         if job.state is not JobState.QUEUED:

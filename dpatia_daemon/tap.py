@@ -24,11 +24,21 @@ class Options(usage.Options):
         ["listen", None, None, "Override [server] listen: a Twisted endpoint, e.g. tcp:5006."],
         ["spool", None, None, "Override [spool] directory."],
         ["workers", None, None, "Override [workers] count."],
+        [
+            "front-door",
+            None,
+            None,
+            "Internal: run as extra front door N on the listening socket inherited as "
+            "fd 3 ([server] processes starts these).",
+        ],
     ]
 
     config: Config
 
     def postOptions(self) -> None:
+        door = self["front-door"]
+        if door is not None and not (door.isdigit() and int(door) >= 1):
+            raise SystemExit(f"dpatia: --front-door must be a number >= 1, not {door!r}")
         try:
             self.config = load_config(self["config"], {name: self[name] for name in OVERRIDES})
         except ConfigError as e:
@@ -44,6 +54,9 @@ def makeService(options: Any) -> IService:
     from .service import build_service
 
     try:
-        return build_service(options.config, reactor)
+        door = options["front-door"]
+        return build_service(
+            options.config, reactor, front_door=None if door is None else int(door)
+        )
     except ConfigError as e:
         raise SystemExit(f"dpatia: configuration error: {e}") from None

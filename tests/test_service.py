@@ -53,4 +53,3 @@ def test_zero_workers_builds_a_front_door_only(tmp_path: Path) -> None:
     names = [service.name for service in build_service(config, MemoryReactorClock())]
     assert "workers" not in names
     assert {"spool", "api", "http"} <= set(names)
-

@@ -865,3 +865,29 @@ async def test_processes_claim_disjoint_sets(
     assert sum(len(s) for s in claimed) == 200
     assert set().union(*claimed) == {j.job_id for j in jobs}
     assert all(c.stderr == b"" for c in children), [c.stderr for c in children]
+
+
+@pytest_twisted.ensureDeferred
+async def test_notice_announces_a_job_another_process_queued(tmp_path: Path, reactor: Any) -> None:
+    """An extra front door's job reaches this spool's watchers on notice(), without a
+    sweep; a notice of an unknown, already announced or no longer queued job is
+    silent."""
+    spool = start_directory_spool(tmp_path / "spool", reactor)
+    try:
+        seen: list[Job] = []
+        spool.watch(seen.append)
+        with other_store(tmp_path / "spool") as other:
+            theirs = other.add(make_job("slide-theirs"))
+            gone = other.add(make_job("slide-gone"))
+            other.cancel(gone.job_id)
+        assert seen == []
+        await spool.notice(theirs.job_id, theirs.key)
+        assert [job.job_id for job in seen] == [theirs.job_id]
+        await spool.notice(theirs.job_id, theirs.key)
+        await spool.notice(gone.job_id, gone.key)
+        await spool.notice("0123456789abcdef0123456789abcdef", theirs.key)
+        assert [job.job_id for job in seen] == [theirs.job_id]
+        with pytest.raises(ValueError):
+            await spool.notice("../x", theirs.key)
+    finally:
+        await spool.stopService()
