@@ -26,12 +26,12 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from attrs import define, field
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.stdio import StandardIO
@@ -132,7 +132,7 @@ class _Copy(ProcessProtocol):
                 self.noticed = True
                 log.info("front door {number} reports the jobs it queues", number=self.number)
             job_id, key = words
-            self.owner.notice(job_id, key).addErrback(self._lookup_failed, job_id)
+            ensureDeferred(self.owner.notice(job_id, key)).addErrback(self._lookup_failed, job_id)
 
     def _lookup_failed(self, failure: Any, job_id: str) -> None:
         log.failure(
@@ -161,7 +161,7 @@ class FrontDoors(Service):
     port: Deferred[IListeningPort]
     listen: str
     argv: list[str]
-    notice: Callable[[str, str], Deferred[None]]
+    notice: Callable[[str, str], Coroutine[Any, Any, None]]
     #: Restart backoff: first delay, doubled per quick exit, capped.
     backoff: float = 1.0
     max_backoff: float = 30.0

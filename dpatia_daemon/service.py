@@ -150,6 +150,14 @@ def _credentials(config: Config) -> Credentials | None:
     return Credentials(config.sps.client_id, config.sps.client_secret)
 
 
+async def _noticed(spool: DirectorySpool, tokens: TokenBook, job_id: str, key: str) -> None:
+    """An extra front door queued a job: dispatch it now, and let running jobs of its
+    slide use the token it brought (the copy's own TokenBook is not ours)."""
+    job = await spool.notice(job_id, key)
+    if job is not None:
+        tokens.record(job.application_id, job.slide_id, job.callback, job.created)
+
+
 def _check_processes(config: Config) -> None:
     if config.server.processes == 1:
         return
@@ -289,7 +297,7 @@ def build_service(config: Config, reactor: Any, *, front_door: int | None = None
             port=shared.port,
             listen=config.server.listen,
             argv=["--config", config.source, "--spool", config.spool.directory.path],
-            notice=spool.notice,
+            notice=partial(_noticed, spool, tokens),
         )
         doors.setName("front doors")
         doors.setServiceParent(root)

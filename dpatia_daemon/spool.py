@@ -1440,22 +1440,22 @@ class DirectorySpool(Service):
         """Register ``callback`` for jobs becoming QUEUED; return an unsubscribe function."""
         return self._watchers.add(callback)
 
-    def notice(self, job_id: str, key: str) -> Deferred[None]:
+    def notice(self, job_id: str, key: str) -> Deferred[Job | None]:
         """Another process sharing this spool (an extra front door) queued ``job_id``
-        under ``key``: tell the watchers now rather than at the next sweep.  (The key
-        makes it one file read, not a listing of the queue.)"""
+        under ``key``: tell the watchers now rather than at the next sweep, and return
+        the job as it is now (None if gone).  The key makes it one file read, not a
+        listing of the queue."""
         try:
             _check_id(job_id)
             _check_id(key, "key")
         except ValueError:
             return fail()
-        if job_id in self._announced:
-            return succeed(None)
         self.store.remember(job_id, key)
 
-        def found(job: Job | None) -> None:
+        def found(job: Job | None) -> Job | None:
             if job is not None and job.job_id not in self._announced:
                 self._announce(job)  # only if still QUEUED
+            return job
 
         return self.get(job_id).addCallback(found)
 

@@ -18,13 +18,17 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet.defer import DeferredList, gatherResults
+from twisted.python.filepath import FilePath
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from dpatia_daemon.config import Config, ServerConfig
-from dpatia_daemon.service import build_service
+from dpatia_daemon.jobs import Callback, Job, JobKind
+from dpatia_daemon.service import _noticed, build_service
 from dpatia_daemon.simulator.daemon_process import DaemonProcess
 from dpatia_daemon.simulator.fake import BASE_PATH, FakeSPS
+from dpatia_daemon.spool import DirectorySpool, SpoolStore
+from dpatia_daemon.tokens import TokenBook
 
 pytestmark = pytest.mark.integration
 
@@ -179,3 +183,41 @@ def test_more_processes_need_a_plain_tcp_listener(listen: str, tmp_path: Path) -
     config = Config(source=str(source), server=ServerConfig(listen=listen, processes=2))
     with pytest.raises(ConfigError, match=r"\[server\] processes: .*plain tcp: listener"):
         build_service(config, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_copys_job_is_announced_and_its_token_becomes_the_newest(
+    reactor: Any, tmp_path: Path
+) -> None:
+    """What the main process does with a copy's notice: its dispatcher hears of the job,
+    and running jobs of the slide write with the token the copy received."""
+    directory = FilePath(str(tmp_path / "spool"))
+    spool = DirectorySpool(directory=directory, reactor=reactor, sweep_interval=3600.0)
+    spool.startService()
+    try:
+        seen: list[Job] = []
+        spool.watch(seen.append)
+        tokens = TokenBook()
+        old = Job(
+            slide_id="slide-1",
+            application_id=APP,
+            kind=JobKind.NOTIFICATION,
+            callback=Callback("http://127.0.0.1:1/x", "old-token"),
+            created=100.0,
+        )
+        tokens.record(APP, "slide-1", old.callback, old.created)
+        copy = SpoolStore(directory, owner="copy")
+        copy.open()
+        try:
+            theirs = copy.add(
+                attrs.evolve(
+                    old, callback=Callback("http://127.0.0.1:1/x", "new-token"), created=200.0
+                )
+            )
+        finally:
+            copy.close()
+        await _noticed(spool, tokens, theirs.job_id, theirs.key)
+        assert [job.job_id for job in seen] == [theirs.job_id]
+        assert tokens.newest(old).token == "new-token"
+    finally:
+        await spool.stopService()
