@@ -461,9 +461,12 @@ class MultipartParser:
             self._state = _AFTER_DELIMITER
             return buffer[i + len(delimiter) :]
         # No whole delimiter: everything is data except a tail that could be the
-        # start of one.  A delimiter starts with CR, so only a tail from the last CR
-        # within reach needs holding back (usually nothing at all).
-        cr = buffer.rfind(b"\r", max(0, len(buffer) - len(delimiter) + 1))
+        # start of one (split across chunks): one that begins with CR and is a prefix
+        # of the delimiter.  Usually there is none and the chunk goes on as it is,
+        # uncopied (copying MiB chunks cost more CPU than the parsing).
+        cr = buffer.find(b"\r", max(0, len(buffer) - len(delimiter) + 1))
+        while cr >= 0 and not delimiter.startswith(buffer[cr:]):
+            cr = buffer.find(b"\r", cr + 1)
         if cr < 0:
             if buffer:
                 self._emit(buffer, events)

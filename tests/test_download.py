@@ -914,7 +914,9 @@ async def test_loopback_back_pressure(reactor: Any, tmp_path: Path) -> None:
         reactor, server, folder, "_write_batch", threaded_writes=True
     )
     assert server.pauses >= 1
-    assert server.sent < 16 * 1024 * 1024, server.sent
+    # Sent so far: at most the 8 MiB queue, one 1 MiB read and what the loopback socket
+    # buffers hold (several MiB each way); the rest of the 48 MiB waits.
+    assert server.sent < 24 * 1024 * 1024, server.sent
     gate.callback(None)
     files = await download
     assert files[0].getContent() == server.files[0][1]
@@ -940,6 +942,63 @@ async def test_loopback_commits_overlap_but_are_bounded(reactor: Any, tmp_path: 
     files = await download
     assert [(f.basename(), f.getContent()) for f in files] == parts
     assert [e["index"] for e in manifest(folder)["files"]] == list(range(60))
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_loopback_reads_more_than_64_kib_at_a_time(
+    reactor: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a body streams, the socket is read in chunks bigger than Twisted's 64 KiB
+    (less CPU per GiB); the file arrives intact all the same."""
+    import dpatia_daemon.download as download
+
+    writes: list[int] = []
+    real_write_all = download._write_all
+
+    def spy(fd: int, data: bytes) -> None:
+        writes.append(len(data))
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(download, "_write_all", spy)
+    payload = data_of(8 * 1024 * 1024, 5)
+    server = FileServer([("big.svs", payload)], chunk=1024 * 1024)
+    folder = FilePath(str(tmp_path / "wsi"))
+    files = await _loopback(reactor, server, folder)
+    assert files[0].getContent() == payload
+    assert max(writes) > 64 * 1024, max(writes)
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_read_size_is_restored(reactor: Any) -> None:
+    """The bigger read size applies to the body's socket only until ``restore``: the
+    connection goes back to the pool as it was; other transports are left alone."""
+    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.web._newclient import TransportProxyProducer
+
+    from dpatia_daemon.download import _READ_SIZE, _ReadSize
+
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(Protocol)
+    )
+    client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+        Factory.forProtocol(Protocol)
+    )
+    try:
+        sock = client.transport
+        default = sock.bufferSize
+        assert default < _READ_SIZE
+        size = _ReadSize(TransportProxyProducer(sock), _READ_SIZE)
+        assert sock.bufferSize == _READ_SIZE
+        size.restore()
+        assert sock.bufferSize == default
+        assert "bufferSize" not in vars(sock)
+        _ReadSize(object(), _READ_SIZE).restore()  # no socket below: nothing happens
+    finally:
+        client.transport.loseConnection()
+        await maybeDeferred(port.stopListening)
 
 
 # --- odd answers ----------------------------------------------------------------------------

@@ -127,6 +127,21 @@ def test_one_byte_at_a_time_holds_back_little() -> None:
     assert files(events) == [("big.bin", payload)]
 
 
+def test_chunk_is_passed_on_uncopied_unless_its_tail_may_start_a_delimiter() -> None:
+    """Inside a part, a chunk whose last bytes cannot begin the delimiter (a CR near
+    the end followed by anything else) comes out whole, as the very object fed; a tail
+    that is a prefix of the delimiter is held back until the next chunk decides."""
+    parser = MultipartParser(BOUNDARY)
+    parser.feed(f"--{BOUNDARY}\r\nContent-Type: x/y\r\n\r\n".encode())
+    chunk = b"z" * 1000 + b"\r-x"  # a CR in reach of the end, but no delimiter
+    assert [e.data for e in parser.feed(chunk) if isinstance(e, PartData)][0] is chunk
+    held = b"z" * 1000 + DELIMITER[:5]
+    assert [e.data for e in parser.feed(held) if isinstance(e, PartData)] == [b"z" * 1000]
+    assert parser.buffered == 5
+    events = parser.feed(DELIMITER[5:] + b"--\r\n") + parser.close()
+    assert [type(e) for e in events] == [PartEnd]
+
+
 def test_random_bodies_agree_with_the_email_package() -> None:
     """Random binary parts (biased to CR, LF, "-") parse back exactly, with any chunking;
     Python's email parser finds the same parts."""
