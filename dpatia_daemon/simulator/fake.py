@@ -245,6 +245,9 @@ class FakeSPS:
     tokens: set[str] = field(factory=set)
     token_expiry: dict[str, float] = field(factory=dict)
     requests: list[RecordedRequest] = field(factory=list)
+    #: Result ids per slide, oldest first, so a listing does not scan every result
+    #: (a benchmark stores thousands).  Entries of deleted results are skipped.
+    _slide_results: dict[str, list[int]] = field(factory=dict, init=False)
     fail_next: list[int] = field(factory=list)
     retry_after: str | None = None
     hang_next: int = 0
@@ -307,15 +310,17 @@ class FakeSPS:
         self._next_result_id += 1
         self.results[stored.id or 0] = stored
         self.result_apps[stored.id or 0] = app_id
+        self._slide_results.setdefault(stored.slideId, []).append(stored.id or 0)
         return stored
 
     def results_for(self, slide_id: str, app_id: str | None = None) -> list[Result]:
         """The stored results on a slide (of one app, if given), oldest first."""
-        return [
-            r
-            for rid, r in sorted(self.results.items())
-            if r.slideId == slide_id and (app_id is None or self.result_apps.get(rid) == app_id)
-        ]
+        found = []
+        for rid in self._slide_results.get(slide_id, ()):
+            r = self.results.get(rid)
+            if r is not None and (app_id is None or self.result_apps.get(rid) == app_id):
+                found.append(r)
+        return found
 
     # --- request plumbing --------------------------------------------------------------
 
