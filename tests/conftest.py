@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+import attrs
 import pytest
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python.failure import Failure
+from twisted.web.server import Site
+
+from dpatia_daemon.simulator.fake import BASE_PATH, FakeSPS
 
 T = TypeVar("T")
 
@@ -24,6 +28,24 @@ def reactor() -> Any:
     from twisted.internet import reactor as _reactor
 
     return _reactor
+
+
+@attrs.frozen
+class Loopback:
+    """A fake SPS listening on loopback, with the URL and a token to give the daemon."""
+
+    fake: FakeSPS
+    url: str
+    token: str
+
+
+@pytest.fixture
+def sps(reactor: Any) -> Any:
+    """A :class:`Loopback` fake SPS for daemons run as subprocesses."""
+    fake = FakeSPS(clock=reactor)
+    port = reactor.listenTCP(0, Site(fake.resource()), interface="127.0.0.1")
+    yield Loopback(fake, f"http://127.0.0.1:{port.getHost().port}{BASE_PATH}", fake.issue_token())
+    port.stopListening()
 
 
 def _as_deferred(d: Any) -> Deferred[Any]:

@@ -17,37 +17,21 @@ import attrs
 import pytest
 import pytest_twisted
 import treq
+from conftest import Loopback
 from twisted.internet.defer import DeferredList, gatherResults
 from twisted.python.filepath import FilePath
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
 
 from dpatia_daemon.config import Config, ServerConfig
 from dpatia_daemon.jobs import Callback, Job, JobKind
 from dpatia_daemon.service import _noticed, build_service
 from dpatia_daemon.simulator.daemon_process import DaemonProcess
-from dpatia_daemon.simulator.fake import BASE_PATH, FakeSPS
 from dpatia_daemon.spool import DirectorySpool, SpoolStore
 from dpatia_daemon.tokens import TokenBook
 
 pytestmark = pytest.mark.integration
 
 APP = "dpatia"
-
-
-@attrs.frozen
-class Loopback:
-    fake: FakeSPS
-    url: str
-    token: str
-
-
-@pytest.fixture
-def sps(reactor: Any) -> Any:
-    fake = FakeSPS(clock=reactor)
-    port = reactor.listenTCP(0, Site(fake.resource()), interface="127.0.0.1")
-    yield Loopback(fake, f"http://127.0.0.1:{port.getHost().port}{BASE_PATH}", fake.issue_token())
-    port.stopListening()
 
 
 def body(sps: Loopback, slide: str) -> dict[str, Any]:

@@ -13,37 +13,18 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import attrs
 import pytest
 import pytest_twisted
 import treq
-from twisted.web.server import Site
+from conftest import Loopback
 
 from dpatia_daemon.jobs import Job, JobState
 from dpatia_daemon.results import Status, frame_status
 from dpatia_daemon.simulator.daemon_process import DaemonProcess
-from dpatia_daemon.simulator.fake import BASE_PATH, FakeSPS
 
 pytestmark = pytest.mark.integration
 
 APP = "dpatia"
-
-
-@attrs.frozen
-class Loopback:
-    """A fake SPS listening on loopback, with the URL and a token to give the daemon."""
-
-    fake: FakeSPS
-    url: str
-    token: str
-
-
-@pytest.fixture
-def sps(reactor: Any) -> Any:
-    fake = FakeSPS(clock=reactor)
-    port = reactor.listenTCP(0, Site(fake.resource()), interface="127.0.0.1")
-    yield Loopback(fake, f"http://127.0.0.1:{port.getHost().port}{BASE_PATH}", fake.issue_token())
-    port.stopListening()
 
 
 def config(tmp_path: Path, **workers: Any) -> str:
