@@ -41,7 +41,7 @@ from .jobs import Job
 
 log = Logger()
 
-#: The fd a copy writes the ids of the jobs it queued to.
+#: The fd a copy writes "<job id> <key>" lines to, one per job it queued.
 NOTICE_FD = 3
 
 _TWISTD = ("-c", "from twisted.scripts.twistd import run; run()")
