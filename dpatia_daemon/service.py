@@ -171,7 +171,7 @@ def _check_processes(config: Config) -> None:
             "more than one process needs a plain tcp: listener (not ssl: or systemd:); "
             "terminate TLS in front of dpatia, or set processes = 1",
         ) from None
-    if config.server.processes > 1 and not os.path.isfile(config.source):
+    if not os.path.isfile(config.source):
         raise ConfigError(
             config.source, "server", "processes", "extra processes need a config file"
         )
@@ -181,8 +181,8 @@ def build_service(config: Config, reactor: Any, *, front_door: int | None = None
     """Build the named service tree for ``config`` on ``reactor``; nothing starts yet.
 
     With ``front_door`` set, the tree of an extra front-door process (see
-    ``front_doors.py``): the spool, the SPS client and the IA-API on the inherited
-    listening socket, no workers and no sweeps.
+    ``front_doors.py``): the spool, the SPS client and the IA-API on the shared port
+    (SO_REUSEPORT), no workers and no sweeps.
     """
     if front_door is None:
         _check_processes(config)

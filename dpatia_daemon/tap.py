@@ -28,8 +28,8 @@ class Options(usage.Options):
             "front-door",
             None,
             None,
-            "Internal: run as extra front door N on the listening socket inherited as "
-            "fd 3 ([server] processes starts these).",
+            "Internal: run as extra front door N on the main process's port, reporting "
+            "queued jobs on fd 3 ([server] processes starts these).",
         ],
     ]
 
