@@ -125,8 +125,8 @@ def serve_empty() -> None:
     from klein import Klein
     from twisted.internet import reactor
 
-    from dpatia_daemon.api import make_site
     from dpatia_daemon.config import Config
+    from dpatia_daemon.frontdoor.routes import make_site
 
     app = Klein()
 

@@ -140,11 +140,11 @@ async def no_op_jobs(reactor: Any, args: argparse.Namespace, workdir: Path) -> d
     from dpatia_daemon import __version__
     from dpatia_daemon.config import WorkersConfig
     from dpatia_daemon.jobs import Callback, Job, JobKind
-    from dpatia_daemon.result_writer import ResultWriter
-    from dpatia_daemon.results import Status, status_frame
     from dpatia_daemon.spool import DirectorySpool
-    from dpatia_daemon.sps import SPSClient, make_http_client
-    from dpatia_daemon.supervisor import Supervisor, SupervisorEvent
+    from dpatia_daemon.sps.client import SPSClient, make_http_client
+    from dpatia_daemon.sps.results import Status, status_frame
+    from dpatia_daemon.sps.writer import ResultWriter
+    from dpatia_daemon.workers.supervisor import Supervisor, SupervisorEvent
 
     total = args.jobs + args.burst + 2
     sps_process, url, token = await start_sps(reactor, total)

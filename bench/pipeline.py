@@ -3,7 +3,7 @@
 (a) **Download.**  A 1 GiB single file and a 1 GiB 3-part ``multipart/related`` answer
     are served on loopback by the fake SPS in a *separate process* (its ``FileStream``
     streams from disk with a push producer), and downloaded by
-    :func:`dpatia_daemon.download.download_files` in this process, once with inline
+    :func:`dpatia_daemon.pipeline.download.download_files` in this process, once with inline
     writes (the default) and once with writes in a thread.  Reported: throughput, the
     growth of this process's peak RSS (``VmHWM`` after, minus ``VmRSS`` before, the
     peak reset through ``/proc/self/clear_refs``), and its CPU time per GiB (steadier
@@ -15,7 +15,7 @@
     machine); RSS growth <= 64 MiB whatever the size.
 
 (b) **Thumbnail.**  The fake SPS (another process) adds 5 ms to every tile request;
-    :func:`dpatia_daemon.thumbnail.fetch_thumbnail` fetches one level's tiles with
+    :func:`dpatia_daemon.pipeline.thumbnail.fetch_thumbnail` fetches one level's tiles with
     ``concurrency=8`` (and 16), against the same call with ``concurrency=1`` (the tiles
     one after another, same assembly), the cases taking turns; each round's speed-up
     is reported (median and range).  Goal: >= 6x faster at the shipped default (16).
@@ -215,9 +215,9 @@ async def timed_download(
     The CPU time (this process, all threads) is steadier than the wall time on a shared
     machine, and it is what the download takes from everything else running there.
     """
-    from dpatia_daemon.download import download_files
     from dpatia_daemon.jobs import Callback
-    from dpatia_daemon.sps import SPSClient, make_http_client
+    from dpatia_daemon.pipeline.download import download_files
+    from dpatia_daemon.sps.client import SPSClient, make_http_client
 
     http = make_http_client(reactor)
     client = SPSClient(http=http.client, clock=reactor, software_version="bench", timeout=30)
@@ -259,7 +259,7 @@ async def timed_tiles(
     from twisted.internet.defer import DeferredSemaphore, ensureDeferred, gatherResults
 
     from dpatia_daemon.jobs import Callback
-    from dpatia_daemon.thumbnail import fetch_thumbnail, plan_thumbnail
+    from dpatia_daemon.pipeline.thumbnail import fetch_thumbnail, plan_thumbnail
 
     pool = reactor.getThreadPool()
     callback = Callback(server.url, server.token)
@@ -384,7 +384,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         shutil.rmtree(source, ignore_errors=True)
 
         # (b) thumbnail --------------------------------------------------------------
-        from dpatia_daemon.sps import SPSClient, make_http_client
+        from dpatia_daemon.sps.client import SPSClient, make_http_client
 
         # A slide whose 16 µm/px level has about --tiles tiles of 256 px.
         cols = max(1, round((args.tiles * 4 / 3) ** 0.5))
@@ -454,7 +454,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     print("-" * len(header))
     for name, tiles, seconds, speedup, spread in thumb_rows:
         print(f"{name:55}{tiles:>7}{seconds:>10.3f}{speedup:>9.1f}x{spread:>10}")
-    from dpatia_daemon.pipeline import PipelineSettings
+    from dpatia_daemon.pipeline.prepare import PipelineSettings
 
     default = PipelineSettings().tile_concurrency
     print(

@@ -25,8 +25,8 @@ from urllib.parse import unquote, urlsplit
 from attrs import asdict, field, frozen
 from twisted.python.filepath import FilePath
 
+from .frontdoor.notifications import NotificationRules
 from .models import InputType
-from .notifications import NotificationRules
 
 T = TypeVar("T")
 

@@ -47,7 +47,7 @@ from typing import Any
 from attrs import define, field, frozen
 
 from .models import Result, unstructure
-from .results import Status, frame_status
+from .sps.results import Status, frame_status
 
 #: Who does what: one user request, two imports.
 CREATED = ("sim-colon-1",)

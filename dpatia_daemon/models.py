@@ -90,7 +90,7 @@ class ResultPayload:
     """``data.result``: ``type`` is primitive or patchCollection; ``content`` stays JSON.
 
     Content is kept as JSON because both the list and the single-object primitive forms
-    exist in the field (IA-API.md §2.6); :mod:`dpatia_daemon.results` builds it.
+    exist in the field (IA-API.md §2.6); :mod:`dpatia_daemon.sps.results` builds it.
     """
 
     type: str

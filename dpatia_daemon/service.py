@@ -29,17 +29,17 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from ._version import __version__
-from .api import IAAPI, make_site
-from .background import BackgroundQueue
 from .config import Config, ConfigError
-from .dispatch import WorkFolders
-from .front_doors import FrontDoors, ParentLink, ReusePortListener, reuseport_address
-from .pipeline import PipelineSettings
-from .result_writer import ResultWriter
+from .frontdoor.background import BackgroundQueue
+from .frontdoor.processes import FrontDoors, ParentLink, ReusePortListener, reuseport_address
+from .frontdoor.routes import IAAPI, make_site
+from .pipeline.prepare import PipelineSettings
 from .spool import DirectorySpool, SpoolError
-from .sps import SPSClient, make_http_client
-from .supervisor import Supervisor
-from .tokens import Credentials, TokenBook, callback_auth
+from .sps.client import SPSClient, make_http_client
+from .sps.tokens import Credentials, TokenBook, callback_auth
+from .sps.writer import ResultWriter
+from .workers.run import WorkFolders
+from .workers.supervisor import Supervisor
 
 log = Logger()
 

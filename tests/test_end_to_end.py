@@ -16,9 +16,9 @@ from PIL import Image, ImageDraw
 from twisted.internet.task import deferLater
 
 from dpatia_daemon.models import Result
-from dpatia_daemon.results import Status, frame_status
 from dpatia_daemon.simulator.daemon_process import DaemonProcess
 from dpatia_daemon.simulator.server import SimulatorConfig, start_simulator
+from dpatia_daemon.sps.results import Status, frame_status
 
 pytestmark = pytest.mark.integration
 

@@ -49,7 +49,7 @@ from ..models import (
     Style,
     unstructure,
 )
-from ..results import image_size_of
+from ..sps.results import image_size_of
 
 
 class NoSlideFile(Exception):

@@ -42,9 +42,9 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from ..dzi import DZI
 from ..models import Result
-from ..results import latest
+from ..pipeline.dzi import DZI
+from ..sps.results import latest
 from .driver import DEFAULT_APP_URL, AppDriver, DriverError
 from .fake import BASE_PATH, FakeSlide, FakeSPS
 from .faults import DownMode, Faults

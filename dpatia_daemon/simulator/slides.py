@@ -14,7 +14,7 @@ known exactly: the manifest stores each polygon (level-0 pixels and width-normal
 IA-API coordinates) and its area in mm² (from the rasterised mask, and by shoelace),
 so a tissue analysis can be checked against it.
 
-Pyramid levels halve with ceil sizes, exactly like DZI levels (:mod:`dpatia_daemon.dzi`),
+Pyramid levels halve with ceil sizes, exactly like DZI levels (:mod:`dpatia_daemon.pipeline.dzi`),
 so each pyramid level *is* a DZI level.  The TIFF carries its resolution (pixels per
 centimetre), which OpenSlide reports as ``openslide.mpp-x``.
 
@@ -39,7 +39,7 @@ import numpy as np
 from attrs import asdict, field, frozen
 from PIL import Image, ImageChops, ImageDraw, ImageFont
 
-from ..dzi import DZI
+from ..pipeline.dzi import DZI
 
 #: Bump when the generated pixels or manifest change, so old data directories regenerate.
 GENERATOR_VERSION = 2

@@ -28,7 +28,7 @@ from PIL import Image
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 
-from ..dzi import DZI
+from ..pipeline.dzi import DZI
 
 K = TypeVar("K")
 V = TypeVar("V")

@@ -1,0 +1,632 @@
+"""The IA-API front door: the Klein routes the SPS calls, and the HTTP site around them.
+
+Routes (``{route}`` is ``[server] route``, default ``/dpatia``):
+
+- ``GET /``                           service name, version, route (for admins)
+- ``GET {route}``                     registration info
+- ``GET {route}/info``                app version info
+- ``POST {route}``                    user invocation: create, modify, delete, cancel
+- ``POST {route}/imagenotification``  a new slide was imported
+
+Order of work for a request, so that nothing accepted is lost and nothing rejected is
+written: parse and validate everything (body size, content type, JSON, shape,
+application id, callback URL allowlist) → commit the job to the spool (durable) →
+only then talk to the SPS or answer.  A client disconnect cancels a Klein route, so
+nothing long hangs on the request: notifications answer at once and store their
+in-progress frame in the background.
+
+Every response, errors included, is JSON and carries ``X-Sectra-ApiVersion`` and
+``X-Sectra-SoftwareVersion``; errors are ``{"error": ..., "field": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import attrs
+from attrs import define, field
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from twisted.web.server import Request, Site
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+
+from .._version import __version__
+from ..config import AccessLog, Config
+from ..jobs import Callback, Job, JobKind, JobState
+from ..models import (
+    Action,
+    ImageNotification,
+    InputTemplate,
+    InputType,
+    InvalidInput,
+    Invocation,
+    Registration,
+    Result,
+    VersionInfo,
+    parse,
+    parse_invocation,
+    unstructure,
+)
+from ..spool import ISpool, JobMoved
+from ..sps.client import SPSClient, SPSError
+from ..sps.results import Status, image_size_of
+from ..sps.tokens import TokenBook
+from ..sps.writer import ResultGone, ResultWriter
+from .background import BackgroundQueue
+from .notifications import NotificationCounts
+
+log = Logger()
+
+JSON_TYPE = b"application/json"
+
+
+class _NotQueued(Exception):
+    """The job left the queue before its "queued" frame was written: skip the frame."""
+
+
+class APIError(Exception):
+    """An error answered with ``status`` and ``{"error": message, "field": field}``."""
+
+    status = 400
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class CallbackNotAllowed(APIError):
+    status = 403
+
+
+class BodyTooLarge(APIError):
+    status = 413
+
+
+class UnsupportedMediaType(APIError):
+    status = 415
+
+
+# --- the request and site -------------------------------------------------------------
+
+
+class IARequest(Request):
+    """A request that stops buffering its body past ``max_body_bytes``.
+
+    Twisted's Site reads the whole body before a route runs; counting here keeps
+    memory bounded whatever a client sends, and lets the route answer 413.
+    """
+
+    max_body_bytes = 1024 * 1024
+    api_version = "1.5"
+    body_too_large = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body_bytes:
+            self.body_too_large = True
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        self._received += len(data)
+        if self._received > self.max_body_bytes:
+            self.body_too_large = True
+            if self.content is not None:
+                self.content.seek(0)
+                self.content.truncate()
+            return
+        super().handleContentChunk(data)
+
+    def process(self) -> None:
+        # One place for the headers every answer carries, errors and 404s included.
+        self.setHeader(b"X-Sectra-ApiVersion", self.api_version.encode("ascii"))
+        self.setHeader(b"X-Sectra-SoftwareVersion", __version__.encode("ascii"))
+        self.setHeader(b"Content-Type", JSON_TYPE)
+        self.setHeader(b"Cache-Control", b"no-store")
+        super().process()
+
+
+class IASite(Site):
+    """A site that writes access-log lines only for the answers ``access_log`` names.
+
+    Every accepted job already gets its own log line; a second line per request for
+    each of the thousands of slides a scanner imports is noise at 3 a.m. and a tenth
+    of an acknowledgement's CPU.  Refusals (4xx/5xx) have no other line, so they keep
+    theirs by default.
+    """
+
+    access_log = AccessLog.ERRORS
+
+    def log(self, request: Any) -> None:
+        if self.access_log is AccessLog.ALL or (
+            self.access_log is AccessLog.ERRORS and request.code >= 400
+        ):
+            super().log(request)
+
+
+def make_site(resource: Any, config: Config) -> Site:
+    """The HTTP site for ``resource``: bounded bodies, no tracebacks, no access-log PII."""
+
+    class Configured(IARequest):
+        max_body_bytes = config.server.max_body_bytes
+        api_version = config.server.api_version
+
+    # The IA-API speaks JSON only: without this, Twisted parses the Content-Type of every
+    # POST (through the email package: a fifth of an acknowledgement's CPU) to decode
+    # form submissions nobody sends here.
+    site = IASite(resource, requestFactory=Configured, parsePOSTFormSubmission=False)
+    site.access_log = config.server.access_log
+    site.displayTracebacks = False
+    return site
+
+
+def _json(request: IRequest, body: Any, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", JSON_TYPE)
+    data = json.dumps(body).encode("utf-8")
+    # Known length, so an answer from an async route goes out in one piece, not chunked.
+    request.setHeader(b"Content-Length", b"%d" % len(data))
+    return data
+
+
+# --- the API --------------------------------------------------------------------------
+
+
+@define
+class IAAPI:
+    """The Klein app answering the SPS.
+
+    Collaborators: the frozen ``config``, the ``spool`` jobs are committed to, the
+    ``sps`` client for in-progress frames, and the ``clock`` that stamps jobs.  Every
+    accepted request's callback goes into ``tokens``: the newest token for its slide is
+    what running jobs write with.
+    """
+
+    config: Config
+    spool: ISpool
+    sps: SPSClient
+    clock: IReactorTime
+    writer: ResultWriter
+    notification_counts: NotificationCounts = field(factory=NotificationCounts)
+    _answering: int = field(default=0, init=False)
+    background: BackgroundQueue = field(factory=BackgroundQueue)
+    tokens: TokenBook = field(factory=TokenBook)
+    app: Klein = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        # Background SPS writes yield to requests being answered (see BackgroundQueue).
+        self.background.busy = lambda: self._answering > 0
+        # Routes depend on the configured route, so the app is built per instance.
+        app = self.app = Klein()
+        route = self.config.server.route
+        app.route("/", methods=["GET"])(self.root)
+        app.route(route, methods=["GET"])(self.registration)
+        app.route(route + "/info", methods=["GET"])(self.info)
+        app.route(route, methods=["POST"])(self.invoke)
+        app.route(route + "/imagenotification", methods=["POST"])(self.image_notification)
+        app.handle_errors(APIError)(self._api_error)
+        app.handle_errors(InvalidInput)(self._invalid_input)
+        app.handle_errors(MethodNotAllowed)(self._method_not_allowed)
+        app.handle_errors(NotFound)(self._not_found)
+        app.handle_errors(HTTPException)(self._http_exception)
+        app.handle_errors(SPSError)(self._sps_error)
+        app.handle_errors(Exception)(self._unexpected)
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    # --- routes ---
+
+    async def root(self, request: IRequest) -> bytes:
+        counts = await self.spool.counts()
+        return _json(
+            request,
+            {
+                "service": "dpatia",
+                "version": __version__,
+                "route": self.config.server.route,
+                "applicationId": self.config.app.application_id,
+                "jobs": {state.value: counts.get(state, 0) for state in JobState},
+                "notifications": self.notification_counts.as_dict(),
+            },
+        )
+
+    def registration(self, request: IRequest) -> bytes:
+        app = self.config.app
+        content = {"tags": list(app.tags)} if app.input_type is InputType.TAGGED_POLYGON else None
+        body = unstructure(
+            Registration(
+                applicationId=app.application_id,
+                displayName=app.display_name,
+                manufacturer=app.manufacturer,
+                url=self._registered_url(request),
+                inputTemplate=InputTemplate(type=app.input_type, content=content),
+                context={},
+            )
+        )
+        if content is None:
+            del body["inputTemplate"]["content"]  # wholeSlide has none (IA-API.md §1.1)
+        return _json(request, body)
+
+    def info(self, request: IRequest) -> bytes:
+        return _json(
+            request,
+            unstructure(
+                VersionInfo(apiVersion=self.config.server.api_version, softwareVersion=__version__)
+            ),
+        )
+
+    async def invoke(self, request: IRequest) -> bytes:
+        with self._answering_request():
+            return await self._invoke(request)
+
+    async def _invoke(self, request: IRequest) -> bytes:
+        data = self._read_json(request)
+        invocation, parsed = parse_invocation(data)
+        self._check_invocation(invocation)
+        if invocation.action is Action.CREATE:
+            return await self._create(request, invocation, parsed)
+        if invocation.action is Action.MODIFY:
+            assert isinstance(parsed, Result)
+            return await self._modify(request, invocation, parsed)
+        if invocation.action is Action.DELETE:
+            return await self._delete(request, invocation, parsed)
+        return await self._cancel(request, invocation)
+
+    async def image_notification(self, request: IRequest) -> bytes:
+        with self._answering_request():
+            return await self._image_notification(request)
+
+    @contextmanager
+    def _answering_request(self) -> Iterator[None]:
+        self._answering += 1
+        try:
+            yield
+        finally:
+            self._answering -= 1
+            if not self._answering:
+                self.background.wake()
+
+    async def _image_notification(self, request: IRequest) -> bytes:
+        data = self._read_json(request)
+        notification: ImageNotification = parse(ImageNotification, data)
+        self._check_invocation(notification)
+        if notification.input is not None:
+            # Only whole-slide analyses make sense for a freshly imported slide.
+            if (
+                not isinstance(notification.input, dict)
+                or notification.input.get("type", InputType.WHOLE_SLIDE.value)
+                != InputType.WHOLE_SLIDE.value
+            ):
+                raise InvalidInput("image notifications support only wholeSlide input", "$.input")
+        priority = 0
+        if notification.imageInfo is not None:
+            raw = notification.imageInfo.get("priority")
+            if raw is not None:
+                if isinstance(raw, bool) or not isinstance(raw, int):
+                    raise InvalidInput("expected an integer", "$.imageInfo.priority")
+                priority = raw
+        refusal = self.config.notifications.refusal(notification.imageInfo)
+        self.notification_counts.count(taken=refusal is None)
+        if refusal is not None:
+            # Nothing stored, nothing fetched: the SPS sends one for every imported slide.
+            log.debug(
+                "image notification for slide {slide_id} not taken: {reason}",
+                slide_id=notification.slideId,
+                reason=refusal,
+            )
+            return _json(request, {})
+        job = await self._accept(
+            notification,
+            JobKind.NOTIFICATION,
+            "image notification",
+            image_info=notification.imageInfo,
+            priority=priority,
+        )
+        self.background.submit(
+            f"queued frame of job {job.job_id}", lambda: self._frame_for_notification(job)
+        )
+        return _json(request, {})
+
+    # --- actions ---
+
+    async def _create(self, request: IRequest, invocation: Invocation, parsed: Any) -> bytes:
+        if parsed.type != self.config.app.input_type.value:
+            raise InvalidInput(
+                f"this app is registered for {self.config.app.input_type.value} input, "
+                f"not {parsed.type}",
+                "$.input.type",
+            )
+        job = await self._accept(
+            invocation, JobKind.CREATE, "analysis requested", input=unstructure(parsed)
+        )
+        # The SPS wants the stored result (with id and versionId) as the answer.  The job
+        # is already safe on disk: if the SPS cannot be reached, the analysis still runs
+        # and writes its result later; the user sees this error now.
+        stored = await self._store_frame(job, None, only_if_queued=False)
+        return _json(request, unstructure(stored))
+
+    async def _accept(
+        self, call: Invocation | ImageNotification, kind: JobKind, what: str, **fields: Any
+    ) -> Job:
+        """Commit the job a validated request asks for to the spool (durably)."""
+        incoming = Job(
+            slide_id=call.slideId,
+            application_id=call.applicationId,
+            kind=kind,
+            callback=Callback(call.callbackInfo.url, call.callbackInfo.token),
+            created=self.clock.seconds(),
+            context=call.context or {},
+            cancellation_token=call.cancellationToken,
+            **fields,
+        )
+        # Before the commit: a job of this slide may be running (then this request
+        # queues behind it) and its writes should use the new token from now on.  A
+        # failed commit does not make the token any less new.
+        self.tokens.record(
+            incoming.application_id, incoming.slide_id, incoming.callback, incoming.created
+        )
+        job = await self.spool.add(incoming)
+        log.info(
+            "job {job_id} accepted: {what} for slide {slide_id}",
+            job_id=job.job_id,
+            what=what,
+            slide_id=job.slide_id,
+        )
+        return job
+
+    async def _modify(self, request: IRequest, invocation: Invocation, result: Result) -> bytes:
+        if result.id is None:
+            raise InvalidInput("a modified result must carry its id", "$.input.id")
+        if _button_pressed(result):
+            # A patchCollection button press: acknowledge it without storing anything,
+            # as the Sectra example does; the state goes back to 0.
+            return _json(request, _reset_buttons(unstructure(result)))
+        callback = self._remember_callback(invocation)
+        stored = await self.sps.update_result(callback, invocation.applicationId, result)
+        log.info(
+            "result {result_id} of slide {slide_id} modified by a user",
+            result_id=result.id,
+            slide_id=invocation.slideId,
+        )
+        return _json(request, unstructure(stored))
+
+    async def _delete(self, request: IRequest, invocation: Invocation, result: Any) -> bytes:
+        # The SPS deletes the result itself; the app stops any work that would write it.
+        if not isinstance(result, Result) or result.id is None:
+            return _json(request, {})
+        jobs = await self.spool.find(slide_id=invocation.slideId, result_id=result.id)
+        for job in jobs:
+            await self._stop(job, "the result was deleted")
+        return _json(request, {})
+
+    async def _cancel(self, request: IRequest, invocation: Invocation) -> bytes:
+        jobs: list[Job] = []
+        if invocation.cancellationToken:
+            jobs = await self.spool.find(
+                slide_id=invocation.slideId, cancellation_token=invocation.cancellationToken
+            )
+        if not jobs:
+            jobs = await self.spool.find(slide_id=invocation.slideId)
+        callback = self._remember_callback(invocation)
+        for job in jobs:
+            cancelled = await self._stop(job, "cancelled by the user")
+            if cancelled is not None and cancelled.result_id is not None:
+                # The newest token is the one in this request.
+                self.background.submit(
+                    f"cancelled frame of job {cancelled.job_id}",
+                    partial(
+                        self._write_final_frame,
+                        attrs.evolve(cancelled, callback=callback),
+                        Status.CANCELLED,
+                        "Cancelled",
+                    ),
+                )
+        return _json(request, [])
+
+    def _remember_callback(self, invocation: Invocation) -> Callback:
+        """The request's callback, recorded as the newest for its slide."""
+        callback = Callback(invocation.callbackInfo.url, invocation.callbackInfo.token)
+        self.tokens.record(
+            invocation.applicationId, invocation.slideId, callback, self.clock.seconds()
+        )
+        return callback
+
+    async def _stop(self, job: Job, reason: str) -> Job | None:
+        """Cancel a queued job now; ask the holder of a running job to stop it."""
+        if job.state is JobState.QUEUED:
+            cancelled = await self.spool.cancel(job.job_id, reason)
+            if cancelled is not None:
+                log.info("job {job_id} cancelled: {reason}", job_id=job.job_id, reason=reason)
+                return cancelled
+            job = await self.spool.get(job.job_id) or job
+        if job.state is JobState.RUNNING:
+            await self.spool.request_cancel(job.job_id)
+            log.info(
+                "job {job_id} is running; cancellation requested: {reason}",
+                job_id=job.job_id,
+                reason=reason,
+            )
+        return None
+
+    # --- in-progress frames ---
+
+    async def _frame_for_notification(self, job: Job) -> None:
+        try:
+            await self._store_frame(job, image_size_of(job.image_info), only_if_queued=True)
+        except _NotQueued:
+            pass  # a worker has it already and shows its own progress
+        except SPSError as e:
+            log.warn(
+                "job {job_id}: could not store the queued frame at the SPS ({error}); "
+                "the analysis will still run",
+                job_id=job.job_id,
+                error=str(e),
+            )
+
+    async def _store_frame(
+        self, job: Job, image_size: tuple[int, int] | None, *, only_if_queued: bool
+    ) -> Result:
+        """Create or update the app's latest result for the slide to say "queued".
+
+        Through the shared :class:`ResultWriter`, under the slide's lock, so a worker
+        that already has the job never sees its progress or answer overwritten.
+        Without ``image_size`` the slide's info is read for the full-slide frame.
+        """
+        if only_if_queued:
+            current = await self.spool.get(job.job_id)
+            if current is None or current.state is not JobState.QUEUED:
+                raise _NotQueued()
+        if image_size is None:
+            info = await self.sps.slide_info(job.callback, job.slide_id, extended=False)
+            image_size = image_size_of(info)
+
+        async def still_queued() -> bool:
+            current = await self.spool.get(job.job_id)
+            return current is not None and current.state is JobState.QUEUED
+
+        stored = await self.writer.store_queued_frame(job, image_size, still_queued)
+        if stored.id is not None and stored.id != job.result_id:
+            try:
+                await self.spool.update(attrs.evolve(job, result_id=stored.id))
+            except JobMoved:
+                # Claimed (or merged) meanwhile: the worker finds the result itself.
+                pass
+        return stored
+
+    async def _write_final_frame(self, job: Job, status: Status, text: str) -> None:
+        assert job.result_id is not None
+        try:
+            await self.writer.update_current(
+                job, job.result_id, self.writer.frame(job, status, text), keep=None
+            )
+        except (SPSError, ResultGone) as e:
+            log.warn(
+                "job {job_id}: could not mark its result {status} ({error})",
+                job_id=job.job_id,
+                status=status.value.lower(),
+                error=str(e),
+            )
+
+    # --- validation ---
+
+    def _read_json(self, request: IRequest) -> Any:
+        if getattr(request, "body_too_large", False):
+            raise BodyTooLarge(
+                f"the request body is larger than max_body_bytes ({self.config.server.max_body_bytes})"
+            )
+        ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if ctype != JSON_TYPE and not (
+            ctype.startswith(b"application/") and ctype.endswith(b"+json")
+        ):
+            raise UnsupportedMediaType(
+                "the request body must be application/json, not "
+                + (ctype.decode("latin-1") or "unspecified"),
+                "Content-Type",
+            )
+        raw = request.content.read() if request.content is not None else b""
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise InvalidInput(f"the request body is not valid JSON ({e})", "$") from None
+
+    def _check_invocation(self, invocation: Invocation | ImageNotification) -> None:
+        expected = self.config.app.application_id
+        if invocation.applicationId != expected:
+            raise InvalidInput(
+                f"applicationId {invocation.applicationId!r} is not this app's ({expected!r}); "
+                "check the registration at the SPS",
+                "$.applicationId",
+            )
+        if not invocation.slideId:
+            raise InvalidInput("slideId must not be empty", "$.slideId")
+        url = invocation.callbackInfo.url
+        if not self.config.sps.allows(url):
+            log.warn(
+                "refused a request whose callback URL is not allowed: {url}",
+                url=url.split("?", 1)[0],
+            )
+            raise CallbackNotAllowed(
+                "callbackInfo.url is not in [sps] allowed_callback_urls of this daemon",
+                "$.callbackInfo.url",
+            )
+
+    def _registered_url(self, request: IRequest) -> str:
+        route = self.config.server.route
+        if self.config.server.public_url:
+            return self.config.server.public_url + route
+        host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
+        scheme = "https" if request.isSecure() else "http"
+        return f"{scheme}://{host}{route}"
+
+    # --- errors: the one place that maps them to HTTP ---
+
+    def _api_error(self, request: IRequest, failure: Any) -> bytes:
+        e: APIError = failure.value
+        return _json(request, {"error": e.message, "field": e.field}, e.status)
+
+    def _invalid_input(self, request: IRequest, failure: Any) -> bytes:
+        e: InvalidInput = failure.value
+        return _json(request, {"error": e.message, "field": e.field}, 400)
+
+    def _method_not_allowed(self, request: IRequest, failure: Any) -> bytes:
+        allowed = getattr(failure.value, "valid_methods", None) or []
+        if allowed:
+            request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
+        method = request.method.decode("latin-1")
+        return _json(request, {"error": f"method {method} not allowed here", "field": None}, 405)
+
+    def _not_found(self, request: IRequest, failure: Any) -> bytes:
+        return _json(request, {"error": "no such resource", "field": None}, 404)
+
+    def _http_exception(self, request: IRequest, failure: Any) -> bytes:
+        e: HTTPException = failure.value
+        return _json(request, {"error": e.description or e.name, "field": None}, e.code or 500)
+
+    def _sps_error(self, request: IRequest, failure: Any) -> bytes:
+        e: SPSError = failure.value
+        log.warn("SPS call failed while answering: {error}", error=str(e))
+        return _json(
+            request,
+            {
+                "error": f"the Sectra Pathology Server could not be reached or refused: {e}",
+                "field": None,
+            },
+            502,
+        )
+
+    def _unexpected(self, request: IRequest, failure: Any) -> bytes:
+        log.failure(
+            "unexpected error answering {method} {path}",
+            failure,
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1"),
+        )
+        return _json(request, {"error": "internal error; see the daemon log", "field": None}, 500)
+
+
+def _button_pressed(result: Result) -> bool:
+    payload = result.data.result
+    if (
+        payload is None
+        or payload.type != "patchCollection"
+        or not isinstance(payload.content, dict)
+    ):
+        return False
+    actions = payload.content.get("actions") or []
+    return any(isinstance(a, dict) and a.get("state") == 1 for a in actions)
+
+
+def _reset_buttons(body: dict[str, Any]) -> dict[str, Any]:
+    for action in body["data"]["result"]["content"].get("actions") or []:
+        if isinstance(action, dict) and action.get("state") == 1:
+            action["state"] = 0
+    return body

@@ -1,0 +1,303 @@
+"""Every write of a dpatia result at the SPS, in one place, one slide at a time.
+
+A slide carries one dpatia result annotation (apps cannot delete results, so the latest
+one is reused, IA-API.md §3.1).  Several parties write it: the front door ("queued"),
+the job runner (progress, the final answer, "failed", "cancelled"), a retry.
+:class:`ResultWriter` serialises all writes for one (application, slide) in this
+process through a FIFO lock, so that:
+
+* two parties never both find "no result yet" and create two annotations;
+* writes land in the order they were asked for: a "retrying" frame queued before a job
+  is released is written before anything the next attempt writes.
+
+Every write uses the newest callback received for the slide (``tokens``, a
+:class:`~dpatia_daemon.sps.tokens.TokenBook`), not necessarily the job's own: a job that
+waited long may hold an expired token.
+
+Version conflicts (someone outside this process wrote in between) are resolved by the
+SPS client's re-read and retry, through a ``reapply`` that may decline to overwrite
+(:class:`Superseded`): a progress frame never replaces a final answer.
+
+A result the SPS no longer has (404: a user deleted the annotation) raises
+:class:`ResultGone`; nothing here ever re-creates a deleted result behind the user's
+back (IA-API.md §3.3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TypeVar
+
+import attrs
+from attrs import define, field
+from twisted.internet.defer import DeferredLock
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from .._version import __version__
+from ..jobs import Callback, Job, JobKind
+from ..models import Result, ResultData
+from .client import SPSClient, SPSNotFound
+from .results import (
+    CONTEXT_KEY,
+    Status,
+    frame_status,
+    image_size_of,
+    latest,
+    replacing,
+    status_frame,
+)
+from .tokens import TokenBook
+
+log = Logger()
+
+T = TypeVar("T")
+
+#: Frame statuses that end a job: a late progress frame must not replace them.
+FINAL_STATUSES = frozenset({Status.DONE, Status.FAILED, Status.CANCELLED})
+
+
+class ResultGone(Exception):
+    """The SPS no longer has the result (a user deleted it)."""
+
+
+class Superseded(Exception):
+    """A conditional write was declined: the stored result must not be overwritten."""
+
+    def __init__(self, current: Result) -> None:
+        super().__init__(f"result {current.id} must not be overwritten")
+        self.current = current
+
+
+@define
+class ResultWriter:
+    """Writes a job's result at the SPS: finds or creates it, frames, final answers.
+
+    Collaborators: the ``sps`` client, the ``clock`` (for the wait in :meth:`resolve`),
+    and ``display_name`` (the app's name, the first words of every frame); ``tokens``
+    (optional) knows the newest callback of each slide.
+    ``fresh_grace``: how long :meth:`resolve` waits for the front door to store the
+    frame of a brand-new ``create`` request before creating one itself.
+    """
+
+    sps: SPSClient
+    clock: IReactorTime
+    display_name: str
+    application_version: str = __version__
+    fresh_grace: float = 5.0
+    poll_interval: float = 0.5
+    tokens: TokenBook | None = None
+    _locks: dict[tuple[str, str], DeferredLock] = field(factory=dict, init=False)
+
+    def callback(self, job: Job) -> Callback:
+        """The callback to write ``job``'s result with: the newest for its slide."""
+        return job.callback if self.tokens is None else self.tokens.newest(job)
+
+    # --- building ---------------------------------------------------------------------
+
+    def frame(
+        self,
+        job: Job,
+        status: Status,
+        text: str,
+        *,
+        progress: int | None = None,
+        error: str | None = None,
+        image_size: tuple[int, int] | None = None,
+    ) -> Result:
+        """A status frame for ``job``: ``"<display name>: <text>"`` on the slide."""
+        return status_frame(
+            slide_id=job.slide_id,
+            status=status,
+            text=f"{self.display_name}: {text}",
+            job_id=job.job_id,
+            application_version=self.application_version,
+            image_size=image_size or image_size_of(job.image_info),
+            progress=progress,
+            error=error,
+        )
+
+    def final(self, job: Job, result: Result) -> Result:
+        """An analysis's result made ready to store: slide, version and bookkeeping set."""
+        context = dict(result.data.context or {})
+        context[CONTEXT_KEY] = {"jobId": job.job_id, "status": Status.DONE.value}
+        return attrs.evolve(
+            result,
+            slideId=job.slide_id,
+            applicationVersion=result.applicationVersion or self.application_version,
+            data=ResultData(context=context, result=result.data.result),
+            id=None,
+            versionId=None,
+        )
+
+    # --- serialisation ----------------------------------------------------------------
+
+    async def _serialised(self, job: Job, step: Callable[[], Awaitable[T]]) -> T:
+        """Run ``step`` holding the lock of ``job``'s slide (FIFO, taken at call time)."""
+        key = (job.application_id, job.slide_id)
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = DeferredLock()
+        await lock.acquire()
+        try:
+            return await step()
+        finally:
+            lock.release()
+            # release() hands the lock to the next waiter at once; only an unused lock
+            # is dropped, so the table stays as small as the slides being written.
+            if not lock.locked and not lock.waiting:
+                self._locks.pop(key, None)
+
+    # --- reading ----------------------------------------------------------------------
+
+    async def find(self, job: Job) -> Result | None:
+        """The job's stored result (its ``result_id``, else the slide's latest), or None.
+
+        Raises :class:`ResultGone` when the job's own result id is gone.
+        """
+        if job.result_id is not None:
+            try:
+                return await self.sps.get_result(
+                    self.callback(job), job.application_id, job.result_id
+                )
+            except SPSNotFound:
+                raise ResultGone(f"result {job.result_id} is gone") from None
+        results = await self.sps.list_results(self.callback(job), job.application_id, job.slide_id)
+        return latest(results)
+
+    async def resolve(self, job: Job) -> Result:
+        """The result ``job`` writes to, creating a "queued" frame if the slide has none.
+
+        The same reuse rule as the front door: the job's ``result_id``, else the app's
+        latest result for the slide, else a new one.  For a fresh ``create`` request
+        the front door is storing a frame right now (the pathologist's answer), so
+        the slide is re-listed for up to ``fresh_grace`` seconds before creating one.
+        """
+        waited = 0.0
+        while True:
+            stored = await self._serialised(job, partial(self._find_or_create, job, waited))
+            if stored is not None:
+                return stored
+            # Not under the lock: the front door needs it to store its frame.
+            await deferLater(self.clock, self.poll_interval, lambda: None)
+            waited += self.poll_interval
+
+    async def _find_or_create(self, job: Job, waited: float) -> Result | None:
+        existing = await self.find(job)
+        if existing is not None:
+            return existing
+        fresh = job.kind is JobKind.CREATE and job.attempts == 0
+        if fresh and waited < self.fresh_grace:
+            return None
+        stored = await self.sps.create_result(
+            self.callback(job), job.application_id, self.frame(job, Status.QUEUED, "queued")
+        )
+        log.info(
+            "job {job_id}: created result {result_id} on slide {slide_id}",
+            job_id=job.job_id,
+            result_id=stored.id,
+            slide_id=job.slide_id,
+        )
+        return stored
+
+    # --- writing ----------------------------------------------------------------------
+
+    async def update(
+        self,
+        job: Job,
+        stored: Result,
+        new: Result,
+        *,
+        keep: Callable[[Result], bool] | None = None,
+    ) -> Result:
+        """Replace ``stored`` (id + versionId) with ``new``; return what the SPS stored.
+
+        On a version conflict the current result is re-read; if ``keep(current)`` is
+        true it is left alone and :class:`Superseded` raised.  A 404 raises
+        :class:`ResultGone`.
+        """
+
+        def reapply(current: Result) -> Result:
+            if keep is not None and keep(current):
+                raise Superseded(current)
+            return replacing(current, new)
+
+        async def put() -> Result:
+            try:
+                return await self.sps.update_result(
+                    self.callback(job), job.application_id, replacing(stored, new), reapply=reapply
+                )
+            except SPSNotFound:
+                raise ResultGone(f"result {stored.id} is gone") from None
+
+        return await self._serialised(job, put)
+
+    async def update_current(
+        self, job: Job, result_id: int, new: Result, *, keep: Callable[[Result], bool] | None
+    ) -> Result:
+        """Read result ``result_id`` and replace it with ``new`` unless ``keep(current)``."""
+
+        async def read_and_put() -> Result:
+            try:
+                current = await self.sps.get_result(
+                    self.callback(job), job.application_id, result_id
+                )
+            except SPSNotFound:
+                raise ResultGone(f"result {result_id} is gone") from None
+            if keep is not None and keep(current):
+                raise Superseded(current)
+
+            def reapply(latest_: Result) -> Result:
+                if keep is not None and keep(latest_):
+                    raise Superseded(latest_)
+                return replacing(latest_, new)
+
+            try:
+                return await self.sps.update_result(
+                    self.callback(job), job.application_id, replacing(current, new), reapply=reapply
+                )
+            except SPSNotFound:
+                raise ResultGone(f"result {result_id} is gone") from None
+
+        return await self._serialised(job, read_and_put)
+
+    async def store_queued_frame(
+        self,
+        job: Job,
+        image_size: tuple[int, int] | None,
+        still_queued: Callable[[], Awaitable[bool]],
+    ) -> Result:
+        """The front door's "queued" frame: create or update the slide's latest result.
+
+        Under the slide's lock, so the job runner never creates a second one.  An
+        existing result is only overwritten while ``still_queued()``: once a worker
+        has the job, its frames (and its answer) win and the result is returned
+        unchanged.  With no result at all, the frame is created either way (a
+        ``create`` must answer with a stored result; the runner then finds it).
+        """
+        frame = self.frame(job, Status.QUEUED, "queued", image_size=image_size)
+
+        async def write() -> Result:
+            existing = await self.find(job)
+            if existing is not None and not await still_queued():
+                return existing
+            if existing is not None:
+                return await self.sps.update_result(
+                    self.callback(job),
+                    job.application_id,
+                    replacing(existing, frame),
+                    reapply=lambda current: replacing(current, frame),
+                )
+            return await self.sps.create_result(self.callback(job), job.application_id, frame)
+
+        return await self._serialised(job, write)
+
+
+def is_final(result: Result) -> bool:
+    """Whether ``result`` is one of dpatia's final states (done, failed, cancelled)."""
+    return frame_status(result) in FINAL_STATUSES
+
+
+__all__ = ["FINAL_STATUSES", "ResultGone", "ResultWriter", "Superseded", "is_final"]

@@ -1,0 +1,511 @@
+"""The worker process: ``python -m dpatia_daemon.workers.child --analysis SPEC [...]``.
+
+The daemon's supervisor spawns it with AMP on child fds
+:data:`~dpatia_daemon.workers.commands.WORKER_AMP_IN` / :data:`~dpatia_daemon.workers.commands.WORKER_AMP_OUT`
+and stdout/stderr as log streams.  The worker:
+
+* imports the analysis at start (:func:`~dpatia_daemon.analyses.loader.load_analysis`);
+  if that fails it stays up and answers every ``RunJob`` with the reason, so the job
+  attempt fails with a clear error and the supervisor restarts it with backoff;
+* runs one analysis at a time in a thread of its own, so its reactor keeps answering
+  ``Ping`` and ``CancelJob`` whatever the analysis does;
+* reads ``job.json`` from the job's work folder and writes ``result.json`` there
+  (atomically), answering ``RunJob`` with its path; while it fetches the slide it
+  follows ``job.json`` (the daemon rewrites it when a newer callback token arrives),
+  and with SPS client credentials (from its environment, which it then clears) it
+  obtains its own tokens when the SPS rejects the callback token;
+* coalesces progress reports: at most one ``Progress`` call in flight, carrying the
+  newest values;
+* exits when its AMP pipe closes (the daemon stopped it, or died), and on SIGTERM at
+  once; on Linux it also asks the kernel for SIGKILL when its parent dies, so a worker
+  stuck in C code is never orphaned.  SIGINT is ignored: a Ctrl-C in a terminal goes
+  to the whole process group, and the daemon decides when its workers stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import sys
+import threading
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+from attrs import define, field
+from twisted.internet import threads
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.logger import (
+    FileLogObserver,
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    eventAsText,
+    globalLogBeginner,
+)
+from twisted.protocols.amp import AMP
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+
+from .._version import __version__
+from ..analyses import Analysis, AnalysisCancelled, AnalysisJob, AnalysisResult
+from ..analyses.loader import AnalysisLoadError, load_analysis
+from ..durable import write_atomically
+from ..jobs import Job
+from ..models import Result, unstructure
+from ..pipeline.download import DownloadError
+from ..pipeline.prepare import PipelineSettings, Prepared, analysis_progress, prepare
+from ..sps.client import SPSClient, SPSError, make_http_client
+from ..sps.tokens import Credentials, JobFile, callback_auth
+from .commands import (
+    JOB_FILE,
+    MAX_PROGRESS_TEXT,
+    RESULT_FILE,
+    SLIDE_INFO_FILE,
+    WORKER_AMP_IN,
+    WORKER_AMP_OUT,
+    AnalysisFailed,
+    CancelJob,
+    Hello,
+    JobCancelled,
+    Ping,
+    Progress,
+    RunJob,
+    WorkerBusy,
+    bounded,
+)
+
+log = Logger()
+
+
+@define(eq=False)
+class _Running:
+    """The job a worker is running: its cancel event and the progress hand-over."""
+
+    job_id: str
+    done: Deferred[dict[str, str]]
+    cancel: threading.Event = field(factory=threading.Event)
+    lock: threading.Lock = field(factory=threading.Lock)
+    latest: tuple[int, str] | None = None
+    scheduled: bool = False
+    in_flight: bool = False
+    preparing: Deferred[Any] | None = None
+
+
+class WorkerProtocol(AMP):
+    """The worker's side of the AMP conversation (see :mod:`dpatia_daemon.workers.commands`).
+
+    Collaborators: the ``reactor`` (only ``callFromThread`` and ``stop``), the loaded
+    ``analysis`` (None when it failed to load, with ``load_error`` saying why), the
+    ``spec`` it was loaded from, its ``settings``, and the SPS client ``credentials``
+    (None when not configured).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        spec: str,
+        analysis: Analysis | None,
+        load_error: str = "",
+        settings: dict[str, str] | None = None,
+        pipeline: PipelineSettings | None = None,
+        credentials: Credentials | None = None,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.spec = spec
+        self.analysis = analysis
+        self.load_error = load_error
+        self.settings = MappingProxyType(dict(settings or {}))
+        self.pipeline = pipeline
+        self.current: _Running | None = None
+        self._sps: SPSClient | None = None
+        self._credentials = credentials
+        self._job_file = JobFile(clock=reactor)
+
+    # --- daemon → worker ---
+
+    @Hello.responder
+    def hello(self) -> dict[str, Any]:
+        """Who we are and whether the analysis loaded."""
+        return {"pid": os.getpid(), "analysis": self.spec, "load_error": self.load_error}
+
+    @Ping.responder
+    def ping(self) -> dict[str, Any]:
+        """Still here."""
+        return {}
+
+    @RunJob.responder
+    def run_job(self, job_id: str, work_dir: str) -> Deferred[dict[str, str]]:
+        """Start the analysis in its own thread; answer when it is done."""
+        if self.current is not None:
+            raise WorkerBusy(f"already running job {self.current.job_id}")
+        if self.analysis is None:
+            raise AnalysisFailed(self.load_error)
+        running = _Running(job_id=job_id, done=Deferred())
+        self.current = running
+        if self.pipeline is None:
+            self._start_analysis(running, self.analysis, work_dir, None)
+        else:
+            # The pipeline's steps are network and disk work: they run on this reactor
+            # (AMP keeps answering), and CancelJob cancels them mid-download.
+            analysis = self.analysis
+            preparing = running.preparing = ensureDeferred(
+                self._prepare(running, self.pipeline, work_dir)
+            )
+            preparing.addCallbacks(
+                lambda prepared: self._start_analysis(running, analysis, work_dir, prepared),
+                lambda failure: self._prepare_failed(running, failure),
+            )
+        return running.done
+
+    def _start_analysis(
+        self, running: _Running, analysis: Analysis, work_dir: str, prepared: Prepared | None
+    ) -> None:
+        running.preparing = None
+        if running.cancel.is_set():
+            self._finished(running, Failure(JobCancelled(f"job {running.job_id} cancelled")))
+            return
+        thread = threading.Thread(
+            target=self._thread_main,
+            args=(running, analysis, work_dir, prepared),
+            name=f"analysis {running.job_id}",
+            # A hung analysis must never keep the process alive once the daemon
+            # closed our pipe.
+            daemon=True,
+        )
+        thread.start()
+
+    async def _prepare(
+        self, running: _Running, settings: PipelineSettings, work_dir: str
+    ) -> Prepared:
+        folder = FilePath(work_dir)
+        job = Job.from_json(folder.child(JOB_FILE).getContent())
+        if job.job_id != running.job_id:
+            raise AnalysisFailed(f"{JOB_FILE} in {work_dir} is for job {job.job_id}")
+        sps = self._sps_client(settings)
+        self._job_file.follow(folder.child(JOB_FILE).path, job)
+        try:
+            return await prepare(
+                job,
+                folder,
+                settings,
+                sps=sps,
+                clock=self.reactor,
+                run_blocking=lambda f, *args: threads.deferToThreadPool(
+                    self.reactor, self.reactor.getThreadPool(), f, *args
+                ),
+                progress=lambda percent, text: self._report(running, percent, text),
+            )
+        finally:
+            self._job_file.stop()
+
+    def _prepare_failed(self, running: _Running, failure: Failure) -> None:
+        running.preparing = None
+        if running.cancel.is_set() or failure.check(CancelledError, JobCancelled):
+            outcome = Failure(JobCancelled(f"job {running.job_id} cancelled"))
+        elif failure.check(AnalysisFailed):
+            outcome = failure
+        elif failure.check(DownloadError, SPSError):
+            # Expected trouble (the SPS, the network): the message says it all.
+            log.warn(
+                "job {job_id}: fetching the slide failed: {error}",
+                job_id=running.job_id,
+                error=failure.getErrorMessage(),
+            )
+            outcome = Failure(
+                AnalysisFailed(bounded(f"fetching the slide failed: {failure.value}"))
+            )
+        else:
+            log.failure("job {job_id}: fetching the slide failed", failure, job_id=running.job_id)
+            outcome = Failure(
+                AnalysisFailed(bounded(f"{type(failure.value).__name__}: {failure.value}"))
+            )
+        self._finished(running, outcome)
+
+    def _sps_client(self, settings: PipelineSettings) -> SPSClient:
+        """One SPS client (and connection pool) for the worker's life."""
+        if self._sps is None:
+            http = make_http_client(
+                self.reactor,
+                verify_tls=settings.verify_tls,
+                ca_file=settings.ca_file,
+                connect_timeout=min(10.0, settings.sps_timeout),
+            )
+            sps = SPSClient(
+                http=http.client,
+                clock=self.reactor,
+                api_version=settings.api_version,
+                software_version=__version__,
+                timeout=settings.sps_timeout,
+                retries=settings.sps_retries,
+            )
+            auth = callback_auth(
+                sps.fetch_token,
+                self.reactor,
+                settings.application_id,
+                self._credentials,
+                callbacks=self._job_file,
+            )
+            self._sps = attrs.evolve(sps, auth=auth)
+        return self._sps
+
+    @CancelJob.responder
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """Set the cancellation event of ``job_id`` if it is the one running."""
+        running = self.current
+        if running is None or running.job_id != job_id:
+            return {"running": False}
+        running.cancel.set()
+        if running.preparing is not None:
+            running.preparing.cancel()
+        log.info("job {job_id}: cancellation requested", job_id=job_id)
+        return {"running": True}
+
+    # --- the analysis thread ---
+
+    def _thread_main(
+        self, running: _Running, analysis: Analysis, work_dir: str, prepared: Prepared | None
+    ) -> None:
+        outcome: dict[str, str] | Failure
+        try:
+            outcome = {"result_path": self._analyse(running, analysis, work_dir, prepared)}
+        except AnalysisCancelled:
+            outcome = Failure(JobCancelled(f"job {running.job_id} cancelled"))
+        except AnalysisFailed as e:
+            outcome = Failure(e)
+        except BaseException as e:  # noqa: B036 - the analysis is foreign code: report all
+            # Logged here (with its traceback) so the operator sees it in the daemon
+            # log; the one-line reason travels to the daemon with the error.
+            log.failure("job {job_id}: the analysis failed", job_id=running.job_id)
+            outcome = Failure(AnalysisFailed(bounded(f"{type(e).__name__}: {e}")))
+        self.reactor.callFromThread(self._finished, running, outcome)
+
+    def _analyse(
+        self, running: _Running, analysis: Analysis, work_dir: str, prepared: Prepared | None
+    ) -> str:
+        """Run ``analysis`` for the job in ``work_dir``; return the result file's path."""
+        folder = FilePath(work_dir)
+        job = Job.from_json(folder.child(JOB_FILE).getContent())
+        if job.job_id != running.job_id:
+            raise AnalysisFailed(f"{JOB_FILE} in {work_dir} is for job {job.job_id}")
+        slide_info: dict[str, Any] | None = job.image_info
+        info_file = folder.child(SLIDE_INFO_FILE)
+        if prepared is not None and prepared.slide_info is not None:
+            slide_info = prepared.slide_info
+        elif info_file.exists():
+            slide_info = json.loads(info_file.getContent())
+
+        def report(percent: int, text: str) -> None:
+            if prepared is not None:
+                percent = analysis_progress(int(percent))
+            self._report(running, percent, text)
+
+        analysis_job = AnalysisJob(
+            job_id=job.job_id,
+            slide_id=job.slide_id,
+            input=MappingProxyType(dict(job.input)),
+            work_dir=work_dir,
+            slide_info=MappingProxyType(slide_info) if slide_info is not None else None,
+            context=MappingProxyType(dict(job.context)),
+            settings=self.settings,
+            progress=report,
+            cancelled=running.cancel.is_set,
+            wait=running.cancel.wait,
+            thumbnail_path=prepared.thumbnail_path if prepared else None,
+            label_path=prepared.label_path if prepared else None,
+            files=prepared.files if prepared else (),
+        )
+        log.info("job {job_id}: analysis started", job_id=job.job_id)
+        answer = analysis(analysis_job)
+        if running.cancel.is_set():
+            raise AnalysisCancelled(job.job_id)
+        verdict: str | None = None
+        if isinstance(answer, AnalysisResult):
+            result = answer.to_result(job.slide_id)
+            verdict = answer.quality_control
+        elif isinstance(answer, Result):
+            result = answer
+        else:
+            raise AnalysisFailed(
+                f"the analysis returned {type(answer).__name__}, not an AnalysisResult or Result"
+            )
+        record: dict[str, Any] = {"jobId": job.job_id, "result": unstructure(result)}
+        if verdict is not None:
+            record["qualityControl"] = verdict
+        body = json.dumps(record, allow_nan=False).encode("utf-8")
+        return write_atomically(folder.child(RESULT_FILE).path, body)
+
+    def _report(self, running: _Running, percent: Any, text: Any) -> None:
+        """``progress(percent, text)`` as the analysis calls it, from its thread."""
+        try:
+            value = max(0, min(100, int(percent)))
+        except (TypeError, ValueError, OverflowError):
+            value = 0
+        message = bounded(" ".join(str(text).split()), MAX_PROGRESS_TEXT)
+        with running.lock:
+            running.latest = (value, message)
+            if running.scheduled:
+                return
+            running.scheduled = True
+        self.reactor.callFromThread(self._send_progress, running)
+
+    # --- back in the reactor thread ---
+
+    def _send_progress(self, running: _Running) -> None:
+        if running.in_flight:
+            return  # sent when the call in flight is answered
+        with running.lock:
+            latest, running.latest = running.latest, None
+            running.scheduled = False
+        if latest is None or running is not self.current:
+            return
+        running.in_flight = True
+        percent, text = latest
+        d = self.callRemote(Progress, job_id=running.job_id, percent=percent, text=text)
+
+        def answered(result: object) -> None:
+            running.in_flight = False
+            if isinstance(result, Failure):
+                log.warn(
+                    "job {job_id}: progress report failed: {error}",
+                    job_id=running.job_id,
+                    error=result.getErrorMessage(),
+                )
+            if running.latest is not None:
+                self._send_progress(running)
+
+        d.addBoth(answered)
+
+    def _finished(self, running: _Running, outcome: dict[str, str] | Failure) -> None:
+        if self.current is running:
+            self.current = None
+        if isinstance(outcome, Failure):
+            running.done.errback(outcome)
+        else:
+            log.info("job {job_id}: analysis done", job_id=running.job_id)
+            running.done.callback(outcome)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        """The daemon closed our pipe (or died): stop the analysis and exit."""
+        super().connectionLost(reason)
+        if self.current is not None:
+            self.current.cancel.set()
+        if getattr(self.reactor, "running", False):
+            self.reactor.stop()
+
+
+# --- process set-up -------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Ask Linux for SIGKILL when the daemon dies (best effort; EOF covers the rest)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    # The daemon only sends SIGTERM after asking nicely (CancelJob or EOF): exit now,
+    # without waiting for an analysis thread.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(128 + signum)
+
+
+def _log_to_stderr() -> None:
+    """Twisted log events as plain lines on stderr: the daemon adds time and tags."""
+
+    def format_event(event: Any) -> str:
+        text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+        return text + "\n" if text else ""
+
+    # Twisted's own chatter (connection made/lost, main loop) is not news in a worker.
+    levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+    levels.setLogLevelForNamespace("twisted", LogLevel.warn)
+    observer = FilteringLogObserver(FileLogObserver(sys.stderr, format_event), [levels])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def _setting(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
+    return key.strip(), value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The worker's command line (built by the supervisor, not typed by people)."""
+    parser = argparse.ArgumentParser(prog="python -m dpatia_daemon.workers.child")
+    parser.add_argument("--analysis", required=True, help="[app] analysis spec")
+    parser.add_argument(
+        "--pipeline",
+        type=PipelineSettings.from_json,
+        default=None,
+        metavar="JSON",
+        help="fetch the slide first (metadata, thumbnail, label, WSI) with these settings",
+    )
+    parser.add_argument(
+        "--setting",
+        action="append",
+        type=_setting,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting for the analysis (repeatable)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Load the analysis, speak AMP on fds 3/4 until the daemon closes them, exit."""
+    options = parse_args(argv)
+    # First: out of the environment before anything (the analysis) can start a process.
+    credentials = Credentials.take_from_environ(os.environ)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    _die_with_parent()
+    _log_to_stderr()
+
+    analysis: Analysis | None = None
+    load_error = ""
+    try:
+        analysis = load_analysis(options.analysis)
+    except AnalysisLoadError as e:
+        load_error = str(e)
+        log.error("cannot load the analysis: {error}", error=load_error)
+
+    from twisted.internet import reactor
+    from twisted.internet.stdio import StandardIO
+
+    protocol = WorkerProtocol(
+        reactor,
+        options.analysis,
+        analysis,
+        load_error,
+        dict(options.setting),
+        options.pipeline,
+        credentials,
+    )
+    # (mypy sees the Windows StandardIO, which has no fd arguments.)
+    StandardIO(protocol, stdin=WORKER_AMP_IN, stdout=WORKER_AMP_OUT, reactor=reactor)  # type: ignore[call-arg]
+    reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined,call-arg]
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    # Do not wait for an analysis thread (or a library's atexit hook) to finish.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

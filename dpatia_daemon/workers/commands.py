@@ -1,0 +1,154 @@
+"""The AMP conversation between the daemon and its workers, by direction, and the
+work-folder files it refers to.
+
+A worker is ``python -m dpatia_daemon.workers.child``.  AMP runs on two dedicated pipes, child
+fd :data:`WORKER_AMP_IN` (daemon → worker) and :data:`WORKER_AMP_OUT` (worker →
+daemon), so whatever analysis code prints on stdout/stderr is a log line and can
+never corrupt the protocol.  The daemon closing :data:`WORKER_AMP_IN` (EOF) tells the
+worker to exit.
+
+Only ids, paths, numbers and short texts cross these pipes, never file contents: AMP
+values are capped at 64 KiB, so a final result travels as the path of a file in the
+job's work folder.  Every text that could grow (error messages, progress texts) is cut
+to a bound here, with :func:`bounded`.
+
+Errors: a responder may only raise the errors its command declares; anything else
+makes AMP drop the connection, so the worker catches everything else itself.  AMP
+hands the description to the receiving side as bytes, which :class:`_MessageError`
+turns back into text.
+"""
+
+from __future__ import annotations
+
+from twisted.protocols.amp import Boolean, Command, Integer, Unicode
+
+#: Child fd the worker reads AMP from (the daemon writes it); EOF means "exit".
+WORKER_AMP_IN = 3
+#: Child fd the worker writes AMP to (the daemon reads it).
+WORKER_AMP_OUT = 4
+
+#: In a job's work folder: the job record the daemon writes before dispatch (0600: it
+#: holds the callback token) and the worker reads.
+JOB_FILE = "job.json"
+#: In a job's work folder: the final result the worker writes, as
+#: ``{"jobId": ..., "result": <Result JSON>}``; its path is RunJob's answer.
+RESULT_FILE = "result.json"
+#: In a job's work folder, optional: slide metadata fetched by a pipeline step.
+SLIDE_INFO_FILE = "slide_info.json"
+#: In a job's work folder, optional: the thumbnail, the label image (``label.<ext>``)
+#: and the folder of downloaded WSI files, from the pipeline's steps.
+THUMBNAIL_FILE = "thumbnail.png"
+LABEL_STEM = "label"
+WSI_DIR = "wsi"
+
+#: Longest error message sent over AMP (characters); the rest is cut.
+MAX_MESSAGE = 4000
+#: Longest progress text sent over AMP (characters).
+MAX_PROGRESS_TEXT = 200
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` cut to ``limit`` characters, with an ellipsis when it was longer."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class _MessageError(Exception):
+    """An error with a one-line text that survives the trip over AMP (bytes or str)."""
+
+    def __init__(self, message: str | bytes = "") -> None:
+        if isinstance(message, bytes):
+            message = message.decode("utf-8", "replace")
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class AnalysisFailed(_MessageError):
+    """The analysis raised (or could not be loaded); the message says why."""
+
+
+class JobCancelled(_MessageError):
+    """The analysis stopped because the job was cancelled."""
+
+
+class WorkerBusy(_MessageError):
+    """The worker is already running a job (a daemon bug if it ever happens)."""
+
+
+# --- daemon → worker ------------------------------------------------------------------
+
+
+class Hello(Command):
+    """First call after spawning: the worker's pid, and whether its analysis loaded.
+
+    ``load_error`` is empty when the analysis was imported; otherwise it is the
+    clear, one-line reason, and every ``RunJob`` will fail with it.
+    """
+
+    response = [
+        (b"pid", Integer()),
+        (b"analysis", Unicode()),
+        (b"load_error", Unicode()),
+    ]
+
+
+class RunJob(Command):
+    """Run the analysis for ``job_id``, whose ``job.json`` is in ``work_dir``.
+
+    Answers with the path of ``result.json`` (in ``work_dir``) once the analysis
+    returned.  One job at a time per worker.
+    """
+
+    arguments = [(b"job_id", Unicode()), (b"work_dir", Unicode())]
+    response = [(b"result_path", Unicode())]
+    errors = {
+        AnalysisFailed: b"ANALYSIS_FAILED",
+        JobCancelled: b"JOB_CANCELLED",
+        WorkerBusy: b"WORKER_BUSY",
+    }
+
+
+class CancelJob(Command):
+    """Ask the running analysis of ``job_id`` to stop; ``running`` says if it was running."""
+
+    arguments = [(b"job_id", Unicode())]
+    response = [(b"running", Boolean())]
+
+
+class Ping(Command):
+    """Heartbeat: the worker's reactor is alive and answering (no arguments, no answer
+    fields: an empty answer is the heartbeat)."""
+
+
+# --- worker → daemon ------------------------------------------------------------------
+
+
+class Progress(Command):
+    """The analysis of ``job_id`` reports ``percent`` (0–100) done and a short ``text``."""
+
+    arguments = [(b"job_id", Unicode()), (b"percent", Integer()), (b"text", Unicode())]
+
+
+__all__ = [
+    "JOB_FILE",
+    "MAX_MESSAGE",
+    "MAX_PROGRESS_TEXT",
+    "RESULT_FILE",
+    "SLIDE_INFO_FILE",
+    "THUMBNAIL_FILE",
+    "LABEL_STEM",
+    "WSI_DIR",
+    "WORKER_AMP_IN",
+    "WORKER_AMP_OUT",
+    "AnalysisFailed",
+    "CancelJob",
+    "Hello",
+    "JobCancelled",
+    "Ping",
+    "Progress",
+    "RunJob",
+    "WorkerBusy",
+    "bounded",
+]
