@@ -1,14 +1,75 @@
-"""Replacing a small file atomically: the one way dpatia writes its records.
+"""Durable file writes: the one place dpatia fsyncs a file or a directory.
 
-A reader (another process, a restarted daemon) sees the old content or the new, never a
-mix: the data goes to a private temporary sibling (0600, created fresh, links never
-followed), optionally fsynced, then renamed over the target.  Whether the directory is
-fsynced too depends on whether the caller needs the rename itself to survive a crash.
+* :func:`fsync_directory` makes renames, links and unlinks in a directory durable.  Some
+  network filesystems (NFS, SMB) refuse ``fsync`` on a directory with EINVAL or
+  ENOTSUP; their metadata operations are synchronous on the server anyway, so that
+  refusal is tolerated (and said once per filesystem), never an error.
+* :func:`write_atomically` replaces a small file: a reader (another process, a restarted
+  daemon) sees the old content or the new, never a mix.  The data goes to a private
+  temporary sibling (0600, created fresh, links never followed), optionally fsynced,
+  then renamed over the target; whether the directory is fsynced too depends on whether
+  the caller needs the rename itself to survive a crash.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
+from collections.abc import Callable
+
+from twisted.logger import Logger
+
+log = Logger()
+
+#: The errors a filesystem answers a directory fsync with when it cannot do one.
+_NO_DIRECTORY_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+# Filesystems (st_dev) already reported as unable to fsync a directory: said once each.
+_reported: set[int] = set()
+_reported_guard = threading.Lock()
+
+
+def fsync_directory(path: str, fsync: Callable[[int], None] = os.fsync) -> bool:
+    """Make the entries of directory ``path`` durable; False if its filesystem cannot.
+
+    ``fsync`` is injectable so the spool can count calls and tests can fail them.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fsync(fd)
+    except OSError as e:
+        if e.errno not in _NO_DIRECTORY_FSYNC:
+            raise
+        _report(fd, path, e)
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _report(fd: int, path: str, error: OSError) -> None:
+    try:
+        device = os.fstat(fd).st_dev
+    except OSError:
+        device = -1
+    with _reported_guard:
+        if device in _reported:
+            return
+        _reported.add(device)
+    log.warn(
+        "the filesystem of {path} cannot fsync directories ({error}); "
+        "relying on the server for metadata durability",
+        path=path,
+        error=str(error),
+    )
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def write_atomically(
@@ -24,9 +85,7 @@ def write_atomically(
     temp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
         if fsync:
             os.fsync(fd)
     except BaseException:
@@ -36,9 +95,5 @@ def write_atomically(
     os.close(fd)
     os.rename(temp, path)
     if fsync_dir:
-        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_directory(folder)
     return path

@@ -9,6 +9,8 @@ threads or processes.  Unit tests use ``task.Clock`` / ``MemoryReactorClock`` an
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
@@ -46,6 +48,47 @@ def sps(reactor: Any) -> Any:
     port = reactor.listenTCP(0, Site(fake.resource()), interface="127.0.0.1")
     yield Loopback(fake, f"http://127.0.0.1:{port.getHost().port}{BASE_PATH}", fake.issue_token())
     port.stopListening()
+
+
+#: What every test daemon needs: a private spool and work folder under the test's
+#: tmp_path, callbacks allowed to the loopback fake SPS, and short SPS timeouts.
+_TEST_DAEMON: dict[str, dict[str, Any]] = {
+    "spool": {"directory": "{tmp}/spool"},
+    "workers": {"work_directory": "{tmp}/work"},
+    "sps": {"allowed_callback_urls": "http://127.0.0.1:*/", "timeout": 5},
+}
+
+
+def write_config(
+    tmp_path: Path,
+    sections: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    name: str = "dpatia.ini",
+    base: bool = True,
+) -> str:
+    """Write a daemon config file under ``tmp_path`` and return its path: the one way
+    tests make a config.
+
+    ``sections`` maps a section to its keys; they are added to (and override) the
+    test daemon's base settings (:data:`_TEST_DAEMON`; ``base=False`` leaves them out).
+    ``{tmp}`` in a value stands for ``tmp_path``.  A value of None leaves the key out.
+    """
+    merged: dict[str, dict[str, Any]] = (
+        {k: dict(v) for k, v in _TEST_DAEMON.items()} if base else {}
+    )
+    for section, keys in (sections or {}).items():
+        merged.setdefault(section, {}).update(keys)
+    lines = []
+    for section, keys in merged.items():
+        lines.append(f"[{section}]")
+        lines.extend(
+            f"{key} = {str(value).replace('{tmp}', str(tmp_path))}"
+            for key, value in keys.items()
+            if value is not None
+        )
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
 
 
 def _as_deferred(d: Any) -> Deferred[Any]:

@@ -19,6 +19,7 @@ import attrs
 import pytest
 import pytest_twisted
 import treq
+from conftest import write_config
 from twisted.internet import defer
 from twisted.internet.defer import DeferredSemaphore, ensureDeferred
 from twisted.web.server import Site
@@ -55,18 +56,8 @@ def fake_sps(reactor: Any) -> Any:
 
 @pytest.fixture
 def config_file(tmp_path: Path) -> str:
-    path = tmp_path / "dpatia.ini"
-    path.write_text(
-        "[spool]\n"
-        f"directory = {tmp_path / 'spool'}\n"
-        "[sps]\n"
-        "allowed_callback_urls = http://127.0.0.1:*/\n"
-        "timeout = 5\n"
-        # Real workers run a quick test analysis: these tests are about acceptance.
-        "[app]\n"
-        "analysis = tests.analyses_for_tests:noop\n"
-    )
-    return str(path)
+    # Real workers run a quick test analysis: these tests are about acceptance.
+    return write_config(tmp_path, {"app": {"analysis": "tests.analyses_for_tests:noop"}})
 
 
 def notification(fake: Any, slide_id: str) -> dict[str, Any]:

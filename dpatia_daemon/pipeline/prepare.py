@@ -31,7 +31,7 @@ from twisted.python.filepath import FilePath
 
 from ..jobs import Job
 from ..sps.client import SPSClient
-from ..workers.commands import LABEL_STEM, SLIDE_INFO_FILE, THUMBNAIL_FILE, WSI_DIR
+from ..workers.workfolder import LABEL_STEM, SLIDE_INFO_FILE, THUMBNAIL_FILE, WSI_DIR
 from .download import RunBlocking, download_files
 from .thumbnail import fetch_label, fetch_thumbnail, image_extension, save_bytes, save_image
 

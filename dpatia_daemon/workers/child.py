@@ -61,11 +61,8 @@ from ..pipeline.download import DownloadError
 from ..pipeline.prepare import PipelineSettings, Prepared, analysis_progress, prepare
 from ..sps.client import SPSClient, SPSError, make_http_client
 from ..sps.tokens import Credentials, JobFile, callback_auth
+from ..text import MAX_PROGRESS_TEXT, bounded
 from .commands import (
-    JOB_FILE,
-    MAX_PROGRESS_TEXT,
-    RESULT_FILE,
-    SLIDE_INFO_FILE,
     WORKER_AMP_IN,
     WORKER_AMP_OUT,
     AnalysisFailed,
@@ -76,8 +73,8 @@ from .commands import (
     Progress,
     RunJob,
     WorkerBusy,
-    bounded,
 )
+from .workfolder import JOB_FILE, RESULT_FILE, SLIDE_INFO_FILE
 
 log = Logger()
 

@@ -1,5 +1,6 @@
-"""The AMP conversation between the daemon and its workers, by direction, and the
-work-folder files it refers to.
+"""The AMP conversation between the daemon and its workers, by direction.
+
+The files of a job's work folder it refers to are named in :mod:`.workfolder`.
 
 A worker is ``python -m dpatia_daemon.workers.child``.  AMP runs on two dedicated pipes, child
 fd :data:`WORKER_AMP_IN` (daemon → worker) and :data:`WORKER_AMP_OUT` (worker →
@@ -10,7 +11,7 @@ worker to exit.
 Only ids, paths, numbers and short texts cross these pipes, never file contents: AMP
 values are capped at 64 KiB, so a final result travels as the path of a file in the
 job's work folder.  Every text that could grow (error messages, progress texts) is cut
-to a bound here, with :func:`bounded`.
+to a bound (:func:`dpatia_daemon.text.bounded`) before it is sent.
 
 Errors: a responder may only raise the errors its command declares; anything else
 makes AMP drop the connection, so the worker catches everything else itself.  AMP
@@ -26,30 +27,6 @@ from twisted.protocols.amp import Boolean, Command, Integer, Unicode
 WORKER_AMP_IN = 3
 #: Child fd the worker writes AMP to (the daemon reads it).
 WORKER_AMP_OUT = 4
-
-#: In a job's work folder: the job record the daemon writes before dispatch (0600: it
-#: holds the callback token) and the worker reads.
-JOB_FILE = "job.json"
-#: In a job's work folder: the final result the worker writes, as
-#: ``{"jobId": ..., "result": <Result JSON>}``; its path is RunJob's answer.
-RESULT_FILE = "result.json"
-#: In a job's work folder, optional: slide metadata fetched by a pipeline step.
-SLIDE_INFO_FILE = "slide_info.json"
-#: In a job's work folder, optional: the thumbnail, the label image (``label.<ext>``)
-#: and the folder of downloaded WSI files, from the pipeline's steps.
-THUMBNAIL_FILE = "thumbnail.png"
-LABEL_STEM = "label"
-WSI_DIR = "wsi"
-
-#: Longest error message sent over AMP (characters); the rest is cut.
-MAX_MESSAGE = 4000
-#: Longest progress text sent over AMP (characters).
-MAX_PROGRESS_TEXT = 200
-
-
-def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
-    """``text`` cut to ``limit`` characters, with an ellipsis when it was longer."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class _MessageError(Exception):
@@ -132,14 +109,6 @@ class Progress(Command):
 
 
 __all__ = [
-    "JOB_FILE",
-    "MAX_MESSAGE",
-    "MAX_PROGRESS_TEXT",
-    "RESULT_FILE",
-    "SLIDE_INFO_FILE",
-    "THUMBNAIL_FILE",
-    "LABEL_STEM",
-    "WSI_DIR",
     "WORKER_AMP_IN",
     "WORKER_AMP_OUT",
     "AnalysisFailed",
@@ -150,5 +119,4 @@ __all__ = [
     "Progress",
     "RunJob",
     "WorkerBusy",
-    "bounded",
 ]

@@ -43,7 +43,7 @@ from ..spool import ISpool, SpoolError
 from ..sps.client import SPSError
 from ..sps.results import CONTEXT_KEY, Status
 from ..sps.writer import ResultGone, ResultWriter, Superseded, is_final
-from .commands import JOB_FILE, LABEL_STEM, RESULT_FILE, SLIDE_INFO_FILE, WSI_DIR
+from .workfolder import JOB_FILE, LABEL_STEM, RESULT_FILE, SLIDE_INFO_FILE, WSI_DIR
 
 log = Logger()
 

@@ -17,7 +17,7 @@ import attrs
 import pytest
 import pytest_twisted
 import treq
-from conftest import Loopback
+from conftest import Loopback, write_config
 from twisted.internet.defer import DeferredList, gatherResults
 from twisted.python.filepath import FilePath
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -47,27 +47,17 @@ def body(sps: Loopback, slide: str) -> dict[str, Any]:
 
 
 def config(tmp_path: Path, workers: int, sweep_interval: float = 3600) -> str:
-    path = tmp_path / "dpatia.ini"
-    path.write_text(
-        "[server]\n"
-        "processes = 2\n"
-        "[app]\n"
-        "analysis = tests.analyses_for_tests:run\n"
-        "[pipeline]\n"
-        "download_wsi = false\n"
-        "[spool]\n"
-        f"directory = {tmp_path / 'spool'}\n"
-        # Only the copies' notices can get their jobs to the workers quickly.
-        f"sweep_interval = {sweep_interval}\n"
-        "[workers]\n"
-        f"count = {workers}\n"
-        f"work_directory = {tmp_path / 'work'}\n"
-        "shutdown_grace = 0.5\n"
-        "[sps]\n"
-        "allowed_callback_urls = http://127.0.0.1:*/\n"
-        "timeout = 5\n"
+    return write_config(
+        tmp_path,
+        {
+            "server": {"processes": 2},
+            "app": {"analysis": "tests.analyses_for_tests:run"},
+            "pipeline": {"download_wsi": "false"},
+            # Only the copies' notices can get their jobs to the workers quickly.
+            "spool": {"sweep_interval": sweep_interval},
+            "workers": {"count": workers, "shutdown_grace": 0.5},
+        },
     )
-    return str(path)
 
 
 @pytest_twisted.ensureDeferred

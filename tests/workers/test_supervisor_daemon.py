@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from conftest import Loopback
+from conftest import Loopback, write_config
 
 from dpatia_daemon.jobs import Job, JobState
 from dpatia_daemon.simulator.daemon_process import DaemonProcess
@@ -29,23 +29,15 @@ APP = "dpatia"
 
 def config(tmp_path: Path, **workers: Any) -> str:
     settings = {"count": 1, "shutdown_grace": 0.5, "kill_grace": 2, **workers}
-    path = tmp_path / "dpatia.ini"
-    path.write_text(
-        "[app]\n"
-        "analysis = tests.analyses_for_tests:run\n"
-        # These tests are about supervision: the fake slides have no WSI files.
-        "[pipeline]\n"
-        "download_wsi = false\n"
-        "[spool]\n"
-        f"directory = {tmp_path / 'spool'}\n"
-        "[workers]\n"
-        f"work_directory = {tmp_path / 'work'}\n"
-        + "".join(f"{key} = {value}\n" for key, value in settings.items())
-        + "[sps]\n"
-        "allowed_callback_urls = http://127.0.0.1:*/\n"
-        "timeout = 5\n"
+    return write_config(
+        tmp_path,
+        {
+            "app": {"analysis": "tests.analyses_for_tests:run"},
+            # These tests are about supervision: the fake slides have no WSI files.
+            "pipeline": {"download_wsi": "false"},
+            "workers": settings,
+        },
     )
-    return str(path)
 
 
 def body(sps: Loopback, slide: str, action: str | None = None, **test: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from dpatia_daemon.jobs import Callback, Job, JobKind, JobState
 from dpatia_daemon.models import Result
 from dpatia_daemon.spool import MemorySpool
 from dpatia_daemon.sps.results import Status
+from dpatia_daemon.text import bounded
 from dpatia_daemon.workers.child import WorkerProtocol
 from dpatia_daemon.workers.commands import (
     AnalysisFailed,
@@ -29,7 +30,6 @@ from dpatia_daemon.workers.commands import (
     Ping,
     Progress,
     RunJob,
-    bounded,
 )
 from dpatia_daemon.workers.run import Candidates, JobRun, WorkFolders
 from dpatia_daemon.workers.supervisor import (
