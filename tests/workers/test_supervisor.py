@@ -25,8 +25,6 @@ from twisted.python.filepath import FilePath
 from twisted.web.server import Site
 
 from dpatia_daemon import __version__
-from dpatia_daemon.analyses import AnalysisResult, Patch, PatchCollection, item
-from dpatia_daemon.analyses.loader import AnalysisLoadError, load_analysis
 from dpatia_daemon.config import WorkersConfig
 from dpatia_daemon.jobs import Callback, Job, JobKind, JobState, job_key
 from dpatia_daemon.models import Result
@@ -307,44 +305,6 @@ async def test_a_quality_control_verdict_is_stored_after_the_result(rig: Rig) ->
     assert only_result(rig, "slide-qc").displayResult == "test answer"
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"quality_control": "Fine"}, "quality_control must be one of"),
-        ({"items": [item()], "patches": PatchCollection(tags=["a"], patches=[])}, "not both"),
-    ],
-)
-def test_a_malformed_analysis_result_is_refused(kwargs: dict[str, Any], message: str) -> None:
-    """AnalysisResult checks its QC verdict and that it draws items or patches."""
-    with pytest.raises(ValueError, match=message):
-        AnalysisResult(display_result="x", **kwargs)
-
-
-def test_a_patch_collection_result_has_the_ia_api_shape() -> None:
-    """patches become a patchCollection result as IA-API.md §2.6 describes it."""
-    collection = PatchCollection(
-        tags=["tumour", "stroma"],
-        patches=[Patch(x=0.5, y=0.25, tag=1, sort_key=0.9)],
-        patch_size=128,
-        magnification=10,
-        actions=[{"id": "verify", "name": "Verify", "tooltip": "Mark as verified"}],
-    )
-    result = AnalysisResult(display_result="2 classes", patches=collection).to_result("s")
-    assert result.data.result is not None
-    assert result.data.result.type == "patchCollection"
-    content = result.data.result.content
-    assert content["tags"] == ["tumour", "stroma"]
-    assert content["patches"] == [
-        {"tag": 1, "position": {"x": 0.5, "y": 0.25}, "sortKeyValue": 0.9}
-    ]
-    assert (content["patchSize"], content["magnification"]) == (128, 10)
-    assert content["actions"] == [
-        {"id": "verify", "state": 0, "name": "Verify", "tooltip": "Mark as verified"}
-    ]
-    with pytest.raises(ValueError, match="not an index"):
-        PatchCollection(tags=["a"], patches=[Patch(x=0, y=0, tag=3)])
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_job_that_always_crashes_fails_after_max_attempts(rig: Rig) -> None:
     """Three crashes: the job ends FAILED and its result says so, in the failure style,
@@ -556,37 +516,3 @@ async def test_stopping_puts_a_running_job_back_unharmed(rig: Rig) -> None:
     assert (queued.state, queued.attempts) == (JobState.QUEUED, 0)
     assert [s["state"] for s in supervisor.snapshot()] == ["dead"]
     assert rig.of("worker-exited")
-
-
-# --- the loader, without processes ----------------------------------------------------
-
-
-def test_the_built_in_analyses_load() -> None:
-    """The short names demo and tissue resolve to their callables."""
-    from dpatia_daemon.analyses import demo, tissue
-
-    assert load_analysis("demo") is demo.run
-    assert load_analysis("tissue") is tissue.analyse
-
-
-@pytest.mark.parametrize(
-    ("spec", "message"),
-    [
-        ("nosuch", "unknown analysis 'nosuch': use a built-in name (demo, tissue)"),
-        ("no_such_module_x:run", "cannot import no_such_module_x (ModuleNotFoundError"),
-        ("tests.analyses_for_tests:nope", "has no attribute 'nope'"),
-        ("tests.analyses_for_tests:TEST_ANALYSIS_X", "has no attribute"),
-    ],
-)
-def test_a_broken_analysis_spec_is_one_clear_line(spec: str, message: str) -> None:
-    """Every way a spec can be wrong is an AnalysisLoadError naming it."""
-    with pytest.raises(AnalysisLoadError) as info:
-        load_analysis(spec)
-    assert message in str(info.value)
-    assert "\n" not in str(info.value)
-
-
-def test_the_demo_and_test_analyses_load() -> None:
-    """Built-in short names and package.module:callable both resolve."""
-    assert callable(load_analysis("demo"))
-    assert callable(load_analysis(TEST_ANALYSIS))
