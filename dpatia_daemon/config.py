@@ -18,17 +18,34 @@ import functools
 import os
 import re
 import stat
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+import typing
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from attrs import asdict, field, frozen
+import attrs
+from attrs import field, frozen
 from twisted.python.filepath import FilePath
 
+from . import sections
+from .analyses.demo import DemoSettings
+from .analyses.tissue.settings import TissueSettings
 from .frontdoor.notifications import NotificationRules
 from .models import InputType
-
-T = TypeVar("T")
+from .pipeline.prepare import PipelineConfig, PipelineSettings
+from .sections import (
+    BadValue,
+    Check,
+    at_least,
+    at_most,
+    greater_than,
+    key,
+    matches,
+    nonempty,
+    not_negative,
+    to_strings,
+)
+from .sps.tokens import Credentials
 
 
 class ConfigError(Exception):
@@ -117,6 +134,9 @@ class URLPrefix:
 
 
 # --- sections -------------------------------------------------------------------------
+# Each section is declared once, here or by its owner (the analyses' settings, the
+# pipeline's): its fields are its keys, with their defaults and checks.  See
+# dpatia_daemon.sections.
 
 
 class AccessLog(enum.Enum):
@@ -127,201 +147,13 @@ class AccessLog(enum.Enum):
     OFF = "off"
 
 
-@frozen
-class ServerConfig:
-    listen: str = "tcp:5006"
-    route: str = "/dpatia"
-    public_url: str | None = None
-    max_body_bytes: int = 1024 * 1024
-    api_version: str = "1.5"
-    access_log: AccessLog = AccessLog.ERRORS
-    processes: int = 1
-
-
-@frozen
-class AppConfig:
-    application_id: str = "dpatia"
-    display_name: str = "dpatia analysis"
-    manufacturer: str = "dpatia"
-    input_type: InputType = InputType.WHOLE_SLIDE
-    tags: tuple[str, ...] = ()
-    analysis: str = "tissue"
-    include_phi: bool = False
-
-
-@frozen
-class SpoolConfig:
-    directory: FilePath = field(factory=lambda: FilePath("var/spool"))
-    sweep_interval: float = 30.0
-    keep_wsi: bool = False
-    retention_days: float = 30.0
-
-
-@frozen
-class WorkersConfig:
-    """How analyses run: worker processes, retries, deadlines (etc/dpatia.ini [workers])."""
-
-    count: int = 2
-    work_directory: FilePath = field(factory=lambda: FilePath("var/work"))
-    max_attempts: int = 3
-    job_timeout: float = 3600.0
-    kill_grace: float = 10.0
-    heartbeat_interval: float = 5.0
-    progress_interval: float = 2.0
-    shutdown_grace: float = 30.0
-    max_jobs_per_worker: int = 0
-    restart_backoff_cap: float = 60.0
-
-
-@frozen
-class PipelineConfig:
-    """How a worker fetches a slide before the analysis (etc/dpatia.ini [pipeline])."""
-
-    thumbnail_mpp: float = 16.0
-    tile_concurrency: int = 16
-    download_wsi: bool = True
-    download_idle_timeout: float = 120.0
-
-
-@frozen
-class TissueConfig:
-    """Settings of the built-in ``tissue`` analysis; None means its own default
-    (defaults live in :mod:`dpatia_daemon.analyses.tissue`, beside the method)."""
-
-    min_area_mm2: float | None = None
-    min_hole_mm2: float | None = None
-    target_mpp: float | None = None
-    min_side: int | None = None
-    max_side: int | None = None
-    max_points: int | None = None
-    simplify_px: float | None = None
-    min_od: float | None = None
-
-    def settings(self) -> dict[str, str]:
-        """The keys that are set, as the strings an analysis's settings hold."""
-        return {k: f"{v:g}" for k, v in asdict(self).items() if v is not None}
-
-
-@frozen
-class DemoConfig:
-    """Settings of the built-in ``demo`` analysis."""
-
-    step_seconds: float = 2.0
-
-
-@frozen
-class SPSConfig:
-    allowed_callback_urls: tuple[URLPrefix, ...] = ()
-    timeout: float = 30.0
-    retries: int = 4
-    verify_tls: bool = True
-    ca_file: FilePath | None = None
-    background_concurrency: int = 4
-    background_max_delay: float = 5.0
-    #: Client credentials for ``POST /token`` (IA-API.md §2.9); the secret never
-    #: shows in a repr.
-    client_id: str | None = None
-    client_secret: str | None = field(default=None, repr=False)
-
-    def allows(self, url: str) -> bool:
-        return _allowed(self.allowed_callback_urls, url)
-
-
-@functools.lru_cache(maxsize=256)
-def _allowed(prefixes: tuple[URLPrefix, ...], url: str) -> bool:
-    # Cached: an SPS sends the same callback URL with every request, and parsing it
-    # again for each acknowledgement is measurable.
-    return any(prefix.matches(url) for prefix in prefixes)
-
-
-@frozen
-class Config:
-    """The whole configuration; ``source`` is the file it came from."""
-
-    source: str = "<defaults>"
-    server: ServerConfig = field(factory=ServerConfig)
-    app: AppConfig = field(factory=AppConfig)
-    spool: SpoolConfig = field(factory=SpoolConfig)
-    workers: WorkersConfig = field(factory=WorkersConfig)
-    sps: SPSConfig = field(factory=SPSConfig)
-    demo: DemoConfig = field(factory=DemoConfig)
-    pipeline: PipelineConfig = field(factory=PipelineConfig)
-    tissue: TissueConfig = field(factory=TissueConfig)
-    notifications: NotificationRules = field(factory=NotificationRules)
-
-
-# --- value parsers --------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError("must be at least 1")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError("must not be negative")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError("must be greater than 0")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise ValueError("must not be negative")
-    return value
-
-
-def _optional_positive_float(text: str) -> float | None:
-    return _positive_float(text) if text.strip() else None
-
-
-def _optional_non_negative_float(text: str) -> float | None:
-    return _non_negative_float(text) if text.strip() else None
-
-
-def _optional_at_least(kind: type[int] | type[float], lowest: float) -> Callable[[str], Any]:
-    """A parser for an optional number of ``kind`` no smaller than ``lowest``."""
-
-    def parse(text: str) -> int | float | None:
-        if not text.strip():
-            return None
-        value = kind(text)
-        if value < lowest:
-            raise ValueError(f"must be at least {lowest:g}")
-        return value
-
-    return parse
-
-
-def _bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "yes", "true", "on"):
-        return True
-    if lowered in ("0", "no", "false", "off"):
-        return False
-    raise ValueError("must be true or false")
-
-
-def _nonempty(text: str) -> str:
-    if not text.strip():
-        raise ValueError("must not be empty")
-    return text.strip()
-
-
 def _listen(text: str) -> str:
+    """``[server] listen`` from the file: a Twisted endpoint description that parses."""
     from twisted.internet.endpoints import serverFromString
 
-    text = _nonempty(text)
+    text = text.strip()
+    if not text:
+        raise ValueError("must not be empty")
     if text.startswith("systemd:"):
         # Its sockets exist only when systemd starts us; build_service checks them.
         return text
@@ -335,68 +167,94 @@ def _listen(text: str) -> str:
     return text
 
 
-def _route(text: str) -> str:
-    text = _nonempty(text)
-    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", text):
-        raise ValueError("must be a path like /dpatia (letters, digits, . _ ~ -)")
-    if text.endswith(("/info", "/imagenotification")):
-        raise ValueError("must not end in /info or /imagenotification")
-    return text
+def _not_info_route(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value.endswith(("/info", "/imagenotification")):
+        raise BadValue(attribute.name, "must not end in /info or /imagenotification")
 
 
-def _public_url(text: str) -> str | None:
-    text = text.strip()
-    if not text:
-        return None
-    parts = urlsplit(text)
+def _absolute_url(instance: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is None:
+        return
+    parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError("must be an absolute http(s) URL")
-    return text.rstrip("/")
+        raise BadValue(attribute.name, "must be an absolute http(s) URL")
 
 
-def _version(text: str) -> str:
-    if not re.fullmatch(r"\d+\.\d+", text.strip()):
-        raise ValueError("must look like 1.5")
-    return text.strip()
+def _without_trailing_slash(value: str | None) -> str | None:
+    return None if value is None else value.rstrip("/")
 
 
-def _input_type(text: str) -> InputType:
-    try:
-        return InputType(text.strip())
-    except ValueError:
-        raise ValueError("must be one of " + ", ".join(t.value for t in InputType)) from None
+@frozen
+class ServerConfig:
+    """Where and how the IA-API listens (etc/dpatia.ini [server])."""
+
+    listen: str = key("tcp:5006", parse=_listen)
+    route: str = key(
+        "/dpatia",
+        nonempty,
+        matches(r"(/[A-Za-z0-9._~-]+)+", "must be a path like /dpatia (letters, digits, . _ ~ -)"),
+        _not_info_route,
+    )
+    public_url: str | None = key(None, _absolute_url, converter=_without_trailing_slash)
+    max_body_bytes: int = key(1024 * 1024, at_least(1))
+    api_version: str = key("1.5", matches(r"\d+\.\d+", "must look like 1.5"))
+    access_log: AccessLog = key(AccessLog.ERRORS)
+    processes: int = key(1, at_least(1), at_most(16))
 
 
-def _processes(text: str) -> int:
-    value = _positive_int(text)
-    if value > 16:
-        raise ValueError("must be at most 16")
-    return value
+@frozen
+class AppConfig:
+    """What the app is at the SPS and which analysis it runs (etc/dpatia.ini [app])."""
+
+    application_id: str = key("dpatia", nonempty)
+    display_name: str = key("dpatia analysis", nonempty)
+    manufacturer: str = key("dpatia", nonempty)
+    input_type: InputType = key(InputType.WHOLE_SLIDE)
+    tags: tuple[str, ...] = key(())
+    analysis: str = key(
+        "tissue",
+        nonempty,
+        matches(
+            r"[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?",
+            "must be a short name (demo, tissue) or package.module:callable",
+        ),
+    )
+    include_phi: bool = key(False)
 
 
-def _access_log(text: str) -> AccessLog:
-    try:
-        return AccessLog(text.strip())
-    except ValueError:
-        raise ValueError("must be one of " + ", ".join(a.value for a in AccessLog)) from None
+@frozen
+class SpoolConfig:
+    """Where accepted jobs are kept, and for how long (etc/dpatia.ini [spool])."""
+
+    directory: FilePath = key(factory=lambda: FilePath("var/spool"))
+    sweep_interval: float = key(30.0, greater_than(0))
+    keep_wsi: bool = key(False)
+    retention_days: float = key(30.0, not_negative)
 
 
-def _tags(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip())
+@frozen
+class WorkersConfig:
+    """How analyses run: worker processes, retries, deadlines (etc/dpatia.ini [workers])."""
+
+    count: int = key(2, not_negative)
+    work_directory: FilePath = key(factory=lambda: FilePath("var/work"))
+    max_attempts: int = key(3, at_least(1))
+    job_timeout: float = key(3600.0, greater_than(0))
+    kill_grace: float = key(10.0, greater_than(0))
+    heartbeat_interval: float = key(5.0, greater_than(0))
+    progress_interval: float = key(2.0, not_negative)
+    shutdown_grace: float = key(30.0, not_negative)
+    max_jobs_per_worker: int = key(0, not_negative)
+    restart_backoff_cap: float = key(60.0, greater_than(0))
 
 
-def _analysis(text: str) -> str:
-    text = _nonempty(text)
-    if not re.fullmatch(r"[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?", text):
-        raise ValueError("must be a short name (demo, tissue) or package.module:callable")
-    return text
+def _prefixes(text: str) -> tuple[URLPrefix, ...]:
+    """``[sps] allowed_callback_urls`` from the file: prefixes split on spaces or commas."""
+    return tuple(URLPrefix.parse(item) for item in re.split(r"[\s,]+", text) if item)
 
 
-def _path(text: str) -> FilePath:
-    return FilePath(_nonempty(text))
-
-
-def _optional_path(text: str) -> FilePath | None:
+def _readable_file(text: str) -> FilePath | None:
+    """A path from the file that names a readable file (checked at start), or None."""
     if not text.strip():
         return None
     path = FilePath(text.strip())
@@ -405,116 +263,98 @@ def _optional_path(text: str) -> FilePath | None:
     return path
 
 
-def _optional_text(text: str) -> str | None:
-    return text.strip() or None
+@frozen
+class SPSConfig:
+    """Which SPS addresses the daemon calls, and how (etc/dpatia.ini [sps])."""
+
+    allowed_callback_urls: tuple[URLPrefix, ...] = key((), parse=_prefixes)
+    timeout: float = key(30.0, greater_than(0))
+    retries: int = key(4, not_negative)
+    verify_tls: bool = key(True)
+    ca_file: FilePath | None = key(None, parse=_readable_file)
+    background_concurrency: int = key(4, at_least(1))
+    background_max_delay: float = key(5.0, not_negative)
+    #: Client credentials for ``POST /token`` (IA-API.md §2.9); the secret never
+    #: shows in a repr.
+    client_id: str | None = key(None)
+    client_secret: str | None = key(None, repr=False)
+
+    def allows(self, url: str) -> bool:
+        """True when ``url`` is under one of :attr:`allowed_callback_urls`."""
+        return _allowed(self.allowed_callback_urls, url)
+
+    def credentials(self) -> Credentials | None:
+        """``client_id`` and ``client_secret`` for ``POST /token``, if both are set."""
+        if self.client_id is None or self.client_secret is None:
+            return None
+        return Credentials(self.client_id, self.client_secret)
 
 
-def _prefixes(text: str) -> tuple[URLPrefix, ...]:
-    items = [t for t in re.split(r"[\s,]+", text) if t]
-    return tuple(URLPrefix.parse(item) for item in items)
+@functools.lru_cache(maxsize=256)
+def _allowed(prefixes: tuple[URLPrefix, ...], url: str) -> bool:
+    # Cached: an SPS sends the same callback URL with every request, and parsing it
+    # again for each acknowledgement is measurable.
+    return any(prefix.matches(url) for prefix in prefixes)
 
 
-# section -> (its frozen class, {key: parser of the key's text})
-_SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
-    "server": (
-        ServerConfig,
-        {
-            "listen": _listen,
-            "route": _route,
-            "public_url": _public_url,
-            "max_body_bytes": _positive_int,
-            "api_version": _version,
-            "access_log": _access_log,
-            "processes": _processes,
-        },
-    ),
-    "app": (
-        AppConfig,
-        {
-            "application_id": _nonempty,
-            "display_name": _nonempty,
-            "manufacturer": _nonempty,
-            "input_type": _input_type,
-            "tags": _tags,
-            "analysis": _analysis,
-            "include_phi": _bool,
-        },
-    ),
-    "spool": (
-        SpoolConfig,
-        {
-            "directory": _path,
-            "sweep_interval": _positive_float,
-            "keep_wsi": _bool,
-            "retention_days": _non_negative_float,
-        },
-    ),
-    "workers": (
-        WorkersConfig,
-        {
-            "count": _non_negative_int,
-            "work_directory": _path,
-            "max_attempts": _positive_int,
-            "job_timeout": _positive_float,
-            "kill_grace": _positive_float,
-            "heartbeat_interval": _positive_float,
-            "progress_interval": _non_negative_float,
-            "shutdown_grace": _non_negative_float,
-            "max_jobs_per_worker": _non_negative_int,
-            "restart_backoff_cap": _positive_float,
-        },
-    ),
-    "sps": (
-        SPSConfig,
-        {
-            "allowed_callback_urls": _prefixes,
-            "timeout": _positive_float,
-            "retries": _non_negative_int,
-            "verify_tls": _bool,
-            "ca_file": _optional_path,
-            "background_concurrency": _positive_int,
-            "background_max_delay": _non_negative_float,
-            "client_id": _optional_text,
-            "client_secret": _optional_text,
-        },
-    ),
-    "demo": (DemoConfig, {"step_seconds": _non_negative_float}),
-    "tissue": (
-        TissueConfig,
-        {
-            # Bounds as in dpatia_daemon.analyses.tissue._LIMITS (a test checks), so a
-            # bad value stops the start instead of failing every job.
-            "min_area_mm2": _optional_at_least(float, 0.0),
-            "min_hole_mm2": _optional_at_least(float, 0.0),
-            "target_mpp": _optional_at_least(float, 1e-3),
-            "min_side": _optional_at_least(int, 16),
-            "max_side": _optional_at_least(int, 16),
-            "max_points": _optional_at_least(int, 100),
-            "simplify_px": _optional_at_least(float, 0.0),
-            "min_od": _optional_at_least(float, 0.0),
-        },
-    ),
-    "pipeline": (
-        PipelineConfig,
-        {
-            "thumbnail_mpp": _positive_float,
-            "tile_concurrency": _positive_int,
-            "download_wsi": _bool,
-            "download_idle_timeout": _positive_float,
-        },
-    ),
-    "notifications": (
-        NotificationRules,
-        {
-            "enabled": _bool,
-            "stainings": _tags,
-            "body_parts": _tags,
-            "exam_codes": _tags,
-            "min_mpp": _optional_positive_float,
-            "max_mpp": _optional_positive_float,
-        },
-    ),
+#: The built-in analyses that have a section of their own: its settings go to the
+#: workers (``--setting``) of a daemon running that analysis.
+_ANALYSIS_SECTIONS = {"demo": "demo", "tissue": "tissue"}
+
+
+@frozen
+class Config:
+    """The whole configuration; ``source`` is the file it came from.
+
+    Each field but ``source`` is a section of the file, of the same name; the field's
+    class declares the section's keys (:data:`SECTIONS`).
+    """
+
+    source: str = "<defaults>"
+    server: ServerConfig = field(factory=ServerConfig)
+    app: AppConfig = field(factory=AppConfig)
+    spool: SpoolConfig = field(factory=SpoolConfig)
+    workers: WorkersConfig = field(factory=WorkersConfig)
+    sps: SPSConfig = field(factory=SPSConfig)
+    demo: DemoSettings = field(factory=DemoSettings)
+    pipeline: PipelineConfig = field(factory=PipelineConfig)
+    tissue: TissueSettings = field(factory=TissueSettings)
+    notifications: NotificationRules = field(factory=NotificationRules)
+
+    def analysis_settings(self) -> dict[str, str]:
+        """The section of the built-in analysis this daemon runs, as the strings its
+        workers get (none for an analysis of one's own)."""
+        name = _ANALYSIS_SECTIONS.get(self.app.analysis)
+        return {} if name is None else to_strings(getattr(self, name))
+
+    def pipeline_settings(self) -> PipelineSettings:
+        """What workers need to fetch a slide (no secrets: tokens travel in job.json,
+        client credentials in the workers' environment)."""
+        return PipelineSettings(
+            **attrs.asdict(self.pipeline, recurse=False),
+            include_phi=self.app.include_phi,
+            sps_timeout=self.sps.timeout,
+            sps_retries=self.sps.retries,
+            verify_tls=self.sps.verify_tls,
+            ca_file=self.sps.ca_file.path if self.sps.ca_file else None,
+            api_version=self.server.api_version,
+            application_id=self.app.application_id,
+        )
+
+
+#: Each section of the file and the class that declares its keys.
+SECTIONS: dict[str, type] = {
+    f.name: typing.cast(type, f.type)
+    for f in attrs.fields(attrs.resolve_types(Config))
+    if f.name != "source"
 }
+
+#: Checks of keys whose section is declared where config cannot add them.
+_EXTRA_CHECKS: dict[tuple[str, str], tuple[Check, ...]] = {
+    ("notifications", "min_mpp"): (greater_than(0),),
+    ("notifications", "max_mpp"): (greater_than(0),),
+}
+
 
 #: Command-line overrides: option name -> (section, key).
 OVERRIDES = {
@@ -524,15 +364,17 @@ OVERRIDES = {
 }
 
 
-def _parse_value(source: str, section: str, key: str, raw: str) -> Any:
-    parser = _SCHEMA[section][1][key]
+def _parse_value(source: str, section: str, name: str, raw: str) -> Any:
+    """The value of key ``name`` of ``section`` from its text; a :class:`ConfigError`
+    naming ``source`` (the file, or the command-line option) if it is unusable."""
+    cls = SECTIONS[section]
+    known = sections.keys(cls)
+    if name not in known:
+        raise ConfigError(source, section, name, f"unknown key (known: {', '.join(known)})")
     try:
-        return parser(raw)
-    except ValueError as e:
-        problem = str(e)
-        if problem.startswith("invalid literal") or problem.startswith("could not convert"):
-            problem = f"{raw.strip()!r} is not a number"
-        raise ConfigError(source, section, key, problem) from None
+        return sections.parse_key(cls, name, raw, *_EXTRA_CHECKS.get((section, name), ()))
+    except BadValue as e:
+        raise ConfigError(source, section, name, e.problem) from None
 
 
 def load_config(path: str, overrides: Mapping[str, str | None] | None = None) -> Config:
@@ -554,24 +396,27 @@ def load_config(path: str, overrides: Mapping[str, str | None] | None = None) ->
         line = str(e).splitlines()[0]
         raise ConfigError(path, None, None, f"not a valid INI file ({line})") from None
 
-    values: dict[str, dict[str, Any]] = {name: {} for name in _SCHEMA}
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for section in parser.sections():
-        if section not in _SCHEMA:
-            raise ConfigError(path, section, None, f"unknown section (known: {', '.join(_SCHEMA)})")
-        known = _SCHEMA[section][1]
-        for key, raw in parser.items(section):
-            if key not in known:
-                raise ConfigError(path, section, key, f"unknown key (known: {', '.join(known)})")
-            values[section][key] = _parse_value(path, section, key, raw)
+        if section not in SECTIONS:
+            known = ", ".join(SECTIONS)
+            raise ConfigError(path, section, None, f"unknown section (known: {known})")
+        for name, raw in parser.items(section):
+            values[section][name] = _parse_value(path, section, name, raw)
 
     for option, value in (overrides or {}).items():
         if value is None:
             continue
-        section, key = OVERRIDES[option]
-        values[section][key] = _parse_value(f"command line --{option}", section, key, value)
+        section, name = OVERRIDES[option]
+        values[section][name] = _parse_value(f"command line --{option}", section, name, value)
 
-    sections = {name: cls(**values[name]) for name, (cls, _) in _SCHEMA.items()}
-    config = Config(source=path, **sections)
+    built: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        try:
+            built[name] = sections.build(cls, values[name])
+        except BadValue as e:
+            raise ConfigError(path, name, e.key, e.problem) from None
+    config = Config(source=path, **built)
     _check_consistency(config)
     return config
 

@@ -118,36 +118,17 @@ def _in_thread(reactor: Any, f: Any, *args: Any) -> Deferred[Any]:
 
 def _analysis_settings(config: Config) -> dict[str, str]:
     """The config section a built-in analysis reads (passed to its workers)."""
-    if config.app.analysis == "demo":
-        return {"step_seconds": f"{config.demo.step_seconds:g}"}
-    if config.app.analysis == "tissue":
-        return config.tissue.settings()
-    return {}
+    return config.analysis_settings()
 
 
 def _pipeline_settings(config: Config) -> PipelineSettings:
-    """What workers need to fetch a slide (no secrets: tokens travel in job.json, client
-    credentials in the workers' environment)."""
-    return PipelineSettings(
-        include_phi=config.app.include_phi,
-        thumbnail_mpp=config.pipeline.thumbnail_mpp,
-        tile_concurrency=config.pipeline.tile_concurrency,
-        download_wsi=config.pipeline.download_wsi,
-        download_idle_timeout=config.pipeline.download_idle_timeout,
-        sps_timeout=config.sps.timeout,
-        sps_retries=config.sps.retries,
-        verify_tls=config.sps.verify_tls,
-        ca_file=config.sps.ca_file.path if config.sps.ca_file else None,
-        api_version=config.server.api_version,
-        application_id=config.app.application_id,
-    )
+    """What workers need to fetch a slide."""
+    return config.pipeline_settings()
 
 
 def _credentials(config: Config) -> Credentials | None:
     """``[sps] client_id``/``client_secret``, if configured."""
-    if config.sps.client_id is None or config.sps.client_secret is None:
-        return None
-    return Credentials(config.sps.client_id, config.sps.client_secret)
+    return config.sps.credentials()
 
 
 async def _noticed(spool: DirectorySpool, tokens: TokenBook, job_id: str, key: str) -> None:

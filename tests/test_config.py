@@ -48,12 +48,13 @@ def test_shipped_config_allows_only_loopback() -> None:
 
 def test_every_documented_key_is_in_the_shipped_file() -> None:
     """Each key the loader knows appears (set or commented) in etc/dpatia.ini."""
-    from dpatia_daemon.config import _SCHEMA
+    from dpatia_daemon.config import SECTIONS
+    from dpatia_daemon.sections import keys
 
     text = (ROOT / "etc" / "dpatia.ini").read_text()
-    for section, (_, keys) in _SCHEMA.items():
+    for section, cls in SECTIONS.items():
         assert f"[{section}]" in text
-        for key in keys:
+        for key in keys(cls):
             assert f"\n{key} =" in text or f"\n#{key} =" in text, key
 
 
@@ -146,23 +147,132 @@ def test_callback_prefix_matching(prefix: str, url: str, allowed: bool) -> None:
     assert URLPrefix.parse(prefix).matches(url) is allowed
 
 
+#: Each tissue setting's type and least allowed value.
+TISSUE_LIMITS: dict[str, tuple[type[int] | type[float], float]] = {
+    "min_area_mm2": (float, 0.0),
+    "min_hole_mm2": (float, 0.0),
+    "target_mpp": (float, 1e-3),
+    "min_side": (int, 16),
+    "max_side": (int, 16),
+    "max_points": (int, 100),
+    "simplify_px": (float, 0.0),
+    "min_od": (float, 0.0),
+}
+
+
 def test_tissue_section_matches_the_analysis_settings(tmp_path: Path) -> None:
     """[tissue] offers exactly the settings the tissue analysis reads, with its lower
     bounds (a bad value stops the start, not every job), and values set in the file
     reach it as strings it accepts."""
-    import attrs
+    from dpatia_daemon.analyses.tissue import TissueSettings
+    from dpatia_daemon.config import SECTIONS
+    from dpatia_daemon.sections import keys
 
-    from dpatia_daemon.analyses.tissue import _LIMITS, TissueSettings
-    from dpatia_daemon.config import TissueConfig
-
-    assert {f.name for f in attrs.fields(TissueConfig)} == set(_LIMITS)
-    for name, (kind, lowest) in _LIMITS.items():
+    assert SECTIONS["tissue"] is TissueSettings
+    assert set(keys(TissueSettings)) == set(TISSUE_LIMITS)
+    for name, (kind, lowest) in TISSUE_LIMITS.items():
         below = lowest - 1 if kind is int else (lowest / 2 if lowest else -1.0)
         path = write(tmp_path, f"[tissue]\n{name} = {below}\n" + MINIMAL)
         with pytest.raises(ConfigError, match=rf"\[tissue\] {name}: must be at least"):
             load_config(path)
-        path = write(tmp_path, f"[tissue]\n{name} = {kind(lowest)}\n" + MINIMAL)
+        # (max_side at its least needs min_side no larger: that bound spans two keys.)
+        other = "min_side = 16\n" if name == "max_side" else ""
+        path = write(tmp_path, f"[tissue]\n{name} = {kind(lowest)}\n{other}" + MINIMAL)
         assert getattr(load_config(path).tissue, name) == lowest
-    config = TissueConfig(min_area_mm2=0.02, max_points=5000, min_od=0.0)
-    parsed = TissueSettings.from_mapping(config.settings())
+    path = write(
+        tmp_path, "[tissue]\nmin_area_mm2 = 0.02\nmax_points = 5000\nmin_od = 0\n" + MINIMAL
+    )
+    config = load_config(path)
+    parsed = TissueSettings.from_mapping(config.analysis_settings())
     assert (parsed.min_area_mm2, parsed.max_points, parsed.min_od) == (0.02, 5000, 0.0)
+    assert parsed == config.tissue
+
+
+def test_an_empty_tissue_key_is_its_default(tmp_path: Path) -> None:
+    """``key =`` with nothing after it means the analysis's default (etc/dpatia.ini)."""
+    from dpatia_daemon.analyses.tissue import TissueSettings
+
+    path = write(tmp_path, "[tissue]\nmin_area_mm2 =\nmax_side =\n" + MINIMAL)
+    assert load_config(path).tissue == TissueSettings()
+
+
+def test_tissue_bounds_that_span_keys_stop_the_start(tmp_path: Path) -> None:
+    """min_side above max_side is refused at load, naming the section and the key."""
+    path = write(tmp_path, "[tissue]\nmin_side = 4000\nmax_side = 2000\n" + MINIMAL)
+    with pytest.raises(ConfigError, match=r"\[tissue\] min_side: 4000 is larger than max_side"):
+        load_config(path)
+
+
+def test_analysis_settings_round_trip_exactly(tmp_path: Path) -> None:
+    """A worker reads back exactly the values of the file, however many digits, and
+    the demo's section reaches its workers too."""
+    from dpatia_daemon.analyses.demo import DemoSettings
+    from dpatia_daemon.analyses.tissue import TissueSettings
+
+    text = "[tissue]\nmin_area_mm2 = 0.0123456789\nmax_points = 1000000\n" + MINIMAL
+    config = load_config(write(tmp_path, text))
+    assert TissueSettings.from_mapping(config.analysis_settings()) == config.tissue
+    demo = load_config(
+        write(tmp_path, "[app]\nanalysis = demo\n[demo]\nstep_seconds = 0.25\n" + MINIMAL)
+    )
+    assert demo.analysis_settings() == {"step_seconds": "0.25"}
+    assert DemoSettings(step_seconds=0.25) == demo.demo
+    custom = load_config(write(tmp_path, "[app]\nanalysis = tests.x:run\n" + MINIMAL))
+    assert custom.analysis_settings() == {}
+
+
+def test_pipeline_settings_defaults_are_the_config_defaults() -> None:
+    """The worker's pipeline settings built from a default config are its defaults, so
+    the keys they copy from other sections cannot drift apart from those sections."""
+    from dpatia_daemon.config import Config
+    from dpatia_daemon.pipeline.prepare import PipelineSettings
+
+    assert Config().pipeline_settings() == PipelineSettings()
+
+
+def test_pipeline_settings_carry_the_sections_they_copy(tmp_path: Path) -> None:
+    """[pipeline] keys and the [sps], [server] and [app] keys a worker's SPS client needs
+    reach the worker's settings, and survive its JSON."""
+    from dpatia_daemon.pipeline.prepare import PipelineSettings
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    text = (
+        "[pipeline]\nthumbnail_mpp = 8\ndownload_wsi = false\n"
+        "[app]\ninclude_phi = yes\napplication_id = other\n"
+        "[server]\napi_version = 1.10\n" + MINIMAL + f"timeout = 7\nretries = 0\nca_file = {ca}\n"
+    )
+    settings = load_config(write(tmp_path, text)).pipeline_settings()
+    assert settings == PipelineSettings(
+        thumbnail_mpp=8.0,
+        download_wsi=False,
+        include_phi=True,
+        application_id="other",
+        api_version="1.10",
+        sps_timeout=7.0,
+        sps_retries=0,
+        ca_file=str(ca),
+    )
+    assert PipelineSettings.from_json(settings.to_json()) == settings
+
+
+def test_credentials_come_from_the_sps_section(tmp_path: Path) -> None:
+    """Both client credentials make Credentials; neither makes none."""
+    from dpatia_daemon.sps.tokens import Credentials
+
+    assert load_config(write(tmp_path, MINIMAL)).sps.credentials() is None
+    path = write(tmp_path, MINIMAL + "client_id = me\nclient_secret = s3cret\n")
+    (tmp_path / "dpatia.ini").chmod(0o600)
+    assert load_config(path).sps.credentials() == Credentials("me", "s3cret")
+
+
+def test_a_section_built_in_code_is_checked() -> None:
+    """The checks are the fields' own: a section built in code is refused as one read
+    from the file would be, naming the key."""
+    from dpatia_daemon.config import ServerConfig, WorkersConfig
+    from dpatia_daemon.sections import BadValue
+
+    with pytest.raises(BadValue, match="count: must not be negative"):
+        WorkersConfig(count=-1)
+    with pytest.raises(BadValue, match="processes: must be at most 16"):
+        ServerConfig(processes=17)

@@ -38,18 +38,9 @@ from typing import Any
 
 from attrs import field, frozen
 
-from ..models import (
-    Label,
-    Point,
-    Polygon,
-    PrimitiveItem,
-    Result,
-    ResultData,
-    ResultPayload,
-    Style,
-    unstructure,
-)
+from ..models import Polygon, PrimitiveItem, Result, ResultData, ResultPayload, unstructure
 from ..sps.results import image_size_of
+from .shapes import item, label, rectangle
 
 
 class NoSlideFile(Exception):
@@ -231,38 +222,6 @@ class PatchCollection:
 
 #: The type of an analysis callable.
 Analysis = Callable[[AnalysisJob], AnalysisResult | Result]
-
-
-# --- small builders for primitive items -----------------------------------------------
-
-
-def rectangle(x0: float, y0: float, x1: float, y1: float) -> Polygon:
-    """A closed axis-aligned rectangle from (x0, y0) to (x1, y1), width-normalised."""
-    corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]
-    return Polygon(points=[Point(x, y) for x, y in corners])
-
-
-def label(x: float, y: float, text: str) -> Label:
-    """A text label whose top-left corner is at (x, y), width-normalised."""
-    return Label(location=Point(x, y), label=text)
-
-
-def item(
-    *,
-    stroke: str = "#00C000",
-    fill: str | None = None,
-    size: int | None = None,
-    polygons: Sequence[Polygon] = (),
-    polylines: Sequence[Polygon] = (),
-    labels: Sequence[Label] = (),
-) -> PrimitiveItem:
-    """One primitive item: a style and the shapes drawn with it."""
-    return PrimitiveItem(
-        style=Style(strokeStyle=stroke, fillStyle=fill, size=size),
-        polygons=list(polygons),
-        polylines=list(polylines),
-        labels=list(labels),
-    )
 
 
 __all__ = [

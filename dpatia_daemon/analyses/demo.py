@@ -8,17 +8,26 @@ on the job's cancellation event instead of sleeping).
 
 from __future__ import annotations
 
+from attrs import frozen
+
+from ..sections import from_strings, key, not_negative
 from . import AnalysisJob, AnalysisResult, item, label, rectangle
 
 #: The steps and what the pathologist sees during each.
 STEPS = ("Preparing the slide", "Analysing the tissue", "Writing the result")
 
-DEFAULT_STEP_SECONDS = 2.0
+
+@frozen
+class DemoSettings:
+    """The ``[demo]`` config section (declared once: the config reads it with this
+    class, a worker parses its ``--setting`` strings with it)."""
+
+    step_seconds: float = key(2.0, not_negative)
 
 
 def run(job: AnalysisJob) -> AnalysisResult:
     """Walk through :data:`STEPS`, then answer 42 with a square on the slide."""
-    step_seconds = float(job.settings.get("step_seconds", DEFAULT_STEP_SECONDS))
+    step_seconds = from_strings(DemoSettings, job.settings, name="demo").step_seconds
     for number, text in enumerate(STEPS):
         job.progress(100 * number // len(STEPS), text)
         job.sleep(step_seconds)
