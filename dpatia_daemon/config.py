@@ -32,7 +32,7 @@ from .analyses.demo import DemoSettings
 from .analyses.tissue.settings import TissueSettings
 from .frontdoor.notifications import NotificationRules
 from .models import InputType
-from .pipeline.prepare import PipelineConfig, PipelineSettings
+from .pipeline.settings import PipelineConfig, PipelineSettings
 from .sections import (
     BadValue,
     Check,
