@@ -28,6 +28,12 @@ key/value table shown when it is selected, and primitive items (polygons, polyli
 labels) in width-normalised coordinates (x in [0, 1], y in [0, height/width]).  The
 daemon adds ``applicationVersion`` and its own bookkeeping and stores it at the SPS,
 replacing the job's progress frame.
+
+Beside the interface, for any analysis: :mod:`.images` gives the slide as an image at
+about N µm/px, from the downloaded WSI or, when there is no file, the thumbnail
+(``get_image(job, SlideResolution(target_mpp=4))``); :mod:`.shapes` builds what is drawn
+(:func:`rectangle`, :func:`label`, :func:`item`, re-exported here).  The built-ins:
+:mod:`.demo`, and the :mod:`.tissue` package.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ from . import AnalysisJob
 
 class Resolution(Protocol):
     """The image an analysis wants: about ``target_mpp`` µm per pixel, its longer side
-    within ``[min_side, max_side]`` pixels (the tissue analysis's settings are one)."""
+    within ``[min_side, max_side]`` pixels (:class:`SlideResolution`, or any settings
+    with these three, such as the tissue analysis's)."""
 
     @property
     def target_mpp(self) -> float: ...
@@ -34,6 +35,16 @@ class Resolution(Protocol):
 
     @property
     def max_side(self) -> int: ...
+
+
+@frozen
+class SlideResolution:
+    """A :class:`Resolution` for an analysis of one's own: ``get_image(job,
+    SlideResolution(target_mpp=4))``."""
+
+    target_mpp: float = 8.0
+    min_side: int = 1024
+    max_side: int = 4096
 
 
 def _nothing() -> None:
@@ -227,6 +238,7 @@ def get_image(
 __all__ = [
     "AnalysisImage",
     "Resolution",
+    "SlideResolution",
     "choose_level",
     "get_image",
     "read_slide",

@@ -18,7 +18,6 @@ from dpatia_daemon.analyses.tissue import (
     STROKE,
     TissueSettings,
     analyse,
-    choose_level,
     detect_tissue,
     to_result,
 )
@@ -371,36 +370,6 @@ def test_a_bad_setting_fails_the_attempt_with_its_key() -> None:
     """The analysis raises before reading anything when its settings are wrong."""
     with pytest.raises(ValueError, match="max_points"):
         analyse(_job(settings={"max_points": "many"}))
-
-
-@pytest.mark.parametrize(
-    ("dimensions", "downsamples", "mpp", "expected"),
-    [
-        # 80 000 px at 0.25 µm/px, halving levels: 8 µm/px is level 5 (÷32), as is.
-        (
-            [(80000 // 2**k, 60000 // 2**k) for k in range(8)],
-            [2.0**k for k in range(8)],
-            0.25,
-            (5, 1),
-        ),
-        # Levels of ×4 (as in SVS): level 2 (÷16) reduced by 2 more.
-        ([(80000, 60000), (20000, 15000), (5000, 3750), (1250, 938)], [1, 4, 16, 64], 0.25, (2, 2)),
-        # A small slide: not coarser than min_side (1024) along its longer side.
-        ([(2251, 1551), (1126, 776), (563, 388)], [1, 2, 4], 0.5, (1, 1)),
-        # Only level 0 of a big slide: reduce it to max_side (4096) at most.
-        ([(100000, 50000)], [1.0], 0.25, (0, 32)),
-        # No pixel size: a longer side of min_side.
-        ([(8192, 4096), (4096, 2048), (2048, 1024), (1024, 512)], [1, 2, 4, 8], None, (3, 1)),
-    ],
-)
-def test_choose_level(
-    dimensions: list[tuple[int, int]],
-    downsamples: list[float],
-    mpp: float | None,
-    expected: tuple[int, int],
-) -> None:
-    """The level read and the reduction after it, within the side bounds."""
-    assert choose_level(dimensions, downsamples, mpp, TissueSettings()) == expected
 
 
 class _FakeSlide:
