@@ -276,3 +276,19 @@ def test_a_section_built_in_code_is_checked() -> None:
         WorkersConfig(count=-1)
     with pytest.raises(BadValue, match="processes: must be at most 16"):
         ServerConfig(processes=17)
+
+
+def test_reading_the_config_loads_no_analysis_code() -> None:
+    """The daemon reads [tissue] with the analysis's own declaration, yet imports
+    neither numpy nor scikit-image: only workers running the analysis need them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dpatia_daemon.config; "
+        "print(sorted(m for m in ('numpy', 'skimage', 'scipy') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.strip() == "[]"
