@@ -112,19 +112,16 @@ def test_every_import_goes_to_the_same_layer_or_below() -> None:
     for module, path in _modules().items():
         for target in sorted(_imports(module, path, top_level_only=False)):
             if _layer(target) > _layer(module):
-                wrong.append(
-                    f"{module} (layer {_layer(module)}) imports {target} (layer {_layer(target)})"
-                )
+                wrong.append(f"{module} (layer {_layer(module)}) imports {target} "
+                             f"(layer {_layer(target)})")
     assert wrong == []
 
 
 def test_there_are_no_import_cycles() -> None:
     """Module-level imports form no cycle (a cycle hides which module is the lower one)."""
     modules = _modules()
-    graph = {
-        m: {t for t in _imports(m, p, top_level_only=True) if t in modules}
-        for m, p in modules.items()
-    }
+    graph = {m: {t for t in _imports(m, p, top_level_only=True) if t in modules}
+             for m, p in modules.items()}
     # A package's __init__ runs before its submodules: importing "a.b" imports "a".
     for m in list(graph):
         graph[m] = {t for t in graph[m] if not m.startswith(t + ".") or t == ""}
@@ -135,7 +132,7 @@ def test_there_are_no_import_cycles() -> None:
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycles.append([*stack[stack.index(nxt) :], nxt])
+                cycles.append([*stack[stack.index(nxt):], nxt])
             elif nxt not in state:
                 visit(nxt, [*stack, nxt])
         state[node] = 2
@@ -149,12 +146,8 @@ def test_there_are_no_import_cycles() -> None:
 @pytest.mark.parametrize("module", ["simulator", "demo"])
 def test_nothing_in_the_daemon_imports_the_separate_programs(module: str) -> None:
     """The simulator and the demo are programs of their own, not parts of the daemon."""
-    users = [
-        m
-        for m, p in _modules().items()
-        if _layer(m) < LAYERS[module]
-        and any(
-            t == module or t.startswith(module + ".") for t in _imports(m, p, top_level_only=False)
-        )
-    ]
+    users = [m for m, p in _modules().items()
+             if _layer(m) < LAYERS[module]
+             and any(t == module or t.startswith(module + ".")
+                     for t in _imports(m, p, top_level_only=False))]
     assert users == []
