@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "durable": 0,
     "text": 0,
     "backoff": 0,
+    "twistedcompat": 0,
     "spool": 1,
     "sps": 1,
     "pipeline": 2,
