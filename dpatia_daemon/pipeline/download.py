@@ -387,6 +387,10 @@ class _Run:
         """A :class:`DownloadError` for this slide."""
         return DownloadError(self.slide_id, message)
 
+    def note(self, event: str, **fields: object) -> None:
+        """Log ``event`` (a format string, after ``slide {slide_id}: ``) at info level."""
+        log.info("slide {slide_id}: " + event, slide_id=self.slide_id, **fields)
+
     # --- progress -----------------------------------------------------------------------
 
     def received(self, n: int) -> None:
@@ -499,12 +503,7 @@ class _Run:
 
             def committed(_: object) -> None:
                 self.manifest = manifest
-                log.info(
-                    "slide {slide_id}: file {index} complete ({size} bytes)",
-                    slide_id=self.slide_id,
-                    index=index,
-                    size=target.size,
-                )
+                self.note("file {index} complete ({size} bytes)", index=index, size=target.size)
 
             return target.finish(manifest.to_bytes()).addCallback(committed)
 
@@ -558,20 +557,14 @@ class _Run:
             except SPSError as e:
                 if e.status != 416:
                     raise
-                log.info(
-                    "slide {slide_id}: range not satisfiable; downloading from the start",
-                    slide_id=self.slide_id,
-                )
+                self.note("range not satisfiable; downloading from the start")
             else:
                 if response.code == 206 and self._accept_partial(response, part, pending):
                     self.offset = part
                     self.single_name = pending.name
                     return response
                 if response.code == 200:
-                    log.info(
-                        "slide {slide_id}: the SPS sent the whole file, not a range; starting over",
-                        slide_id=self.slide_id,
-                    )
+                    self.note("the SPS sent the whole file, not a range; starting over")
                     return response
                 _discard(response)
         return await self.sps.open_files(self.callback, self.slide_id)
@@ -590,9 +583,8 @@ class _Run:
         if response.length is not UNKNOWN_LENGTH and response.length != end - start + 1:
             return False
         self.total = total
-        log.info(
-            "slide {slide_id}: resuming {name} at byte {offset} of {total}",
-            slide_id=self.slide_id,
+        self.note(
+            "resuming {name} at byte {offset} of {total}",
             name=pending.name,
             offset=part,
             total=total,
@@ -634,11 +626,7 @@ async def _download(run: _Run) -> list[FilePath[str]]:
     manifest = prepared.manifest
     if manifest.complete and manifest.files and prepared.present == set(manifest.files):
         total = sum(e.size for e in manifest.files.values())
-        log.info(
-            "slide {slide_id}: all {count} files already downloaded; no request",
-            slide_id=run.slide_id,
-            count=len(manifest.files),
-        )
+        run.note("all {count} files already downloaded; no request", count=len(manifest.files))
         run._report(total, total)
         return run.files()
     run.part_size = prepared.part_size
@@ -693,11 +681,7 @@ async def _receive(run: _Run, response: IResponse, prepared: Prepared) -> list[F
                 # The file was complete; only the final manifest write was lost.
                 _discard(response)
                 run.delivered = True
-                log.info(
-                    "slide {slide_id}: {name} already downloaded; body not read",
-                    slide_id=run.slide_id,
-                    name=run.single_name,
-                )
+                run.note("{name} already downloaded; body not read", name=run.single_name)
                 return await _close_manifest(run, length)
             if manifest.pending is not None and manifest.pending.name != run.single_name:
                 await run.run_blocking(remove_part, run.folder.path, manifest.pending.name)
@@ -714,9 +698,8 @@ async def _receive(run: _Run, response: IResponse, prepared: Prepared) -> list[F
             + ((("content-length", str(run.total)),) if run.total is not None else ())
         )
         parser = SinglePart(part_headers)
-    log.info(
-        "slide {slide_id}: downloading {form} ({length} bytes{resumed})",
-        slide_id=run.slide_id,
+    run.note(
+        "downloading {form} ({length} bytes{resumed})",
         form="multipart" if boundary is not None else "a single file",
         length="?" if length is None else length,
         resumed=f", resuming at {run.offset}" if run.offset else "",

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from attrs import asdict, frozen
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
@@ -90,7 +91,7 @@ async def prepare(
     settings: PipelineSettings,
     *,
     sps: SPSClient,
-    clock: Any,
+    clock: IReactorTime,
     run_blocking: RunBlocking,
     progress: Callable[[int, str], None],
 ) -> Prepared:
