@@ -153,10 +153,10 @@ class _Body(Protocol):
     """Receives the response body and drives parsing, writing, timers and progress.
 
     Chunks are handled as they arrive; when handling needs to wait (too many commits
-    in flight) the transport is paused, later chunks queue up in
-    ``_inbox`` (at most what was already read), and handling resumes when the wait
-    ends.  ``done`` fires with the completed files, or fails with
-    :class:`DownloadError`; cancelling it closes the connection.
+    in flight) the transport is paused, later chunks queue up in ``_inbox`` (at most
+    what was already read), and handling resumes when the wait ends.  ``done`` fires
+    with the completed files, or fails with :class:`DownloadError`; cancelling it
+    closes the connection.
     """
 
     def __init__(self, run: _Run, parser: MultipartParser | SinglePart) -> None:

@@ -161,10 +161,14 @@ class FileServer(Resource):
     def __attrs_post_init__(self) -> None:
         Resource.__init__(self)
 
-    def next_pause(self) -> Deferred[None]:
-        """Fires when the transport next holds the server back (pauses a producer)."""
+    def held_back(self) -> Deferred[None]:
+        """Fires when the transport holds the server back: now if the latest answer's
+        producer is paused, else at its next pause."""
         d: Deferred[None] = Deferred()
-        self.pause_waiters.append(d)
+        if self.producers and self.producers[-1].paused:
+            d.callback(None)
+        else:
+            self.pause_waiters.append(d)
         return d
 
     def render_GET(self, request: IRequest) -> Any:
@@ -868,7 +872,7 @@ async def _held_up(
     await body_waits.addTimeout(_WAIT, reactor)
     # The client stopped reading; the server keeps writing until the socket buffers
     # hold it back.
-    await server.next_pause().addTimeout(_WAIT, reactor)
+    await server.held_back().addTimeout(_WAIT, reactor)
     return started, gate, held
 
 
