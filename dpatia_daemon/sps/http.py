@@ -25,13 +25,15 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import _newclient
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     PartialDownloadError,
+    RequestNotSent,
+    RequestTransmissionFailed,
     ResponseDone,
+    ResponseFailed,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -168,9 +170,9 @@ TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     ierror.DNSLookupError,
     ierror.ConnectingCancelledError,
     ierror.ConnectionClosed,
-    _newclient.RequestNotSent,
-    _newclient.ResponseFailed,  # includes ResponseNeverReceived
-    _newclient.RequestTransmissionFailed,
+    RequestNotSent,
+    ResponseFailed,  # includes ResponseNeverReceived
+    RequestTransmissionFailed,
     PartialDownloadError,
 )
 
@@ -180,7 +182,7 @@ NOT_SENT_ERRORS: tuple[type[BaseException], ...] = (
     ierror.ConnectError,
     ierror.DNSLookupError,
     ierror.ConnectingCancelledError,
-    _newclient.RequestNotSent,
+    RequestNotSent,
 )
 
 
@@ -353,7 +355,8 @@ def make_http_client(
     """Build the service's treq client over its own persistent pool.
 
     ``reactor`` must provide TCP, time and name resolution (a real reactor, or a
-    ``MemoryReactorClock`` in tests).  Close the pool with :meth:`SPSHttp.close` at
+    ``MemoryReactorClock`` in tests); it is ``Any`` because mypy-zope cannot spell the
+    intersection of those interfaces, and the pool and agent take it untyped.  Close the pool with :meth:`SPSHttp.close` at
     service stop.
     """
     pool = HTTPConnectionPool(reactor, persistent=True)
