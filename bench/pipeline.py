@@ -3,8 +3,9 @@
 (a) **Download.**  A 1 GiB single file and a 1 GiB 3-part ``multipart/related`` answer
     are served on loopback by the fake SPS in a *separate process* (its ``FileStream``
     streams from disk with a push producer), and downloaded by
-    :func:`dpatia_daemon.pipeline.download.download_files` in this process, once with inline
-    writes (the default) and once with writes in a thread.  Reported: throughput, the
+    :func:`dpatia_daemon.pipeline.download.download_files` in this process (writes inline
+    on the reactor thread, the only mode since writes in a thread measured no faster).
+    Reported: throughput, the
     growth of this process's peak RSS (``VmHWM`` after, minus ``VmRSS`` before, the
     peak reset through ``/proc/self/clear_refs``), and its CPU time per GiB (steadier
     than throughput when the machine is shared).  Beside them, a raw copy of the
@@ -208,7 +209,7 @@ def raw_copy(src: Path, dst: Path, *, fsync: bool) -> float:
 
 
 async def timed_download(
-    reactor: Any, server: Server, slide_id: str, folder: Path, threaded: bool
+    reactor: Any, server: Server, slide_id: str, folder: Path
 ) -> tuple[float, int, int, float]:
     """(seconds, bytes, peak RSS growth, CPU seconds) of one download into a fresh folder.
 
@@ -239,7 +240,6 @@ async def timed_download(
         FilePath(str(folder)),
         clock=reactor,
         run_blocking=run_blocking,
-        threaded_writes=threaded,
     )
     elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu
@@ -323,12 +323,8 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         servers.append(server)
         # Round robin over the cases, so drift on the shared disk hits them alike.
         configs = [
-            (slide, label, seed, threaded)
-            for slide, label, seed in (
-                (SLIDE_SINGLE, "single", SEED_SINGLE_MBS),
-                (SLIDE_MULTI, "3-part", SEED_MULTI_MBS),
-            )
-            for threaded in (False, True)
+            (SLIDE_SINGLE, "single", SEED_SINGLE_MBS),
+            (SLIDE_MULTI, "3-part", SEED_MULTI_MBS),
         ]
         copies: dict[str, list[float]] = {"cat": [], "dd conv=fsync": []}
         runs: dict[Any, list[tuple[float, int, int, float]]] = {c: [] for c in configs}
@@ -336,10 +332,8 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             copies["cat"].append(raw_copy(single, workdir / "copy", fsync=False))
             copies["dd conv=fsync"].append(raw_copy(single, workdir / "copy", fsync=True))
             for config in configs:
-                slide, _label, _seed, threaded = config
-                runs[config].append(
-                    await timed_download(reactor, server, slide, workdir / "dl", threaded)
-                )
+                slide, _label, _seed = config
+                runs[config].append(await timed_download(reactor, server, slide, workdir / "dl"))
         raw = {k: size / statistics.median(v) / 1e6 for k, v in copies.items()}
         for name, times in copies.items():
             rows.append(
@@ -353,7 +347,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
                 )
             )
         for config in configs:
-            slide, label, seed, threaded = config
+            slide, label, seed = config
             got = runs[config][0][1]
             assert got == size, f"downloaded {got} bytes, expected {size}"
             mbs = size / statistics.median(r[0] for r in runs[config]) / 1e6
@@ -370,7 +364,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             )
             rows.append(
                 (
-                    f"download {label}, {'thread' if threaded else 'inline'} writes",
+                    f"download {label}, inline writes",
                     mbs,
                     spread,
                     f"{growth / (1 << 20):.1f}",

@@ -38,6 +38,7 @@ from .spool import DirectorySpool, SpoolError
 from .sps.client import SPSClient, make_http_client
 from .sps.tokens import Credentials, TokenBook, callback_auth
 from .sps.writer import ResultWriter
+from .twistedcompat import raise_synchronously
 from .workers.run import WorkFolders
 from .workers.supervisor import Supervisor
 
@@ -286,7 +287,7 @@ def build_service(config: Config, reactor: Any, *, front_door: int | None = None
         listener = StreamServerEndpointService(_endpoint(reactor, config), site)
         # Fail the start (exit code != 0) when the port cannot be bound, instead of
         # logging and running deaf.
-        listener._raiseSynchronously = True
+        raise_synchronously(listener)
         listener.setName("http")
         listener.setServiceParent(root)
 

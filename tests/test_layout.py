@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "text": 0,
     "backoff": 0,
     "sections": 0,
+    "twistedcompat": 0,
     "spool": 1,
     "sps": 1,
     "pipeline": 2,

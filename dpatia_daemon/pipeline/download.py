@@ -5,13 +5,14 @@
 * **Streaming with bounded memory.**  The body goes chunk by chunk from the HTTP
   client to disk; nothing holds more than a chunk or two (plus the multipart parser's
   few held-back bytes), whatever the slide weighs.  Whenever the disk side must be
-  waited for (a full write queue in threaded mode, too many commits in flight), the
-  transport is paused and resumed after: TCP back-pressure, not a growing buffer.
+  waited for (too many commits in flight), the transport is paused and resumed
+  after: TCP back-pressure, not a growing buffer.
 * **Disk and network in parallel.**  Every 16 MiB the kernel is asked to start
   writing the new range out (``sync_file_range``), so a 1 GiB file is not left dirty
   in the page cache for one long ``fsync`` at the end (nor throttles the rest of the
   machine); a finished part is fsynced and renamed while the next part streams in.
-  The socket is read 1 MiB at a time while the body streams (:class:`_ReadSize`).
+  The socket is read 1 MiB at a time while the body streams
+  (:class:`~dpatia_daemon.twistedcompat.SocketReadSize`).
 * **Both answer forms** (IA-API.md §2.4): a single file (any non-multipart type;
   its name from ``Content-Disposition``, else one derived from a hash of the slide id)
   and any ``multipart/*`` (one file per part, via :mod:`.multipart`).
@@ -25,65 +26,73 @@
   JSON file in the folder) records each completed file and its size.  When everything
   is complete a retry returns at once without a request; otherwise completed parts
   of a multipart answer are consumed without being written again, and an interrupted
-  single file is resumed with ``Range: bytes=N-`` when the SPS client supports it
-  (206 appends, 200 starts over; see :func:`download_files`).
+  single file is resumed with ``Range: bytes=N-`` (206 appends, 200 starts over;
+  see :func:`download_files`).
 * **Timers.**  treq's ``timeout=`` covers the headers only, so the body gets an idle
   timer (no byte for ``idle_timeout`` seconds) and the whole download an optional
   overall ``deadline``, both on the injected clock.  On any error the connection is
   closed (``stopProducing``), the ``.part`` file stays for the next attempt, and a
   :class:`DownloadError` names the slide and the problem (never the token).
 
-Blocking file work (``fsync``, ``rename``, the manifest) runs through ``run_blocking``
-(``run_blocking(f, *args) -> Deferred``: the reactor's thread pool in the worker, an
-inline runner in unit tests), so the worker's reactor keeps answering AMP.  Plain
-``os.write`` of each chunk happens inline on the reactor thread by default: it only
-copies into the page cache; handing chunks to a thread (``threaded_writes=True``)
-measured no faster on loopback (``bench/pipeline.py``), costs more CPU and a few MiB
-of queue, and is kept as an option for slow or network filesystems where a
-``write`` itself can block.
+This module is the HTTP side: the request (and its resume), the body protocol, the
+timers, the state of one run.  The folder's side — the manifest, the ``.part`` files,
+and the blocking file work (``fsync``, ``rename``, the manifest), which runs through
+``run_blocking`` (``run_blocking(f, *args) -> Deferred``: the reactor's thread pool in
+the worker, an inline runner in unit tests) so the worker's reactor keeps answering
+AMP — is :mod:`.downloadfolder`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import hashlib
-import inspect
-import json
-import os
 import re
-import sys
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
-from attrs import define, field, frozen
-from twisted.internet.defer import CancelledError, Deferred, DeferredLock, ensureDeferred, succeed
+from attrs import define, field
+from twisted.internet.defer import Deferred, DeferredLock, TimeoutError, ensureDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
-from twisted.web._newclient import ResponseFailed, _DataLoss
-from twisted.web.client import ResponseDone
+from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
-from ..durable import write_atomically
 from ..jobs import Callback
-from ..sps.client import SPSClient, SPSError
-from .filenames import NameAllocator, UnsafePath, contained_child, fallback_name
+from ..sps.client import SPSClient
+from ..sps.errors import SPSError
+from ..twistedcompat import SocketReadSize, is_data_loss
+from .downloadfolder import (
+    MANIFEST_NAME,
+    PART_SUFFIX,
+    Entry,
+    Manifest,
+    PartFile,
+    Pending,
+    Prepared,
+    RunBlocking,
+    Skip,
+    Target,
+    forget,
+    prepare,
+    remove_part,
+    save_manifest,
+    slide_key,
+)
+from .filenames import NameAllocator, UnsafePath, contained_child, extension_for, fallback_name
 from .multipart import (
     Event,
     MultipartError,
     MultipartParser,
     PartData,
-    PartEnd,
     PartHeaders,
     PartStart,
+    SinglePart,
+    decode_header,
     disposition_filename,
     multipart_boundary,
-    parse_content_type,
 )
 
 __all__ = [
@@ -97,41 +106,16 @@ __all__ = [
 
 log = Logger()
 
-#: The manifest of completed files.  Sanitised names never start with a dot, so no
-#: server-given name can collide with it.
-MANIFEST_NAME: Final = ".dpatia-files.json"
-#: Suffix of a file still being written.
-PART_SUFFIX: Final = ".part"
-
-_MANIFEST_FORMAT: Final = 1
-#: Threaded writes: pause the transport above this many queued bytes, resume below the
-#: low mark.
-_HIGH_WATER: Final = 8 * 1024 * 1024
-_LOW_WATER: Final = 2 * 1024 * 1024
 #: How often (clock seconds) ``progress`` is called at most while bytes arrive.
 _PROGRESS_INTERVAL: Final = 0.5
 #: Commits (fsync + rename) in flight before the body waits for one to finish.
 _MAX_COMMITS: Final = 4
-#: Hand each this many new bytes of a file to the kernel's writeback (see ``_File``).
-_WRITEBACK_EVERY: Final = 16 * 1024 * 1024
 #: Socket read size while a body streams.  Twisted reads 64 KiB at a time, and the work
 #: per read (its layers, the parser, one write into the page cache) dominated the
 #: client's CPU: 1 MiB reads about halved the CPU per GiB on loopback.
 _READ_SIZE: Final = 1024 * 1024
-#: Extensions for a nameless single file, by media type (OpenSlide looks at some).
-_EXTENSIONS: Final = {
-    "image/tiff": ".tiff",
-    "image/tif": ".tiff",
-    "application/dicom": ".dcm",
-    "image/jpeg": ".jpg",
-    "image/png": ".png",
-    "application/zip": ".zip",
-}
 _CONTENT_RANGE: Final = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+)\s*$", re.IGNORECASE)
 
-#: ``run_blocking(f, *args)`` runs ``f(*args)`` off the reactor thread and fires with
-#: its result (``deferToThreadPool`` in the worker; ``maybeDeferred`` in unit tests).
-RunBlocking = Callable[..., "Deferred[Any]"]
 #: ``progress(bytes_received, total_or_None)``.
 Progress = Callable[[int, "int | None"], None]
 
@@ -150,484 +134,7 @@ class DownloadError(Exception):
         self.message = message
 
 
-# --- the manifest -----------------------------------------------------------------------
-
-
-@frozen
-class _Entry:
-    """A completed file: its local name and size."""
-
-    name: str
-    size: int
-
-
-@frozen
-class _Pending:
-    """A single file being downloaded: what a resumed request must match."""
-
-    name: str
-    size: int | None
-    validator: str | None
-
-
-@define
-class _Manifest:
-    """What the folder holds for one slide; written atomically after each file."""
-
-    slide: str
-    complete: bool = False
-    files: dict[int, _Entry] = field(factory=dict)
-    pending: _Pending | None = None
-
-    def to_bytes(self) -> bytes:
-        """The manifest as JSON."""
-        data: dict[str, Any] = {
-            "format": _MANIFEST_FORMAT,
-            "slide": self.slide,
-            "complete": self.complete,
-            "files": [
-                {"index": i, "name": e.name, "size": e.size} for i, e in sorted(self.files.items())
-            ],
-        }
-        if self.pending is not None:
-            data["pending"] = {
-                "name": self.pending.name,
-                "size": self.pending.size,
-                "validator": self.pending.validator,
-            }
-        return json.dumps(data, indent=1).encode("utf-8")
-
-    @classmethod
-    def from_bytes(cls, raw: bytes, slide: str) -> _Manifest:
-        """Parse a manifest; anything unreadable or for another slide is an empty one."""
-        empty = cls(slide)
-        try:
-            data = json.loads(raw)
-            if data.get("format") != _MANIFEST_FORMAT or data.get("slide") != slide:
-                return empty
-            files = {int(f["index"]): _Entry(str(f["name"]), int(f["size"])) for f in data["files"]}
-            pending = None
-            if isinstance(data.get("pending"), dict):
-                p = data["pending"]
-                size = p.get("size")
-                validator = p.get("validator")
-                pending = _Pending(
-                    str(p["name"]),
-                    None if size is None else int(size),
-                    None if validator is None else str(validator),
-                )
-            return cls(slide, bool(data.get("complete")), files, pending)
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return empty
-
-
-def _slide_key(slide_id: str) -> str:
-    """What the manifest records of the slide id: a hash (the id may be odd text)."""
-    return hashlib.sha256(slide_id.encode("utf-8")).hexdigest()
-
-
-# --- blocking file work (run through run_blocking) --------------------------------------
-
-
-@frozen
-class _Prepared:
-    """What is already on disk, read in a thread before any request."""
-
-    manifest: _Manifest
-    #: Indexes of manifest entries whose file exists with the recorded size.
-    present: frozenset[int]
-    #: Size of the pending single file's ``.part`` (0 if none).
-    part_size: int
-
-
-def _fsync_dir(path: str) -> None:
-    """Make renames in directory ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _prepare(folder: str, slide: str) -> _Prepared:
-    """Create the folder; read the manifest; see which recorded files are intact."""
-    os.makedirs(folder, mode=0o750, exist_ok=True)
-    try:
-        with open(os.path.join(folder, MANIFEST_NAME), "rb") as f:
-            manifest = _Manifest.from_bytes(f.read(), slide)
-    except FileNotFoundError:
-        manifest = _Manifest(slide)
-    present = set()
-    for index, entry in manifest.files.items():
-        try:
-            st = os.lstat(os.path.join(folder, entry.name))
-        except (FileNotFoundError, ValueError):
-            continue
-        if st.st_size == entry.size and os.path.isfile(os.path.join(folder, entry.name)):
-            present.add(index)
-    part_size = 0
-    if manifest.pending is not None:
-        try:
-            part_size = os.lstat(os.path.join(folder, manifest.pending.name + PART_SUFFIX)).st_size
-        except (FileNotFoundError, ValueError):
-            part_size = 0
-    return _Prepared(manifest, frozenset(present), part_size)
-
-
-def _save_manifest(folder: str, data: bytes) -> None:
-    """Replace the manifest atomically and durably."""
-    write_atomically(os.path.join(folder, MANIFEST_NAME), data)
-    _fsync_dir(folder)
-
-
-def _commit(fd: int, temp: str, final: str, folder: str, manifest: bytes) -> None:
-    """Make a completed file durable, rename it into place, then record it."""
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temp, final)
-    # The manifest is written only after the file is durable under its final name, so
-    # it never claims a file that a crash could lose.
-    write_atomically(os.path.join(folder, MANIFEST_NAME), manifest)
-    _fsync_dir(folder)
-
-
-def _forget(path: str, folder: str, manifest: bytes) -> None:
-    """Remove a file that no longer matches the server, and record that."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    _save_manifest(folder, manifest)
-
-
-def _remove_part(folder: str, name: str) -> None:
-    """Delete a ``.part`` left by an attempt that cannot be resumed any more."""
-    try:
-        os.unlink(os.path.join(folder, name + PART_SUFFIX))
-    except (FileNotFoundError, ValueError):
-        pass
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """``os.write`` until every byte is written (regular files rarely write short)."""
-    n = os.write(fd, data)
-    if n < len(data):
-        view = memoryview(data)[n:]
-        while view:
-            view = view[os.write(fd, view) :]
-
-
-_IOV_MAX: Final = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
-
-
-def _writev_all(fd: int, chunks: list[bytes]) -> None:
-    """Write ``chunks`` in order with as few system calls as possible."""
-    limit = _IOV_MAX
-    i = 0
-    while i < len(chunks):
-        batch = chunks[i : i + limit]
-        expected = sum(len(c) for c in batch)
-        n = os.writev(fd, batch)
-        if n < expected:
-            _write_all(fd, b"".join(batch)[n:])
-        i += limit
-
-
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's ``sync_file_range`` (Linux), or ``None`` where there is none."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        function = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function  # type: ignore[no-any-return]
-
-
-_SYNC_FILE_RANGE = _load_sync_file_range() if sys.platform.startswith("linux") else None
-_SYNC_FILE_RANGE_WRITE: Final = 2
-
-
-def _writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing ``length`` bytes at ``offset`` to disk; do not wait for them.
-
-    Advisory: errors are ignored here, the final ``fsync`` reports any that matter.
-    Without ``sync_file_range`` it is an ``fdatasync`` (which does wait, in its thread).
-    """
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-        return
-    try:
-        os.fdatasync(fd)
-    except OSError:
-        pass
-
-
-def _write_batch(fd: int, chunks: list[bytes], writeback: tuple[int, int] | None) -> None:
-    """Threaded mode: write ``chunks``, then maybe start writeback of a range."""
-    _writev_all(fd, chunks)
-    if writeback is not None:
-        _writeback(fd, *writeback)
-
-
-class _ReadSize:
-    """Raises the socket read size of the connection under a response body, and undoes it.
-
-    The body protocol's transport is Twisted's ``TransportProxyProducer``; the socket
-    below it (TCP, or TCP under TLS) is a ``FileDescriptor`` whose ``bufferSize`` is
-    the size of each ``recv``.  Anything else (an in-memory transport in tests, a
-    Twisted that changed shape) is left alone: reads stay 64 KiB, nothing breaks.
-    """
-
-    def __init__(self, transport: object, size: int) -> None:
-        self._socket: Any = None
-        candidate: Any = getattr(transport, "_producer", None)
-        for _ in range(3):
-            if candidate is None:
-                return
-            if hasattr(candidate, "doRead") and isinstance(
-                getattr(candidate, "bufferSize", None), int
-            ):
-                break
-            candidate = getattr(candidate, "transport", None)
-        else:
-            return
-        if candidate.bufferSize >= size:
-            return
-        self._socket = candidate
-        self._own = "bufferSize" in vars(candidate)
-        self._previous = candidate.bufferSize
-        candidate.bufferSize = size
-
-    def restore(self) -> None:
-        """Put the read size back (the connection may go back to the pool)."""
-        sock, self._socket = self._socket, None
-        if sock is None:
-            return
-        if self._own:
-            sock.bufferSize = self._previous
-        else:
-            del sock.bufferSize
-
-
-def _open_part(path: str, append: bool) -> int:
-    """Open a ``.part`` file for writing without following a planted symlink."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    flags |= os.O_APPEND if append else os.O_TRUNC
-    return os.open(path, flags, 0o640)
-
-
-# --- targets: where the bytes of one file go ---------------------------------------------
-
-
-class _Target:
-    """Receives the bytes of one file (a part, or the whole body)."""
-
-    name: str
-    size: int
-
-    def write(self, data: bytes) -> Deferred[None] | None:
-        """Take the next bytes; a Deferred means "pause until it fires"."""
-        raise NotImplementedError
-
-    def finish(self, manifest: bytes) -> Deferred[None] | None:
-        """The file is complete: make it durable and record it (``manifest``)."""
-        raise NotImplementedError
-
-    def abandon(self) -> None:
-        """Stop without finishing; keep what was written (for a resume)."""
-
-
-class _Skip(_Target):
-    """A part completed by an earlier attempt: its bytes are counted, not written."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.size = 0
-
-    def write(self, data: bytes) -> None:
-        self.size += len(data)
-
-    def finish(self, manifest: bytes) -> None:
-        pass
-
-
-class _File(_Target):
-    """Writes one file to ``<name>.part``; :meth:`finish` fsyncs and renames it.
-
-    Inline mode writes each chunk at once on the reactor thread.  Threaded mode queues
-    chunks and writes them in batches through ``run_blocking``, one batch at a time
-    (so they stay in order); past :data:`_HIGH_WATER` queued bytes :meth:`write`
-    returns a Deferred that fires below :data:`_LOW_WATER`.
-
-    Either way, every :data:`_WRITEBACK_EVERY` bytes the kernel is asked (in a thread)
-    to start writing the new range to disk, so the disk works while the network does
-    and the final ``fsync`` has little left to wait for: without it a 1 GiB file sits
-    dirty in the page cache until the end, and the download takes network time *plus*
-    disk time.  At most one thread operation per file is in flight at a time; the
-    descriptor is closed only when none is.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        final: FilePath[str],
-        folder: FilePath[str],
-        *,
-        offset: int,
-        run_blocking: RunBlocking,
-        threaded: bool,
-    ) -> None:
-        self.name = name
-        self.final = final
-        self.folder = folder
-        self.temp = final.sibling(final.basename() + PART_SUFFIX)
-        self.size = offset
-        self.fd: int | None = _open_part(self.temp.path, append=offset > 0)
-        if offset:
-            # Never trust the caller's idea of the length: append after what is there.
-            self.size = os.fstat(self.fd).st_size
-        self._run = run_blocking
-        self._threaded = threaded
-        self._queue: list[bytes] = []
-        self._queued = 0
-        self._busy: Deferred[None] | None = None
-        self._error: Failure | None = None
-        self._drained: list[Deferred[None]] = []
-        self._abandoned = False
-        #: Where the range not yet handed to writeback starts.
-        self._clean = self.size
-
-    def write(self, data: bytes) -> Deferred[None] | None:
-        if self._error is not None:
-            self._error.raiseException()
-        assert self.fd is not None
-        if not self._threaded:
-            _write_all(self.fd, data)
-            self.size += len(data)
-            if self._busy is None and self.size - self._clean >= _WRITEBACK_EVERY:
-                self._start(_writeback, self.fd, self._clean, self.size - self._clean)
-                self._clean = self.size
-            return None
-        self.size += len(data)
-        self._queue.append(data)
-        self._queued += len(data)
-        self._flush()
-        if self._queued > _HIGH_WATER:
-            d: Deferred[None] = Deferred()
-            self._drained.append(d)
-            return d
-        return None
-
-    def _flush(self) -> None:
-        """Threaded mode: write the queued chunks unless a batch is being written."""
-        if self._busy is not None or not self._queue or self._error is not None:
-            return
-        batch, self._queue = self._queue, []
-        end = self.size - self._queued + sum(len(c) for c in batch)
-        writeback = None
-        if end - self._clean >= _WRITEBACK_EVERY:
-            writeback = (self._clean, end - self._clean)
-            self._clean = end
-        self._start(_write_batch, self.fd, batch, writeback)
-
-    def _start(self, f: Callable[..., None], *args: Any) -> None:
-        """Run one operation on the descriptor in a thread (none may be in flight)."""
-        assert self._busy is None
-        busy = self._run(f, *args)
-        self._busy = busy
-        written = sum(len(c) for c in args[1]) if f is _write_batch else 0
-
-        def done(_: object) -> None:
-            self._busy = None
-            self._queued -= written
-            if self._abandoned:
-                self._close()
-                return
-            self._flush()
-            if self._queued <= _LOW_WATER:
-                self._release(None)
-
-        def failed(failure: Failure) -> None:
-            self._busy = None
-            self._error = failure
-            if self._abandoned:
-                self._close()
-            self._release(failure)
-
-        busy.addCallbacks(done, failed)
-
-    def _release(self, result: Failure | None) -> None:
-        waiters, self._drained = self._drained, []
-        for d in waiters:
-            if result is None:
-                d.callback(None)
-            else:
-                d.errback(result)
-
-    async def _finish(self, manifest: bytes) -> None:
-        while self._busy is not None or self._queue:
-            if self._error is not None:
-                self._error.raiseException()
-            d: Deferred[None] = Deferred()
-            self._drained.append(d)
-            self._flush()
-            if self._busy is None:  # nothing was started: nothing to wait for
-                self._drained.remove(d)
-                break
-            await d
-        if self._error is not None:
-            self._error.raiseException()
-        fd, self.fd = self.fd, None  # the commit owns (and closes) the descriptor now
-        await self._run(_commit, fd, self.temp.path, self.final.path, self.folder.path, manifest)
-
-    def finish(self, manifest: bytes) -> Deferred[None]:
-        return ensureDeferred(self._finish(manifest))
-
-    def abandon(self) -> None:
-        self._abandoned = True
-        if self._busy is None:
-            self._close()
-
-    def _close(self) -> None:
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            try:
-                os.close(fd)
-            except OSError:  # pragma: no cover - nothing to do about it
-                pass
-
-
 # --- the body protocol --------------------------------------------------------------------
-
-
-class _SingleFile:
-    """Presents a non-multipart body as the events of one part (a parser look-alike)."""
-
-    def __init__(self, headers: PartHeaders) -> None:
-        self._headers = headers
-        self._started = False
-        self._size = 0
-
-    def feed(self, data: bytes) -> list[Event]:
-        events: list[Event] = []
-        if not self._started:
-            self._started = True
-            events.append(PartStart(0, self._headers))
-        self._size += len(data)
-        events.append(PartData(0, data))
-        return events
-
-    def close(self) -> list[Event]:
-        events: list[Event] = []
-        if not self._started:
-            self._started = True
-            events.append(PartStart(0, self._headers))
-        events.append(PartEnd(0, self._size))
-        return events
 
 
 _END: Final = object()
@@ -637,7 +144,7 @@ def _why(reason: Failure) -> str:
     """A short description of why a response body ended early."""
     if reason.check(ResponseFailed):
         inner = [f.value for f in reason.value.reasons]  # type: ignore[union-attr]
-        names = [type(e).__name__ for e in inner if not isinstance(e, _DataLoss)]
+        names = [type(e).__name__ for e in inner if not is_data_loss(e)]
         return ", ".join(names) or "data loss"
     return type(reason.value).__name__
 
@@ -645,14 +152,14 @@ def _why(reason: Failure) -> str:
 class _Body(Protocol):
     """Receives the response body and drives parsing, writing, timers and progress.
 
-    Chunks are handled as they arrive; when handling needs to wait (a commit in a
-    thread, a full write queue) the transport is paused, later chunks queue up in
-    ``_inbox`` (at most what was already read), and handling resumes when the wait
-    ends.  ``done`` fires with the completed files, or fails with
-    :class:`DownloadError`; cancelling it closes the connection.
+    Chunks are handled as they arrive; when handling needs to wait (too many commits
+    in flight) the transport is paused, later chunks queue up in ``_inbox`` (at most
+    what was already read), and handling resumes when the wait ends.  ``done`` fires
+    with the completed files, or fails with :class:`DownloadError`; cancelling it
+    closes the connection.
     """
 
-    def __init__(self, run: _Run, parser: MultipartParser | _SingleFile) -> None:
+    def __init__(self, run: _Run, parser: MultipartParser | SinglePart) -> None:
         self.run = run
         self.parser = parser
         self.done: Deferred[list[FilePath[str]]] = Deferred(self._cancelled)
@@ -661,12 +168,12 @@ class _Body(Protocol):
         self._waiting = False
         self._ended = False
         self._over = False
-        self._target: _Target | None = None
+        self._target: Target | None = None
         self._last = run.clock.seconds()
         self._idle: IDelayedCall | None = None
         self._producer: IPushProducer | None = None
         self._finishing = False
-        self._read_size: _ReadSize | None = None
+        self._read_size: SocketReadSize | None = None
         run.fail = self._fail
 
     # --- protocol -----------------------------------------------------------------------
@@ -674,7 +181,7 @@ class _Body(Protocol):
     def makeConnection(self, transport: Any) -> None:
         """Keep the transport (to pause, resume and stop it) and start the idle timer."""
         self._producer = transport
-        self._read_size = _ReadSize(transport, _READ_SIZE)
+        self._read_size = SocketReadSize(transport, _READ_SIZE)
         super().makeConnection(transport)
         self._idle = self.run.clock.callLater(self.run.idle_timeout, self._check_idle)
 
@@ -766,7 +273,8 @@ class _Body(Protocol):
         """Act on one parser event; a Deferred means wait for it."""
         if isinstance(event, PartData):
             assert self._target is not None
-            return self._target.write(event.data)
+            self._target.write(event.data)
+            return None
         if isinstance(event, PartStart):
             self._target = self.run.start_file(event.index, event.headers)
             return None
@@ -858,8 +366,7 @@ class _Run:
     run_blocking: RunBlocking
     idle_timeout: float
     progress: Progress | None
-    threaded: bool
-    manifest: _Manifest = field(init=False)
+    manifest: Manifest = field(init=False)
     present: frozenset[int] = frozenset()
     names: NameAllocator = field(factory=lambda: NameAllocator(reserved=(MANIFEST_NAME,)))
     single_name: str | None = None
@@ -879,6 +386,10 @@ class _Run:
     def error(self, message: str) -> DownloadError:
         """A :class:`DownloadError` for this slide."""
         return DownloadError(self.slide_id, message)
+
+    def note(self, event: str, **fields: object) -> None:
+        """Log ``event`` (a format string, after ``slide {slide_id}: ``) at info level."""
+        log.info("slide {slide_id}: " + event, slide_id=self.slide_id, **fields)
 
     # --- progress -----------------------------------------------------------------------
 
@@ -903,12 +414,12 @@ class _Run:
 
     # --- files --------------------------------------------------------------------------
 
-    def start_file(self, index: int, headers: PartHeaders) -> _Target:
+    def start_file(self, index: int, headers: PartHeaders) -> Target:
         """Open the target for part ``index`` (the whole body for a single file)."""
         if self.single_name is not None:
             name = self.single_name
         else:
-            ext = _EXTENSIONS.get(parse_content_type(headers.content_type or "")[0], "")
+            ext = extension_for(headers.content_type)
             name = self.names.allocate(
                 headers.filename, fallback_name(self.slide_id, f"-{index + 1}{ext}")
             )
@@ -926,19 +437,18 @@ class _Run:
                 slide_id=self.slide_id,
                 index=index,
             )
-            return _Skip(name)
+            return Skip(name)
         final = contained_child(self.folder, name)
         offset = self.offset if self.single_name is not None else 0
-        return _File(
+        return PartFile(
             name,
             final,
             self.folder,
             offset=offset,
             run_blocking=self.run_blocking,
-            threaded=self.threaded,
         )
 
-    def finish_file(self, index: int, target: _Target) -> Deferred[None] | None:
+    def finish_file(self, index: int, target: Target) -> Deferred[None] | None:
         """Check a completed file's size, then commit it (or confirm a skipped one).
 
         Commits run one after another (a ``DeferredLock``), so the manifest records
@@ -947,18 +457,18 @@ class _Run:
         small DICOM files.  Past :data:`_MAX_COMMITS` commits in flight the returned
         Deferred asks the body to wait (each holds an open descriptor).
         """
-        if isinstance(target, _Skip):
+        if isinstance(target, Skip):
             recorded = self.manifest.files[index].size
             if target.size == recorded:
                 return None
             # The server's file changed since it was stored: forget ours, so the next
             # attempt downloads it again.
 
-            def forget() -> Deferred[None]:
+            def forget_ours() -> Deferred[None]:
                 self.manifest.files.pop(index, None)
                 self.manifest.complete = False
                 return self.run_blocking(
-                    _forget,
+                    forget,
                     self.folder.child(target.name).path,
                     self.folder.path,
                     self.manifest.to_bytes(),
@@ -970,35 +480,30 @@ class _Run:
                     f"not {recorded}; it will be downloaded again"
                 )
 
-            return self._commits.run(forget).addCallback(changed)
+            return self._commits.run(forget_ours).addCallback(changed)
         expected = self.total if self.single_name is not None else None
         if expected is not None and target.size != expected:
             target.abandon()
             raise self.error(
                 f"{target.name} has {target.size} bytes, Content-Length said {expected}"
             )
-        assert isinstance(target, _File)
+        assert isinstance(target, PartFile)
 
         def commit() -> Deferred[None]:
             if self.failed:
                 target.abandon()  # keep the .part; the attempt is over
                 return succeed(None)
             # Built when this commit's turn comes, so earlier commits are included.
-            manifest = _Manifest(
+            manifest = Manifest(
                 self.manifest.slide,
                 False,
-                {**self.manifest.files, index: _Entry(target.name, target.size)},
+                {**self.manifest.files, index: Entry(target.name, target.size)},
                 None,
             )
 
             def committed(_: object) -> None:
                 self.manifest = manifest
-                log.info(
-                    "slide {slide_id}: file {index} complete ({size} bytes)",
-                    slide_id=self.slide_id,
-                    index=index,
-                    size=target.size,
-                )
+                self.note("file {index} complete ({size} bytes)", index=index, size=target.size)
 
             return target.finish(manifest.to_bytes()).addCallback(committed)
 
@@ -1042,41 +547,29 @@ class _Run:
         """Request the files: with ``Range`` when a single file can be resumed."""
         pending = self.manifest.pending
         part = self.part_size
-        resume = (
-            pending is not None
-            and part > 0
-            and (pending.size is None or part < pending.size)
-            and _accepts_range(self.sps)
-        )
+        resume = pending is not None and part > 0 and (pending.size is None or part < pending.size)
         if resume:
             assert pending is not None
-            kwargs: dict[str, Any] = {"range_from": part}
-            if pending.validator and _accepts(self.sps, "if_range"):
-                kwargs["if_range"] = pending.validator
             try:
-                response = await self.sps.open_files(self.callback, self.slide_id, **kwargs)
+                response = await self.sps.open_files(
+                    self.callback, self.slide_id, range_from=part, if_range=pending.validator
+                )
             except SPSError as e:
                 if e.status != 416:
                     raise
-                log.info(
-                    "slide {slide_id}: range not satisfiable; downloading from the start",
-                    slide_id=self.slide_id,
-                )
+                self.note("range not satisfiable; downloading from the start")
             else:
                 if response.code == 206 and self._accept_partial(response, part, pending):
                     self.offset = part
                     self.single_name = pending.name
                     return response
                 if response.code == 200:
-                    log.info(
-                        "slide {slide_id}: the SPS sent the whole file, not a range; starting over",
-                        slide_id=self.slide_id,
-                    )
+                    self.note("the SPS sent the whole file, not a range; starting over")
                     return response
                 _discard(response)
         return await self.sps.open_files(self.callback, self.slide_id)
 
-    def _accept_partial(self, response: IResponse, part: int, pending: _Pending) -> bool:
+    def _accept_partial(self, response: IResponse, part: int, pending: Pending) -> bool:
         """Whether a 206 continues exactly the ``.part`` we have."""
         raw = response.headers.getRawHeaders(b"content-range") or [b""]
         match = _CONTENT_RANGE.match(raw[0].decode("latin-1"))
@@ -1090,31 +583,13 @@ class _Run:
         if response.length is not UNKNOWN_LENGTH and response.length != end - start + 1:
             return False
         self.total = total
-        log.info(
-            "slide {slide_id}: resuming {name} at byte {offset} of {total}",
-            slide_id=self.slide_id,
+        self.note(
+            "resuming {name} at byte {offset} of {total}",
             name=pending.name,
             offset=part,
             total=total,
         )
         return True
-
-
-def _accepts(sps: object, name: str) -> bool:
-    """Whether ``sps.open_files`` takes keyword ``name``."""
-    try:
-        return name in inspect.signature(sps.open_files).parameters  # type: ignore[attr-defined]
-    except (TypeError, ValueError):
-        return False
-
-
-def _accepts_range(sps: object) -> bool:
-    """Whether the SPS client can ask for a byte range (``open_files(range_from=)``).
-
-    ``SPSClient.open_files`` has no such parameter yet; until it does, an interrupted
-    single file starts over (completed files are still never fetched again).
-    """
-    return _accepts(sps, "range_from")
 
 
 class _Discard(Protocol):
@@ -1141,8 +616,8 @@ def _validator(response: IResponse) -> str | None:
 async def _download(run: _Run) -> list[FilePath[str]]:
     """The body of :func:`download_files` (see there)."""
     try:
-        prepared: _Prepared = await run.run_blocking(
-            _prepare, run.folder.path, _slide_key(run.slide_id)
+        prepared: Prepared = await run.run_blocking(
+            prepare, run.folder.path, slide_key(run.slide_id)
         )
     except OSError as e:
         raise run.error(f"cannot use the download folder: {e}") from None
@@ -1151,11 +626,7 @@ async def _download(run: _Run) -> list[FilePath[str]]:
     manifest = prepared.manifest
     if manifest.complete and manifest.files and prepared.present == set(manifest.files):
         total = sum(e.size for e in manifest.files.values())
-        log.info(
-            "slide {slide_id}: all {count} files already downloaded; no request",
-            slide_id=run.slide_id,
-            count=len(manifest.files),
-        )
+        run.note("all {count} files already downloaded; no request", count=len(manifest.files))
         run._report(total, total)
         return run.files()
     run.part_size = prepared.part_size
@@ -1170,7 +641,7 @@ async def _download(run: _Run) -> list[FilePath[str]]:
         raise
 
 
-async def _receive(run: _Run, response: IResponse, prepared: _Prepared) -> list[FilePath[str]]:
+async def _receive(run: _Run, response: IResponse, prepared: Prepared) -> list[FilePath[str]]:
     """Check the answer's status and type, then stream its body to disk."""
     manifest = run.manifest
     expected = 206 if run.offset else 200
@@ -1183,7 +654,7 @@ async def _receive(run: _Run, response: IResponse, prepared: _Prepared) -> list[
         boundary = multipart_boundary(content_type)
     except MultipartError as e:
         raise run.error(f"unusable content type: {e}") from None
-    parser: MultipartParser | _SingleFile
+    parser: MultipartParser | SinglePart
     if boundary is not None:
         if run.offset:
             raise run.error("the SPS answered a range request with a multipart body")
@@ -1191,49 +662,44 @@ async def _receive(run: _Run, response: IResponse, prepared: _Prepared) -> list[
         run.total = length
         if manifest.pending is not None:
             # A single file was under way and now the answer is multipart.
-            await run.run_blocking(_remove_part, run.folder.path, manifest.pending.name)
+            await run.run_blocking(remove_part, run.folder.path, manifest.pending.name)
             manifest.pending = None
     else:
         disposition = (headers.getRawHeaders(b"content-disposition") or [b""])[0]
         if not run.offset:
-            ext = _EXTENSIONS.get(parse_content_type(content_type)[0], "")
+            ext = extension_for(content_type)
             run.single_name = run.names.allocate(
-                disposition_filename(_decode_header(disposition)),
+                disposition_filename(decode_header(disposition)),
                 fallback_name(run.slide_id, ext),
             )
             run.total = length
             if (
                 length is not None
-                and manifest.files == {0: _Entry(run.single_name, length)}
+                and manifest.files == {0: Entry(run.single_name, length)}
                 and 0 in prepared.present
             ):
                 # The file was complete; only the final manifest write was lost.
                 _discard(response)
                 run.delivered = True
-                log.info(
-                    "slide {slide_id}: {name} already downloaded; body not read",
-                    slide_id=run.slide_id,
-                    name=run.single_name,
-                )
+                run.note("{name} already downloaded; body not read", name=run.single_name)
                 return await _close_manifest(run, length)
             if manifest.pending is not None and manifest.pending.name != run.single_name:
-                await run.run_blocking(_remove_part, run.folder.path, manifest.pending.name)
+                await run.run_blocking(remove_part, run.folder.path, manifest.pending.name)
             # Record what a resumed request must match before the first byte lands.
-            manifest.pending = _Pending(run.single_name, length, _validator(response))
+            manifest.pending = Pending(run.single_name, length, _validator(response))
             manifest.complete = False
             manifest.files = {}
             try:
-                await run.run_blocking(_save_manifest, run.folder.path, manifest.to_bytes())
+                await run.run_blocking(save_manifest, run.folder.path, manifest.to_bytes())
             except OSError as e:
                 raise run.error(f"cannot write the manifest: {e}") from None
         part_headers = PartHeaders(
             (("content-type", content_type),)
             + ((("content-length", str(run.total)),) if run.total is not None else ())
         )
-        parser = _SingleFile(part_headers)
-    log.info(
-        "slide {slide_id}: downloading {form} ({length} bytes{resumed})",
-        slide_id=run.slide_id,
+        parser = SinglePart(part_headers)
+    run.note(
+        "downloading {form} ({length} bytes{resumed})",
         form="multipart" if boundary is not None else "a single file",
         length="?" if length is None else length,
         resumed=f", resuming at {run.offset}" if run.offset else "",
@@ -1255,19 +721,11 @@ async def _close_manifest(run: _Run, total: int) -> list[FilePath[str]]:
     run.manifest.complete = True
     run.manifest.pending = None
     try:
-        await run.run_blocking(_save_manifest, run.folder.path, run.manifest.to_bytes())
+        await run.run_blocking(save_manifest, run.folder.path, run.manifest.to_bytes())
     except OSError as e:
         raise run.error(f"cannot write the manifest: {e}") from None
     run._report(total, total)
     return run.files()
-
-
-def _decode_header(raw: bytes) -> str:
-    """A header value as text: UTF-8 if it is, else latin-1 (which keeps every byte)."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
 
 
 async def download_files(
@@ -1281,7 +739,6 @@ async def download_files(
     idle_timeout: float = 60.0,
     deadline: float | None = None,
     progress: Progress | None = None,
-    threaded_writes: bool = False,
 ) -> list[FilePath[str]]:
     """Download the WSI files of ``slide_id`` into ``folder``; return their paths in order.
 
@@ -1293,9 +750,9 @@ async def download_files(
     is complete and each is on disk with its recorded size, no request is made.
     Otherwise the files are requested again; completed parts of a multipart answer are
     read past without being written, and an interrupted single file resumes with
-    ``Range: bytes=N-`` if ``sps.open_files`` accepts ``range_from=`` (``if_range=``
-    too, to send the earlier answer's strong ETag or Last-Modified): 206 with a
-    matching ``Content-Range`` appends, anything else starts the file over.
+    ``Range: bytes=N-`` (and ``If-Range:`` the earlier answer's strong ETag or
+    Last-Modified): 206 with a matching ``Content-Range`` appends, anything else
+    starts the file over.
 
     ``progress(received, total)`` is called at most twice a second while bytes arrive
     and once at the end (``total`` from Content-Length, ``None`` if the SPS sent
@@ -1305,40 +762,18 @@ async def download_files(
 
     Raises :class:`DownloadError` when the body goes wrong (cut short, idle, past the
     deadline, malformed multipart, sizes that disagree, a file that cannot be
-    written), and :class:`~dpatia_daemon.sps.client.SPSError` (as every SPS call does) when
+    written), and :class:`~dpatia_daemon.sps.errors.SPSError` (as every SPS call does) when
     the request itself fails.  Cancelling the returned coroutine's Deferred closes the
     connection and keeps the ``.part`` file.
     """
-    run = _Run(
-        sps=sps,
-        callback=callback,
-        slide_id=slide_id,
-        folder=folder,
-        clock=clock,
-        run_blocking=run_blocking,
-        idle_timeout=idle_timeout,
-        progress=progress,
-        threaded=threaded_writes,
-    )
-    expired: list[bool] = []
+    run = _Run(sps, callback, slide_id, folder, clock, run_blocking, idle_timeout, progress)
     work = ensureDeferred(_download(run))
-    timer: IDelayedCall | None = None
     if deadline is not None:
-
-        def expire() -> None:
-            expired.append(True)
-            work.cancel()
-
-        timer = clock.callLater(deadline, expire)
+        work.addTimeout(deadline, clock)
     try:
         return await work
-    except CancelledError:
-        if expired:
-            raise run.error(
-                f"not finished within the deadline of {deadline:g} s "
-                f"({run.offset + run.received_bytes} bytes received)"
-            ) from None
-        raise
-    finally:
-        if timer is not None and timer.active():
-            timer.cancel()
+    except TimeoutError:
+        raise run.error(
+            f"not finished within the deadline of {deadline:g} s "
+            f"({run.offset + run.received_bytes} bytes received)"
+        ) from None

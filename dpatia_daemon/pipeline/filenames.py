@@ -28,11 +28,14 @@ from collections.abc import Iterable
 
 from twisted.python.filepath import FilePath, InsecurePath
 
+from .multipart import parse_content_type
+
 __all__ = [
     "MAX_NAME_BYTES",
     "NameAllocator",
     "UnsafePath",
     "contained_child",
+    "extension_for",
     "fallback_name",
     "safe_name",
 ]
@@ -58,6 +61,22 @@ _WINDOWS_DEVICES = frozenset(
 
 class UnsafePath(ValueError):
     """A name would resolve outside the folder it is meant for."""
+
+
+#: Extensions for a nameless single file, by media type (OpenSlide looks at some).
+_EXTENSIONS = {
+    "image/tiff": ".tiff",
+    "image/tif": ".tiff",
+    "application/dicom": ".dcm",
+    "image/jpeg": ".jpg",
+    "image/png": ".png",
+    "application/zip": ".zip",
+}
+
+
+def extension_for(content_type: str | None) -> str:
+    """The extension a nameless file of ``content_type`` gets (``""`` if none fits)."""
+    return _EXTENSIONS.get(parse_content_type(content_type or "")[0], "")
 
 
 def fallback_name(slide_id: str, suffix: str = "") -> str:

@@ -29,9 +29,10 @@ What it accepts and refuses (RFC 2046 §5.1.1, and what Sectra's own parser trip
 * **Truncation is an error**: :meth:`~MultipartParser.close` raises
   :class:`MultipartError` unless the closing delimiter was seen.
 
-The header helpers (:func:`parse_content_type`, :func:`disposition_filename`) are
-shared with the single-file download, whose name also comes from a
-``Content-Disposition`` header.
+The header helpers (:func:`parse_content_type`, :func:`disposition_filename`,
+:func:`decode_header`) are shared with the single-file download, whose name also
+comes from a ``Content-Disposition`` header; :class:`SinglePart` presents such a body
+as the events of one part.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ __all__ = [
     "PartEnd",
     "PartHeaders",
     "PartStart",
+    "SinglePart",
+    "decode_header",
     "disposition_filename",
     "multipart_boundary",
     "parse_content_type",
@@ -177,6 +180,14 @@ def _decode_ext_value(value: str) -> str | None:
         return unquote(encoded, encoding=charset, errors="strict")
     except (UnicodeDecodeError, LookupError):
         return None
+
+
+def decode_header(raw: bytes) -> str:
+    """A header value as text: UTF-8 if it is, else latin-1 (which keeps every byte)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def disposition_filename(value: str | None) -> str | None:
@@ -482,3 +493,33 @@ class MultipartParser:
                 f"part {self._index + 1} is longer than its Content-Length ({self._declared})"
             )
         events.append(PartData(self._index, data))
+
+
+class SinglePart:
+    """Presents a non-multipart body as the events of one part (a parser look-alike).
+
+    The download handles both answer forms alike: a single file is part 0, its headers
+    the ones the caller builds from the response's.
+    """
+
+    def __init__(self, headers: PartHeaders) -> None:
+        self._headers = headers
+        self._started = False
+        self._size = 0
+
+    def feed(self, data: bytes) -> list[Event]:
+        events: list[Event] = []
+        if not self._started:
+            self._started = True
+            events.append(PartStart(0, self._headers))
+        self._size += len(data)
+        events.append(PartData(0, data))
+        return events
+
+    def close(self) -> list[Event]:
+        events: list[Event] = []
+        if not self._started:
+            self._started = True
+            events.append(PartStart(0, self._headers))
+        events.append(PartEnd(0, self._size))
+        return events

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from attrs import frozen
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
@@ -64,7 +65,7 @@ async def prepare(
     settings: PipelineSettings,
     *,
     sps: SPSClient,
-    clock: Any,
+    clock: IReactorTime,
     run_blocking: RunBlocking,
     progress: Callable[[int, str], None],
 ) -> Prepared:

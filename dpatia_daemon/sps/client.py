@@ -6,7 +6,9 @@ deadline per attempt, retries with jittered exponential backoff, the version-con
 dance of result updates, the token of every call (its ``auth`` collaborator, with one
 retry per replacement token after a 401/403), and the mapping of every failure to one
 :class:`SPSError` subclass.  It owns no connection pool: :func:`make_http_client` builds
-one (with the TLS policy) for the service, which closes it at stop.
+one (with the TLS policy) for the service, which closes it at stop.  The errors live
+in :mod:`.errors`, the HTTP/TLS plumbing in :mod:`.http`; both are re-exported here, so
+``from dpatia_daemon.sps.client import SPSError, make_http_client`` keeps working.
 
 Secrets (the callback token, client secrets, fetched access tokens) never appear in an
 exception, a repr or a log line; body excerpts are redacted before they are kept, and
@@ -20,116 +22,58 @@ import base64
 import json
 import random as _random
 import typing
-from collections.abc import Callable, Iterable, Sequence
-from email.utils import parsedate_to_datetime
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
 import attrs
 from attrs import define, field, frozen
 from treq.client import HTTPClient
-from twisted.internet import error as ierror
 from twisted.internet import task
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import (
-    IConsumer,
-    IOpenSSLClientConnectionCreator,
-    IReactorTime,
-)
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web import _newclient
-from twisted.web.client import (
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
-    PartialDownloadError,
-    ResponseDone,
-)
-from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import IResponse
 
 from ..jobs import Callback
 from ..models import InvalidInput, Result, VersionInfo, parse, result_from_json, unstructure
+from .errors import (
+    REDACTED,
+    SPSConflict,
+    SPSError,
+    SPSNotFound,
+    SPSProtocolError,
+    SPSTimeout,
+    SPSUnauthorized,
+    SPSUnavailable,
+    error_for_status,
+    protocol_error,
+)
+from .http import (
+    NOT_SENT_ERRORS,
+    TRANSPORT_ERRORS,
+    Answer,
+    BytesProducer,
+    DeadlineExceeded,
+    SPSHttp,
+    UnverifiedTLSPolicy,
+    is_tls_failure,
+    make_http_client,
+    make_tls_policy,
+    read_body,
+    retry_after,
+    within_deadline,
+)
 
 log = Logger()
 
 #: The statuses ``PUT slides/{id}/qualityControl`` accepts (IA-API.md §2.7).
 QC_STATUSES = frozenset({"NotSet", "QualityOk", "Rejected"})
 
-_EXCERPT_CHARS = 300
-_REDACTED = "<redacted>"
 #: Re-sends of one call after a 401/403, each with another token: the callback token's
 #: fallback (client credentials), then one forced refresh of that token.
 _AUTH_RETRIES = 2
-
-
-# --- errors ---------------------------------------------------------------------------
-
-
-class SPSError(Exception):
-    """A call to the SPS failed.
-
-    ``endpoint`` is the method and path *template* (``GET slides/{id}/info``), never a
-    URL; ``status`` the HTTP status when one arrived; ``body_excerpt`` the first ~300
-    characters of the answer, with every secret of the call redacted.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        endpoint: str,
-        status: int | None = None,
-        body_excerpt: str = "",
-    ) -> None:
-        """Keep the message, endpoint template, status and redacted excerpt."""
-        super().__init__(message)
-        self.message = message
-        self.endpoint = endpoint
-        self.status = status
-        self.body_excerpt = body_excerpt
-
-    def __str__(self) -> str:
-        text = f"{self.endpoint}: {self.message}"
-        if self.status is not None:
-            text += f" (HTTP {self.status})"
-        if self.body_excerpt:
-            text += f": {self.body_excerpt!r}"
-        return text
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(endpoint={self.endpoint!r}, status={self.status!r}, "
-            f"message={self.message!r}, body_excerpt={self.body_excerpt!r})"
-        )
-
-
-class SPSUnauthorized(SPSError):
-    """401 or 403: the token is expired, revoked or lacks the permission."""
-
-
-class SPSNotFound(SPSError):
-    """404: the slide, result or application does not exist (or is not visible)."""
-
-
-class SPSConflict(SPSError):
-    """The SPS rejected a write because the ``versionId`` sent is not the current one."""
-
-
-class SPSUnavailable(SPSError):
-    """The SPS could not be reached or kept failing (connection errors, 5xx, 429)."""
-
-
-class SPSTimeout(SPSUnavailable):
-    """An attempt hit the deadline; raised when it was the last one or not retryable."""
-
-
-class SPSProtocolError(SPSError):
-    """The SPS answered 2xx with something that is not what the IA-API promises."""
 
 
 # --- values ---------------------------------------------------------------------------
@@ -139,25 +83,9 @@ class SPSProtocolError(SPSError):
 class AccessToken:
     """A token from ``POST /token`` (IA-API.md §2.9); the token itself is never shown."""
 
-    access_token: str = field(repr=lambda _: _REDACTED)
+    access_token: str = field(repr=lambda _: REDACTED)
     token_type: str = "Bearer"
     expires_in: float = 0.0
-
-
-@frozen
-class SPSHttp:
-    """The service's HTTP client, the pool it owns and its TLS policy.
-
-    Call :meth:`close` at service stop.
-    """
-
-    client: HTTPClient
-    pool: HTTPConnectionPool
-    tls_policy: IPolicyForHTTPS
-
-    def close(self) -> Deferred[None]:
-        """Close the pool's idle persistent connections (fires when they are closed)."""
-        return self.pool.closeCachedConnections()
 
 
 class Authorizer(typing.Protocol):
@@ -175,88 +103,6 @@ class Authorizer(typing.Protocol):
         """The SPS refused ``token``: another token to send the call with once more, or
         None to give up (or raise an :class:`SPSError` that says more than ``error``)."""
         ...
-
-
-# --- HTTP plumbing --------------------------------------------------------------------
-
-
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """Writes an in-memory body at once.
-
-    treq would wrap bytes in a ``FileBodyProducer``, which schedules its writes on the
-    global cooperator (and so the global reactor); a request body of a few KiB needs
-    neither.
-    """
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        """Write the whole body; done at once."""
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        """Nothing to pause: the body was written in one go."""
-
-    def resumeProducing(self) -> None:
-        """Nothing to resume."""
-
-    def stopProducing(self) -> None:
-        """Nothing to stop."""
-
-
-class _BodyReader(Protocol):
-    """Collects a response body into a Deferred that, unlike ``readBody``, can abort.
-
-    Twisted's ``readBody`` only aborts on cancel when the transport has
-    ``abortConnection``, and the proxy the agent hands to body protocols does not; a
-    deadline that left the connection reading would leak it.  ``stopProducing`` on the
-    proxy closes the underlying connection, which is what a cancel must do.
-    """
-
-    def __init__(self, code: int) -> None:
-        self.code = code
-        self.chunks: list[bytes] = []
-        self.deferred: Deferred[bytes] = Deferred(self._cancel)
-
-    def _cancel(self, _: Deferred[bytes]) -> None:
-        """Close the connection the body is arriving on."""
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-
-    def dataReceived(self, data: bytes) -> None:
-        """Keep a chunk of the body."""
-        self.chunks.append(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        """Fire with the body when it is complete, fail otherwise."""
-        if self.deferred.called:
-            return
-        if reason.check(ResponseDone):
-            self.deferred.callback(b"".join(self.chunks))
-        elif reason.check(PotentialDataLoss):
-            # No Content-Length and no chunking: the body may be cut short.
-            self.deferred.errback(
-                PartialDownloadError(str(self.code).encode("ascii"), b"", b"".join(self.chunks))
-            )
-        else:
-            self.deferred.errback(reason)
-
-
-def _read_body(response: IResponse) -> Deferred[bytes]:
-    """Read a whole response body; cancelling the Deferred closes the connection."""
-    reader = _BodyReader(response.code)
-    response.deliverBody(reader)
-    return reader.deferred
-
-
-@frozen
-class _Answer:
-    response: IResponse
-    body: bytes
 
 
 @frozen
@@ -281,67 +127,6 @@ class _Spec:
     extra_headers: tuple[tuple[str, str], ...] = ()
 
 
-class _DeadlineExceeded(Exception):
-    """An attempt ran out of time.  ``surely_not_sent``: it was still connecting."""
-
-    def __init__(self, timeout: float, surely_not_sent: bool) -> None:
-        super().__init__(f"no complete answer within {timeout:g} s")
-        self.surely_not_sent = surely_not_sent
-
-
-# Failures of the transport, each worth another attempt for an idempotent call.
-_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
-    ierror.ConnectError,  # refused, connect timeout, no route, TLS setup, ...
-    ierror.DNSLookupError,
-    ierror.ConnectingCancelledError,
-    ierror.ConnectionClosed,
-    _newclient.RequestNotSent,
-    _newclient.ResponseFailed,  # includes ResponseNeverReceived
-    _newclient.RequestTransmissionFailed,
-    PartialDownloadError,
-)
-
-# Failures after which the request surely never reached the SPS: even a POST may be
-# repeated without risking a duplicate.
-_NOT_SENT_ERRORS: tuple[type[BaseException], ...] = (
-    ierror.ConnectError,
-    ierror.DNSLookupError,
-    ierror.ConnectingCancelledError,
-    _newclient.RequestNotSent,
-)
-
-
-def _is_tls_failure(exc: BaseException) -> bool:
-    """True when the failure is a TLS handshake error (retrying will not fix it)."""
-    try:
-        from OpenSSL import SSL
-    except ImportError:  # pragma: no cover - twisted[tls] is a dependency
-        return False
-    if isinstance(exc, SSL.Error):
-        return True
-    reasons = getattr(exc, "reasons", None) or []
-    return any(isinstance(r, Failure) and r.check(SSL.Error) for r in reasons)
-
-
-def _redact(text: str, secrets: Iterable[str]) -> str:
-    """Replace every occurrence of every secret."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, _REDACTED)
-    return text
-
-
-def _excerpt(body: bytes, secrets: Sequence[str]) -> str:
-    """The first ~300 characters of a body, decoded leniently, every secret redacted.
-
-    Redaction happens before truncation, so a token cut in half at the edge cannot
-    leave its first half behind.
-    """
-    longest = max((len(s) for s in secrets), default=0)
-    text = body[: 4 * (_EXCERPT_CHARS + longest)].decode("utf-8", errors="replace")
-    return _redact(text, secrets)[:_EXCERPT_CHARS].strip()
-
-
 def _seg(value: str | int) -> str:
     """Escape one path segment (a ``/`` in an id must not become a path separator)."""
     return quote(str(value), safe="")
@@ -350,24 +135,6 @@ def _seg(value: str | int) -> str:
 def _join(base: str, path: str) -> str:
     """Join the callback base URL (with or without a trailing slash) and a path."""
     return base.rstrip("/") + "/" + path.lstrip("/")
-
-
-def _retry_after(headers: Headers, now: float) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date)."""
-    raw = headers.getRawHeaders(b"retry-after")
-    if not raw:
-        return None
-    value = raw[0].decode("latin-1").strip()
-    try:
-        # RFC 9110 says delta-seconds is an integer; tolerate "1.5" all the same.
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return max(0.0, when.timestamp() - now)
 
 
 def _default_reapply(ours: Result) -> Callable[[Result], Result]:
@@ -601,15 +368,16 @@ class SPSClient:
         """One ``PUT applications/{appId}/results/{id}`` (conflicts raise :class:`SPSConflict`)."""
         endpoint = "PUT applications/{appId}/results/{id}"
         path = f"applications/{_seg(app_id)}/results/{_seg(result.id or 0)}"
-        spec = self._spec(
-            callback,
-            "PUT",
-            endpoint,
-            path,
-            body=json.dumps(unstructure(result)).encode("utf-8"),
-            conflict_aware=True,
-        )
-        return self._stored_result(await self._call(spec), endpoint, spec)
+        answer, spec = await self._put_versioned(callback, endpoint, path, unstructure(result))
+        return self._stored_result(answer, endpoint, spec)
+
+    async def _put_versioned(
+        self, callback: Callback, endpoint: str, path: str, payload: object
+    ) -> tuple[Answer, _Spec]:
+        """PUT a JSON ``payload`` that carries a ``versionId`` (a stale one: SPSConflict)."""
+        body = json.dumps(payload).encode("utf-8")
+        spec = self._spec(callback, "PUT", endpoint, path, body=body, conflict_aware=True)
+        return await self._call(spec), spec
 
     async def set_quality_control(
         self,
@@ -630,15 +398,8 @@ class SPSClient:
             "applicationVersion": application_version,
             "qualityControl": {"status": status, "versionId": version_id},
         }
-        spec = self._spec(
-            callback,
-            "PUT",
-            "PUT slides/{id}/qualityControl",
-            f"slides/{_seg(slide_id)}/qualityControl",
-            body=json.dumps(payload).encode("utf-8"),
-            conflict_aware=True,
-        )
-        await self._call(spec)
+        path = f"slides/{_seg(slide_id)}/qualityControl"
+        await self._put_versioned(callback, "PUT slides/{id}/qualityControl", path, payload)
 
     async def slide_request_images(
         self, callback: Callback, slide_id: str, *, include_phi: bool = False
@@ -760,14 +521,14 @@ class SPSClient:
 
     # --- one attempt -------------------------------------------------------------------
 
-    def _exchange(self, spec: _Spec) -> Deferred[_Answer]:
+    def _exchange(self, spec: _Spec) -> Deferred[Answer]:
         """Send the request and read the body (unless streaming a success)."""
         d = self.http.request(
             spec.method,
             spec.url,
             params=list(spec.params),
             headers=self._headers(spec),
-            data=None if spec.body is None else _BytesProducer(spec.body),
+            data=None if spec.body is None else BytesProducer(spec.body),
             # Redirects are not part of the IA-API; following one would either drop
             # the token (cross-origin) or hand it to another host.
             allow_redirects=False,
@@ -777,52 +538,16 @@ class SPSClient:
             reactor=self.clock,  # type: ignore[arg-type]
         )
 
-        def got_response(response: IResponse) -> _Answer | Deferred[_Answer]:
+        def got_response(response: IResponse) -> Answer | Deferred[Answer]:
             if spec.stream and 200 <= response.code < 300:
-                return _Answer(response, b"")
-            return _read_body(response).addCallback(lambda body: _Answer(response, body))
+                return Answer(response, b"")
+            return read_body(response).addCallback(lambda body: Answer(response, body))
 
         return d.addCallback(got_response)
 
-    async def _attempt(self, spec: _Spec) -> _Answer:
+    async def _attempt(self, spec: _Spec) -> Answer:
         """One attempt under the deadline; tells a deadline from a caller's cancel."""
-        exchange = self._exchange(spec)
-        why: list[str] = []
-
-        def expire() -> None:
-            why.append("deadline")
-            exchange.cancel()
-            if not gate.called:
-                # The canceller did not settle the exchange at once; the deadline
-                # is still the deadline.
-                gate.errback(Failure(CancelledError()))
-
-        def cancelled_by_caller(_: Deferred[_Answer]) -> None:
-            why.append("caller")
-            exchange.cancel()
-
-        timer = self.clock.callLater(self.timeout, expire)
-        gate: Deferred[_Answer] = Deferred(cancelled_by_caller)
-
-        def relay(result: _Answer | Failure) -> None:
-            if timer.active():
-                timer.cancel()
-            if gate.called:
-                return
-            if isinstance(result, Failure):
-                gate.errback(result)
-            else:
-                gate.callback(result)
-
-        exchange.addBoth(relay)
-        try:
-            return await gate
-        except Exception as e:
-            if why and why[0] == "caller":
-                raise CancelledError() from None
-            if why and why[0] == "deadline":
-                raise _DeadlineExceeded(self.timeout, isinstance(e, _NOT_SENT_ERRORS)) from None
-            raise
+        return await within_deadline(self._exchange(spec), self.timeout, self.clock)
 
     # --- retries -----------------------------------------------------------------------
 
@@ -830,7 +555,7 @@ class SPSClient:
         """Full-jitter exponential backoff after failed attempt number ``attempt``."""
         return min(self.backoff_cap, self.backoff_base * 2**attempt) * self.random()
 
-    async def _call(self, spec: _Spec) -> _Answer:
+    async def _call(self, spec: _Spec) -> Answer:
         """Run ``spec`` with retries; return a 2xx answer or raise an :class:`SPSError`.
 
         The one place tokens are chosen: with ``auth``, the Bearer token of a callback
@@ -870,7 +595,7 @@ class SPSClient:
             secrets=tuple(dict.fromkeys((*spec.secrets, *tried))),
         )
 
-    async def _attempts(self, spec: _Spec) -> _Answer:
+    async def _attempts(self, spec: _Spec) -> Answer:
         """Run ``spec`` with retries of transport errors, 5xx and 429."""
         attempts = self.retries + 1
         for attempt in range(attempts):
@@ -878,29 +603,21 @@ class SPSClient:
             status: int | None = None
             try:
                 answer = await self._attempt(spec)
-            except _DeadlineExceeded as e:
+            except DeadlineExceeded as e:
                 if last or not (spec.idempotent or e.surely_not_sent):
-                    raise SPSTimeout(
-                        f"no complete answer within {self.timeout:g} s"
-                        + ("" if spec.idempotent else "; not retried, the SPS may have received it")
-                        + f" (attempt {attempt + 1} of {attempts})",
-                        endpoint=spec.endpoint,
-                    ) from None
+                    what = f"no complete answer within {self.timeout:g} s"
+                    raise self._given_up(SPSTimeout, what, spec, attempt, attempts) from None
                 reason = "deadline"
                 delay = self._backoff(attempt)
-            except _TRANSPORT_ERRORS as e:
-                if _is_tls_failure(e):
+            except TRANSPORT_ERRORS as e:
+                if is_tls_failure(e):
                     raise SPSUnavailable(
                         "TLS handshake failed (untrusted or invalid certificate?)",
                         endpoint=spec.endpoint,
                     ) from None
-                if last or not (spec.idempotent or isinstance(e, _NOT_SENT_ERRORS)):
-                    raise SPSUnavailable(
-                        f"connection failed: {type(e).__name__}"
-                        + ("" if spec.idempotent else "; not retried, the SPS may have received it")
-                        + f" (attempt {attempt + 1} of {attempts})",
-                        endpoint=spec.endpoint,
-                    ) from None
+                if last or not (spec.idempotent or isinstance(e, NOT_SENT_ERRORS)):
+                    what = f"connection failed: {type(e).__name__}"
+                    raise self._given_up(SPSUnavailable, what, spec, attempt, attempts) from None
                 reason = type(e).__name__
                 delay = self._backoff(attempt)
             else:
@@ -912,7 +629,7 @@ class SPSClient:
                     raise self._status_error(spec, answer, attempt + 1 if retryable else None)
                 status = code
                 reason = f"HTTP {code}"
-                hinted = _retry_after(answer.response.headers, self.clock.seconds())
+                hinted = retry_after(answer.response.headers, self.clock.seconds())
                 if code in (429, 503) and hinted is not None:
                     delay = min(self.backoff_cap, hinted)
                 else:
@@ -929,60 +646,48 @@ class SPSClient:
             await task.deferLater(self.clock, delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    @staticmethod
+    def _given_up(
+        kind: type[SPSError], what: str, spec: _Spec, attempt: int, attempts: int
+    ) -> SPSError:
+        """The error of a failed attempt that is not retried: what, and which attempt."""
+        unsure = "" if spec.idempotent else "; not retried, the SPS may have received it"
+        return kind(f"{what}{unsure} (attempt {attempt + 1} of {attempts})", endpoint=spec.endpoint)
+
     # --- answers -----------------------------------------------------------------------
 
-    def _status_error(self, spec: _Spec, answer: _Answer, attempts: int | None) -> SPSError:
+    def _status_error(self, spec: _Spec, answer: Answer, attempts: int | None) -> SPSError:
         """Map a non-2xx answer to the matching :class:`SPSError` subclass."""
-        code = answer.response.code
-        excerpt = _excerpt(answer.body, spec.secrets)
-        kwargs: dict[str, Any] = {
-            "endpoint": spec.endpoint,
-            "status": code,
-            "body_excerpt": excerpt,
-        }
-        if code in (401, 403):
-            return SPSUnauthorized("token rejected", **kwargs)
-        if code == 404:
-            return SPSNotFound("not found", **kwargs)
-        if code in (409, 412) or (
-            spec.conflict_aware and 400 <= code < 500 and b"versionid" in answer.body.lower()
-        ):
-            return SPSConflict("versionId conflict", **kwargs)
-        if code == 429 or code >= 500:
-            how = f"after {attempts} attempts" if attempts else "not retried"
-            return SPSUnavailable(f"SPS unavailable ({how})", **kwargs)
-        if 300 <= code < 400:
-            return SPSError("unexpected redirect (redirects are not followed)", **kwargs)
-        return SPSError("request rejected", **kwargs)
+        return error_for_status(
+            spec.endpoint,
+            answer.response.code,
+            answer.body,
+            spec.secrets,
+            conflict_aware=spec.conflict_aware,
+            attempts=attempts,
+        )
 
     @staticmethod
     def _protocol_error(
-        endpoint: str, problem: object, answer: _Answer, secrets: Sequence[str]
+        endpoint: str, problem: object, answer: Answer, secrets: Sequence[str]
     ) -> SPSProtocolError:
         """An :class:`SPSProtocolError` for a 2xx answer that is not what the API promises."""
-        if isinstance(problem, InvalidInput):
-            problem = f"{problem.message} at {problem.field}"
-        return SPSProtocolError(
-            f"malformed answer: {_redact(str(problem), secrets)}",
-            endpoint=endpoint,
-            status=answer.response.code,
-            body_excerpt=_excerpt(answer.body, secrets),
-        )
+        return protocol_error(endpoint, problem, answer.response.code, answer.body, secrets)
 
-    def _json(self, answer: _Answer, endpoint: str, secrets: Sequence[str]) -> Any:
+    def _json(self, answer: Answer, endpoint: str, secrets: Sequence[str]) -> Any:
         """Decode a JSON answer or raise :class:`SPSProtocolError`."""
         try:
             return json.loads(answer.body)
         except ValueError:
             raise self._protocol_error(endpoint, "not JSON", answer, secrets) from None
 
-    def _stored_result(self, answer: _Answer, endpoint: str, spec: _Spec) -> Result:
+    def _stored_result(self, answer: Answer, endpoint: str, spec: _Spec) -> Result:
         """The result a result call answered with (its JSON body parsed and checked)."""
         return self._result(
             self._json(answer, endpoint, spec.secrets), endpoint, answer, spec.secrets
         )
 
-    def _result(self, data: Any, endpoint: str, answer: _Answer, secrets: Sequence[str]) -> Result:
+    def _result(self, data: Any, endpoint: str, answer: Answer, secrets: Sequence[str]) -> Result:
         """Parse a result or raise :class:`SPSProtocolError`."""
         try:
             return result_from_json(data)
@@ -990,117 +695,13 @@ class SPSClient:
             raise self._protocol_error(endpoint, e, answer, secrets) from None
 
     def _object_list(
-        self, answer: _Answer, endpoint: str, secrets: Sequence[str]
+        self, answer: Answer, endpoint: str, secrets: Sequence[str]
     ) -> list[dict[str, Any]]:
         """Decode a JSON array of objects or raise :class:`SPSProtocolError`."""
         data = self._json(answer, endpoint, secrets)
         if not isinstance(data, list) or not all(isinstance(i, dict) for i in data):
             raise self._protocol_error(endpoint, "expected an array of objects", answer, secrets)
         return data
-
-
-# --- building the HTTP client ---------------------------------------------------------
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class _UnverifiedTLSCreator:
-    """A TLS client connection that checks neither the chain nor the host name."""
-
-    def __init__(self, hostname: str, context: Any) -> None:
-        self._hostname = hostname
-        self._context = context
-
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
-        """A pyOpenSSL connection with SNI but no verification."""
-        from OpenSSL import SSL
-
-        connection = SSL.Connection(self._context, None)
-        connection.set_app_data(tlsProtocol)
-        if not _is_ip_address(self._hostname):
-            # Still send SNI: a virtual host in front of the SPS may need it.
-            connection.set_tlsext_host_name(self._hostname.encode("idna"))
-        return connection
-
-
-def _is_ip_address(host: str) -> bool:
-    """True for an IPv4/IPv6 literal (SNI must not carry one)."""
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
-
-
-@implementer(IPolicyForHTTPS)
-class UnverifiedTLSPolicy:
-    """An HTTPS policy that trusts any certificate (``verify_tls = false``).
-
-    Self-signed SPS certificates are common in hospitals; this is the operator's escape
-    hatch, and it is logged loudly.  Prefer ``ca_file``.
-    """
-
-    def __init__(self) -> None:
-        from twisted.internet.ssl import CertificateOptions
-
-        self._context = CertificateOptions(verify=False).getContext()
-
-    def creatorForNetloc(self, hostname: bytes, port: int) -> _UnverifiedTLSCreator:
-        """A non-verifying connection creator for ``hostname``."""
-        return _UnverifiedTLSCreator(hostname.decode("ascii"), self._context)
-
-
-def _load_pem_bundle(path: str) -> list[Any]:
-    """Load every certificate of a PEM bundle (``Certificate.loadPEM`` reads only one)."""
-    from twisted.internet.ssl import Certificate
-    from twisted.python.filepath import FilePath
-
-    data = FilePath(path).getContent()
-    marker = b"-----BEGIN CERTIFICATE-----"
-    blocks = [marker + chunk for chunk in data.split(marker)[1:]]
-    if not blocks:
-        raise ValueError(f"no PEM certificate in {path}")
-    return [Certificate.loadPEM(block) for block in blocks]
-
-
-def make_tls_policy(*, verify_tls: bool = True, ca_file: str | None = None) -> IPolicyForHTTPS:
-    """The HTTPS policy for SPS calls: browser-like, a private CA bundle, or no checks."""
-    if not verify_tls:
-        log.warn(
-            "TLS certificate verification of SPS calls is disabled (verify_tls = false): "
-            "connections to the SPS can be intercepted; prefer ca_file",
-            verify_tls=False,
-        )
-        return UnverifiedTLSPolicy()
-    if ca_file is not None:
-        from twisted.internet.ssl import trustRootFromCertificates
-
-        return BrowserLikePolicyForHTTPS(
-            trustRoot=trustRootFromCertificates(_load_pem_bundle(ca_file))
-        )
-    return BrowserLikePolicyForHTTPS()
-
-
-def make_http_client(
-    reactor: Any,
-    *,
-    verify_tls: bool = True,
-    ca_file: str | None = None,
-    connect_timeout: float = 10.0,
-    pool_size: int = 16,
-) -> SPSHttp:
-    """Build the service's treq client over its own persistent pool.
-
-    ``reactor`` must provide TCP, time and name resolution (a real reactor, or a
-    ``MemoryReactorClock`` in tests).  Close the pool with :meth:`SPSHttp.close` at
-    service stop.
-    """
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = pool_size
-    policy = make_tls_policy(verify_tls=verify_tls, ca_file=ca_file)
-    agent = Agent(reactor, contextFactory=policy, connectTimeout=connect_timeout, pool=pool)
-    return SPSHttp(client=HTTPClient(agent), pool=pool, tls_policy=policy)
 
 
 __all__ = [

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tifffile
 from attrs import define, field
 from conftest import failure_result_of, no_result, success_result_of
 from PIL import Image, ImageDraw
@@ -424,7 +425,6 @@ def test_save_bytes_and_extension(tmp_path: Path) -> None:
 def test_thumbnail_of_generated_pyramid(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Against the simulator serving a real generated pyramidal TIFF: the thumbnail
     matches the full-resolution image downscaled to the same size."""
-    tifffile = pytest.importorskip("tifffile")
     from dpatia_daemon.simulator.testing import memory_simulator, small_slide_set
 
     slide_set = small_slide_set(tmp_path_factory.getbasetemp() / "sps-slides")

@@ -58,6 +58,7 @@ from dpatia_daemon.sps.client import (
     UnverifiedTLSPolicy,
     make_http_client,
 )
+from dpatia_daemon.sps.http import Answer, DeadlineExceeded, within_deadline
 
 APP = "dpatia-test"
 BASE = "http://sps.test" + BASE_PATH
@@ -654,6 +655,50 @@ def test_cancel_during_attempt_is_not_retried(env: Env) -> None:
     failure_result_of(d, CancelledError)
     env.clock.pump([30.0] * 5)
     assert len(env.fake.requests) == 1
+
+
+def _exchange(cancelled_with: BaseException | None) -> Deferred[Answer]:
+    """An exchange that never answers; cancelling it fails it with ``cancelled_with``
+    (as the agent's canceller does: ``ConnectingCancelledError`` while connecting), or
+    leaves it unsettled when None."""
+
+    def cancel(d: Deferred[Answer]) -> None:
+        if cancelled_with is not None:
+            d.errback(cancelled_with)
+
+    return Deferred(cancel)
+
+
+def test_deadline_tells_a_request_still_connecting() -> None:
+    """At the deadline an exchange cancelled while connecting surely was not sent."""
+    clock = Clock()
+    d = ensureDeferred(within_deadline(_exchange(_connecting()), 5.0, clock))
+    clock.advance(4.9)
+    no_result(d)
+    clock.advance(0.1)
+    assert failure_result_of(d, DeadlineExceeded).value.surely_not_sent is True
+
+
+def test_deadline_holds_when_the_canceller_does_not_settle() -> None:
+    """An exchange whose canceller does nothing still ends at the deadline."""
+    clock = Clock()
+    d = ensureDeferred(within_deadline(_exchange(None), 5.0, clock))
+    clock.advance(5.0)
+    assert failure_result_of(d, DeadlineExceeded).value.surely_not_sent is False
+
+
+def test_callers_cancel_is_a_cancel_whatever_the_exchange_fails_with() -> None:
+    """A caller's cancel is CancelledError, not the transport error the canceller chose
+    (which would look like a failure worth a retry); no timer is left behind."""
+    clock = Clock()
+    d = ensureDeferred(within_deadline(_exchange(_connecting()), 5.0, clock))
+    d.cancel()
+    failure_result_of(d, CancelledError)
+    assert clock.getDelayedCalls() == []
+
+
+def _connecting() -> BaseException:
+    return ierror.ConnectingCancelledError(object())  # type: ignore[arg-type]
 
 
 # --- version conflicts ------------------------------------------------------------------
