@@ -8,6 +8,7 @@ commit, and exclusion and recovery across processes (``tests/spool_claimer.py``)
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import stat
@@ -90,6 +91,8 @@ async def spool(request: Any, tmp_path: Path, reactor: Any) -> AsyncIterator[Any
         s.startService()
     else:
         s = start_directory_spool(tmp_path / "spool", reactor)
+        # The start-up sweep's announcements must not race the test's first add.
+        await s.sweep()
     yield s
     await s.stopService()
 
@@ -724,6 +727,58 @@ async def test_torn_temp_files_are_ignored_and_cleaned(tmp_path: Path, reactor: 
     assert not torn.exists()
     assert not old.exists()
     assert live.exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stale_temp_files_are_judged_by_the_wall_clock(tmp_path: Path, reactor: Any) -> None:
+    """Another host's temp file is stale when the injected wall clock says it is an hour
+    old (file mtimes are wall-clock times), and kept while it is fresh."""
+    root = tmp_path / "spool"
+    with other_store(root):
+        pass
+    fresh = root / "tmp" / "elsewhere.123.cc.tmp"
+    fresh.write_bytes(b"{")
+    mtime = fresh.stat().st_mtime
+    for offset, survives in ((60.0, True), (3601.0, False)):
+        spool = DirectorySpool(
+            directory=FilePath(str(root)),
+            reactor=reactor,
+            sweep_interval=3600.0,
+            owner="test",
+            wall_clock=lambda offset=offset: mtime + offset,
+        )
+        spool.startService()
+        try:
+            await spool.sweep()
+        finally:
+            await spool.stopService()
+        assert fresh.exists() is survives
+
+
+@pytest_twisted.ensureDeferred
+async def test_directory_fsync_refused_by_the_filesystem_is_tolerated(
+    tmp_path: Path, reactor: Any
+) -> None:
+    """A filesystem that refuses fsync on directories (EINVAL, as some NFS and SMB
+    servers do) does not fail an add; every directory fsync is still counted."""
+    spool = start_directory_spool(tmp_path / "spool", reactor)
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        os.fsync(fd)
+
+    spool.store.fsync = fsync
+    try:
+        await spool.sweep()
+        before = (spool.store.dir_fsyncs, spool.store.file_fsyncs)
+        job = await spool.add(make_job())
+        assert await spool.claim(job.job_id) is not None
+        assert (await spool.finish(job.job_id, JobState.DONE)).state is JobState.DONE
+    finally:
+        await spool.stopService()
+    assert spool.store.dir_fsyncs - before[0] >= 5
+    assert spool.store.file_fsyncs - before[1] >= 2
 
 
 @pytest_twisted.ensureDeferred
