@@ -40,16 +40,16 @@ class ISpoolReactor(IReactorTime, IReactorFromThreads, IReactorCore):
 @implementer(ISpool, IService)
 @define(eq=False)
 class DirectorySpool(SpoolService):
-    """The spool on a (possibly shared) directory; see the module docstring.
+    """The spool on a (possibly shared) directory; see the package docstring.
 
     Collaborators: ``directory``, the ``reactor`` (:class:`ISpoolReactor`: its clock
-    drives the sweep and it delivers thread results), ``wall_clock``, the time that
-    stale temp files' mtimes are compared with (file times are wall-clock times, not
-    the reactor's), a private thread pool of
-    ``threads`` threads in which all file I/O runs (so reads, claims and finishes
-    proceed while a commit is in flight), and :attr:`store`, the blocking core.
-    ``max_batch`` caps how many adds one group commit takes, bounding how long it holds
-    key locks; ``owner`` names this daemon in logs.
+    drives the sweep and it delivers thread results), ``wall_clock``, the time stale
+    temp files' mtimes are compared with (file times are wall-clock times, not the
+    reactor's), a private thread pool of ``threads`` threads in which all file I/O runs
+    (so reads, claims and finishes proceed while a commit is in flight), and
+    :attr:`store`, the blocking core.  ``max_batch`` caps how many adds one group
+    commit takes, bounding how long it holds key locks; ``owner`` names this daemon in
+    logs.
     """
 
     directory: FilePath[str]

@@ -82,7 +82,12 @@ class SpoolFiles:
     # -- setup ---------------------------------------------------------------------
 
     def open(self, now: float | None = None) -> None:
-        """Create (or tighten) the directory tree, attach the locks, clean stale temp files."""
+        """Create (or tighten) the directory tree, attach the locks, clean stale temp files.
+
+        ``now`` is the wall-clock time (``time.time()``, as file mtimes are) that temp
+        files' ages are measured against; None skips the age test (see
+        :meth:`_clean_tmp`).
+        """
         if self._table is not None:
             return
         # Parents a fresh install lacks (var/ under the working directory) are created
@@ -423,7 +428,8 @@ class SpoolFiles:
 
         A file of this host whose writer pid is gone is deleted at once; any file older
         than an hour is deleted too (other hosts' crashes).  Files of live writers —
-        another daemon mid-commit on the share — are left alone.
+        another daemon mid-commit on the share — are left alone.  ``now`` is a
+        wall-clock time (an mtime's clock); None: no file is old.
         """
         tmp = self._sub("tmp")
         host = host_tag()
@@ -448,4 +454,3 @@ class SpoolFiles:
             if stale:
                 log.info("removing stale temp file {path}", path=path.path)
                 self._unlink(path)
-

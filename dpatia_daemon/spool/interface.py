@@ -134,5 +134,3 @@ class ISpool(Interface):
 
     def counts() -> Deferred[dict[JobState, int]]:
         """Return the number of jobs in each state."""
-
-

@@ -19,7 +19,6 @@ from twisted.python.filepath import FilePath
 FILE_MODE = 0o600
 
 
-
 @define(eq=False)
 class LockTable:
     """Every lock this process holds on one spool directory, shared by all its stores.
@@ -112,4 +111,3 @@ def pid_alive(pid: int) -> bool:
 def default_owner() -> str:
     """Return ``host:pid``, naming this process in logs."""
     return f"{socket.gethostname()}:{os.getpid()}"
-

@@ -416,7 +416,10 @@ class SpoolStore(SpoolFiles):
         return stored
 
     def sweep(self, now: float | None = None) -> tuple[list[Job], list[Job]]:
-        """Housekeeping for the periodic sweep; returns (recovered, queued) jobs."""
+        """Housekeeping for the periodic sweep; returns (recovered, queued) jobs.
+
+        ``now``: the wall-clock time stale temp files are judged by (see ``open``).
+        """
         self._clean_tmp(now)
         self._clean_markers()
         recovered = self.recover()
@@ -426,4 +429,3 @@ class SpoolStore(SpoolFiles):
         """Return the jobs this store holds (job_id → key)."""
         with self._lock:
             return dict(self._held)
-

@@ -33,7 +33,7 @@ def merge_added(existing: Job, incoming: Job) -> Job:
 def merge_released(released: Job, newer: Job) -> Job:
     """Fold a released running job into the newer queued job for its key.
 
-    The newer job's record (its id) survives; see the module docstring for why.  The
+    The newer job's record (its id) survives; see the package docstring ("Release merges") for why.  The
     released job's queue position and error are kept, the newer request's callback and
     token win (``merged_with``), and the larger attempt count is kept.
     """
@@ -84,7 +84,6 @@ class JobFilter:
             and (self.slide_id is None or job.slide_id == self.slide_id)
             and (self.result_id is None or job.result_id == self.result_id)
             and (
-                self.cancellation_token is None
-                or job.cancellation_token == self.cancellation_token
+                self.cancellation_token is None or job.cancellation_token == self.cancellation_token
             )
         )
