@@ -528,6 +528,14 @@ async def test_memory_recover_after_abandon() -> None:
 # --- DirectorySpool on real files -----------------------------------------------------
 
 
+def test_the_real_reactor_is_a_spool_reactor(reactor: Any) -> None:
+    """Every interface ISpoolReactor names (for typing) is provided by the real reactor."""
+    from dpatia_daemon.spool import ISpoolReactor
+
+    assert ISpoolReactor.__bases__
+    assert all(base.providedBy(reactor) for base in ISpoolReactor.__bases__)
+
+
 def modes(root: Path) -> tuple[dict[str, int], dict[str, int]]:
     """Return the permission bits of every directory and file under ``root``."""
     dirs = {str(root): stat.S_IMODE(root.stat().st_mode)}
