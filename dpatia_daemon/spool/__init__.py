@@ -7,10 +7,12 @@ CANCELLED) or ``release``/``recover`` (back to QUEUED).  :class:`ISpool` is the 
 unit tests of other modules.  Both pass one shared contract test suite.
 
 Modules, lowest first: ``interface`` (ISpool, the errors, the id checks),
-``transitions`` (what a release or a merge makes of a job), ``locks`` (the process-wide
-lock table of a directory), ``files`` and ``store`` (the blocking :class:`SpoolStore`:
-the directory's files and listings, then the transitions), ``base`` (what both services
-share), ``directory`` (:class:`DirectorySpool`), ``memory`` (:class:`MemorySpool`).
+``transitions`` (what a release or a merge makes of a job, the ``find`` filter),
+``locks`` (the process-wide lock table of a directory, the host tag), ``files`` and
+``store`` (the blocking :class:`SpoolStore`: the directory's files, listings and
+temp-file cleanup, then the transitions), ``base`` (the ISpool surface both services
+share, over a synchronous core, and the watchers), ``directory``
+(:class:`DirectorySpool`), ``memory`` (:class:`MemorySpool`).
 
 Semantics worth knowing
 -----------------------
@@ -85,11 +87,13 @@ Locking protocol
 * NFS emulates flock with POSIX record locks, which belong to the *process*: a second
   lock by the same process always succeeds, and closing *any* descriptor of the file
   drops them all.  So every lock a process holds on one spool directory lives in one
-  process-wide table shared by all its stores (:class:`_LockTable`): stripe mutexes keep
-  its own threads apart, and a run lock the process holds is never tested or re-opened.
+  process-wide table shared by all its stores (``locks.LockTable``): stripe mutexes
+  keep its own threads apart, and a run lock the process holds is never tested or
+  re-opened.
 * Mount NFS shares with ``lookupcache=positive`` (or ``none``): a cached negative lookup
   could hide another daemon's fresh file for up to the attribute-cache timeout.  Each
-  daemon needs a unique host name (it names temp files, see ``_clean_tmp``).
+  daemon needs a unique host name (it names temp files, see
+  ``files.SpoolFiles._clean_tmp``).
 
 Durability
 ----------
