@@ -25,7 +25,11 @@ from .transitions import JobFilter, conflicts, merge_added, merge_released_into,
 
 @define(eq=False)
 class _MemoryRecords:
-    """The jobs of a :class:`MemorySpool` by state, and the ones it holds."""
+    """The jobs of a :class:`MemorySpool` by state, and the ones it holds.
+
+    Its public methods are :class:`~dpatia_daemon.spool.base.SpoolCore`'s, with the
+    semantics :class:`~dpatia_daemon.spool.ISpool` documents.
+    """
 
     queued_jobs: dict[str, Job] = field(factory=dict)  # key → job
     running: dict[str, Job] = field(factory=dict)  # key → job
