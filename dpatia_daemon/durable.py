@@ -4,6 +4,9 @@
   network filesystems (NFS, SMB) refuse ``fsync`` on a directory with EINVAL or
   ENOTSUP; their metadata operations are synchronous on the server anyway, so that
   refusal is tolerated (and said once per filesystem), never an error.
+* :func:`write_new_file` creates a file holding some bytes, optionally fsynced, and
+  removes it again if anything fails; the spool's temp files and
+  :func:`write_atomically`'s are written by it.
 * :func:`write_atomically` replaces a small file: a reader (another process, a restarted
   daemon) sees the old content or the new, never a mix.  The data goes to a private
   temporary sibling (0600, created fresh, links never followed), optionally fsynced,
@@ -72,6 +75,38 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def write_new_file(
+    path: str,
+    data: bytes,
+    *,
+    fsync: Callable[[int], None] | None = os.fsync,
+    mode: int = 0o600,
+    replace: bool = False,
+) -> None:
+    """Create ``path`` holding ``data``, fsynced by ``fsync`` (None: not fsynced).
+
+    The file is created fresh with ``mode`` and never through a link; with ``replace``
+    a leftover file of that name is truncated instead of being an error (FileExistsError).
+    If writing or fsyncing fails, the file is removed and the error raised.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags | (os.O_TRUNC if replace else os.O_EXCL), mode)
+    try:
+        write_all(fd, data)
+        if fsync is not None:
+            fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError as e:
+            # Already gone (ESTALE: deleted on an NFS server): the first error matters.
+            if e.errno not in (errno.ENOENT, errno.ESTALE):
+                raise
+        raise
+    os.close(fd)
+
+
 def write_atomically(
     path: str, data: bytes, *, fsync: bool = True, fsync_dir: bool = False, mode: int = 0o600
 ) -> str:
@@ -83,16 +118,7 @@ def write_atomically(
     """
     folder = os.path.dirname(path) or "."
     temp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        write_all(fd, data)
-        if fsync:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(temp)
-        raise
-    os.close(fd)
+    write_new_file(temp, data, fsync=os.fsync if fsync else None, mode=mode, replace=True)
     os.rename(temp, path)
     if fsync_dir:
         fsync_directory(folder)

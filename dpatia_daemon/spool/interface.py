@@ -1,0 +1,136 @@
+"""The spool's interface, its errors, and the id checks every implementation applies.
+
+:class:`ISpool` is what the rest of the daemon sees of the spool; the package
+docstring (``dpatia_daemon.spool``) says what its operations guarantee.  Ids from the
+network become path segments in :class:`~dpatia_daemon.spool.DirectorySpool`, so both
+implementations validate them with :func:`check_id` / :func:`check_job` first.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
+
+from ..jobs import Job, JobState
+
+#: The states ``find`` looks at unless told otherwise: the jobs still to be done.
+ACTIVE: frozenset[JobState] = frozenset({JobState.QUEUED, JobState.RUNNING})
+#: Lookups read states in the order jobs move through them, so a job moving forward
+#: while we look is found in the later state.
+FORWARD: tuple[JobState, ...] = (JobState.QUEUED, JobState.RUNNING)
+TERMINAL: tuple[JobState, ...] = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+#: A job id or key: lowercase hex, safe as a path segment.
+HEX_ID = re.compile(r"[0-9a-f]{2,64}\Z")
+
+# --- errors ---------------------------------------------------------------------------
+
+
+class SpoolError(Exception):
+    """Base class of the spool's own errors."""
+
+
+class JobMoved(SpoolError):
+    """The job is no longer in the state the caller thought (e.g. claimed meanwhile)."""
+
+
+class JobChanged(JobMoved):
+    """A queued job was changed by someone else (a merge) since the caller read it.
+
+    Re-read it with ``get`` and apply the change again; writing the stale copy would
+    throw away the newer request's callback token.
+    """
+
+
+class NotHeld(SpoolError):
+    """The job is RUNNING but not held by this spool instance (or not running at all)."""
+
+
+class SpoolNotRunning(SpoolError):
+    """The spool service is not running (not started yet, or stopped)."""
+
+
+def check_id(value: object, what: str = "job id") -> str:
+    """Return ``value`` if it is a lowercase hex id safe as a path segment; else ValueError."""
+    if not isinstance(value, str) or not HEX_ID.match(value):
+        raise ValueError(f"invalid {what}: {value!r}")
+    return value
+
+
+def check_job(job: Job) -> None:
+    """Validate the parts of ``job`` that become path segments."""
+    check_id(job.job_id)
+    check_id(job.key, "job key")
+
+
+# --- the interface --------------------------------------------------------------------
+
+
+class ISpool(Interface):
+    """A durable job spool.  Every method returns a Deferred firing in the reactor thread."""
+
+    def add(job: Job) -> Deferred[Job]:
+        """Persist a new QUEUED job durably, merging into a queued job with the same key.
+
+        Fires with the stored job (the merged one, keeping the existing job id, if a job
+        with ``job.key`` was already queued).
+        """
+
+    def get(job_id: str) -> Deferred[Job | None]:
+        """Return the job with ``job_id`` in any state, or None."""
+
+    def find(
+        *,
+        slide_id: str | None = None,
+        result_id: int | None = None,
+        cancellation_token: str | None = None,
+        states: frozenset[JobState] = ACTIVE,
+    ) -> Deferred[list[Job]]:
+        """Return the jobs in ``states`` matching every given criterion."""
+
+    def queued() -> Deferred[list[Job]]:
+        """Return all QUEUED jobs in dispatch order (:meth:`Job.sort_key`)."""
+
+    def update(job: Job) -> Deferred[Job]:
+        """Rewrite a QUEUED or RUNNING job's record durably.
+
+        Fails with :class:`JobMoved` if the job is no longer in ``job.state``, with
+        :class:`JobChanged` if a queued job was merged meanwhile, and with
+        :class:`NotHeld` for a RUNNING job this spool does not hold.
+        """
+
+    def claim(job_id: str) -> Deferred[Job | None]:
+        """Move a QUEUED job to RUNNING, held by this spool; None if not possible.
+
+        None if the job is gone, claimed by someone else, or another job with the same
+        key is running.
+        """
+
+    def finish(job_id: str, state: JobState, error: str | None = None) -> Deferred[Job]:
+        """End a held RUNNING job as DONE, FAILED or CANCELLED with ``last_error``."""
+
+    def release(job_id: str, *, count_attempt: bool, error: str | None = None) -> Deferred[Job]:
+        """Put a held RUNNING job back to QUEUED (merging with a newer queued job).
+
+        A job whose cancellation was requested is CANCELLED instead.
+        """
+
+    def cancel(job_id: str, reason: str = "cancelled") -> Deferred[Job | None]:
+        """Cancel a QUEUED job; None if it is not queued any more."""
+
+    def request_cancel(job_id: str) -> Deferred[None]:
+        """Ask the holder of a RUNNING job to stop it (a QUEUED job is cancelled at once)."""
+
+    def cancel_requested(job_id: str) -> Deferred[bool]:
+        """Return whether a cancellation of ``job_id`` was requested."""
+
+    def recover() -> Deferred[list[Job]]:
+        """Requeue (attempts + 1) every RUNNING job whose holder process is dead."""
+
+    def watch(callback: Callable[[Job], None]) -> Callable[[], None]:
+        """Call ``callback(job)`` whenever a job becomes QUEUED; return an unsubscribe."""
+
+    def counts() -> Deferred[dict[JobState, int]]:
+        """Return the number of jobs in each state."""
