@@ -32,7 +32,8 @@ from ._version import __version__
 from .config import Config, ConfigError
 from .frontdoor.background import BackgroundQueue
 from .frontdoor.processes import FrontDoors, ParentLink, ReusePortListener, reuseport_address
-from .frontdoor.routes import IAAPI, make_site
+from .frontdoor.routes import IAAPI
+from .frontdoor.site import make_site
 from .pipeline.prepare import PipelineSettings
 from .spool import DirectorySpool, SpoolError
 from .sps.client import SPSClient, make_http_client

@@ -17,7 +17,8 @@ from twisted.web.server import Site
 
 from dpatia_daemon import __version__
 from dpatia_daemon.config import AccessLog, Config, SPSConfig, URLPrefix
-from dpatia_daemon.frontdoor.routes import IAAPI, IASite, make_site
+from dpatia_daemon.frontdoor.routes import IAAPI
+from dpatia_daemon.frontdoor.site import IASite, make_site
 from dpatia_daemon.jobs import JobKind, JobState
 from dpatia_daemon.simulator.fake import FakeSPS
 from dpatia_daemon.spool import DirectorySpool
