@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from attrs import define, field, frozen
@@ -85,6 +86,16 @@ async def _with_deadline(d: Deferred[Any], clock: IReactorTime, timeout: float) 
             timer.cancel()
 
 
+def _registration_problem(answer: Answer, url: str) -> str | None:
+    """Why ``answer`` is not a registration (None if it is one)."""
+    if not answer.ok or not isinstance(answer.body, dict):
+        return f"registration at {url} answered {answer.status}: {answer.body!r}"
+    for key in ("applicationId", "url"):
+        if not isinstance(answer.body.get(key), str):
+            return f"registration at {url} lacks {key!r}: {answer.body!r}"
+    return None
+
+
 @define
 class AppDriver:
     """Sends what an SPS sends to one registered app.
@@ -105,6 +116,9 @@ class AppDriver:
     last_error: str | None = None
     cancellation_tokens: dict[str, str] = field(factory=dict)
     events: deque[Event] = field(factory=lambda: deque(maxlen=100))
+    _watchers: list[tuple[Callable[[Event], bool], Deferred[Event]]] = field(
+        factory=list, init=False
+    )
 
     # --- what the SPS would do ---
 
@@ -115,14 +129,14 @@ class AppDriver:
             raise DriverError("no app URL to register (use --app-url)")
         self.app_url = url
         answer = await self._call("GET", url, None)
+        problem = _registration_problem(answer, url)
+        if problem is None:
+            # Before the event: whoever waits for it sees the driver registered.
+            self.registration = answer.body
+            self.last_error = None
         self._log("register", None, answer, url)
-        if not answer.ok or not isinstance(answer.body, dict):
-            raise DriverError(f"registration at {url} answered {answer.status}: {answer.body!r}")
-        for key in ("applicationId", "url"):
-            if not isinstance(answer.body.get(key), str):
-                raise DriverError(f"registration at {url} lacks {key!r}: {answer.body!r}")
-        self.registration = answer.body
-        self.last_error = None
+        if problem is not None:
+            raise DriverError(problem)
         log.info(
             "registered app {application_id} at {url}",
             application_id=answer.body["applicationId"],
@@ -219,9 +233,29 @@ class AppDriver:
             )
         except Exception as e:
             self.last_error = f"{method} {url}: {e.__class__.__name__}: {e}"
-            self.events.append(Event(self.clock.seconds(), method, None, None, self.last_error))
+            self._record(Event(self.clock.seconds(), method, None, None, self.last_error))
             raise DriverError(self.last_error) from e
         return answer
+
+    def next_event(self, matching: Callable[[Event], bool] = lambda event: True) -> Deferred[Event]:
+        """Fire with the next event logged that ``matching`` accepts (for harnesses that
+        wait for the driver instead of sleeping); cancelling it stops the wait."""
+
+        def forget(d: Deferred[Event]) -> None:
+            if entry in self._watchers:
+                self._watchers.remove(entry)
+
+        d: Deferred[Event] = Deferred(forget)
+        entry = (matching, d)
+        self._watchers.append(entry)
+        return d
+
+    def _record(self, event: Event) -> None:
+        self.events.append(event)
+        for entry in list(self._watchers):
+            if entry[0](event):
+                self._watchers.remove(entry)
+                entry[1].callback(event)
 
     def _log(self, action: str, slide_id: str | None, answer: Answer, detail: str = "") -> None:
         body = answer.body
@@ -231,7 +265,7 @@ class AppDriver:
             summary = f"error: {body['error']}"
         else:
             summary = detail or json.dumps(body)[:200]
-        self.events.append(Event(self.clock.seconds(), action, slide_id, answer.status, summary))
+        self._record(Event(self.clock.seconds(), action, slide_id, answer.status, summary))
         log.info(
             "{action} {slide}: app answered {status}",
             action=action,

@@ -259,6 +259,9 @@ class FakeSPS:
     faults: Faults = field(factory=Faults)
     downloads: int = 0
     _next_result_id: int = 1
+    _store_watchers: list[tuple[Callable[[Result], bool], Deferred[Result]]] = field(
+        factory=list, init=False, repr=False
+    )
 
     # --- helpers for tests -------------------------------------------------------------
 
@@ -311,7 +314,27 @@ class FakeSPS:
         self.results[stored.id or 0] = stored
         self.result_apps[stored.id or 0] = app_id
         self._slide_results.setdefault(stored.slideId, []).append(stored.id or 0)
+        self._stored(stored)
         return stored
+
+    def next_stored(self, matching: Callable[[Result], bool]) -> Deferred[Result]:
+        """Fire with the next result created or updated that ``matching`` accepts (for
+        tests that wait for the app instead of polling); cancelling it stops the wait."""
+
+        def forget(d: Deferred[Result]) -> None:
+            if entry in self._store_watchers:
+                self._store_watchers.remove(entry)
+
+        d: Deferred[Result] = Deferred(forget)
+        entry = (matching, d)
+        self._store_watchers.append(entry)
+        return d
+
+    def _stored(self, result: Result) -> None:
+        for entry in list(self._store_watchers):
+            if entry[0](result):
+                self._store_watchers.remove(entry)
+                entry[1].callback(result)
 
     def results_for(self, slide_id: str, app_id: str | None = None) -> list[Result]:
         """The stored results on a slide (of one app, if given), oldest first."""
@@ -608,6 +631,7 @@ class FakeSPS:
             )
         stored = attrs.evolve(result, id=result_id, versionId=self.new_version_id())
         self.results[result_id] = stored
+        self._stored(stored)
         return _json_body(request, 200, unstructure(stored))
 
     # --- routes: tokens ----------------------------------------------------------------
