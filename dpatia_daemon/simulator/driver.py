@@ -26,7 +26,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .fake import PHI_FIELDS, FakeSPS
+from .fake import PHI_FIELDS, FakeSPS, Watchers
 
 log = Logger()
 
@@ -116,9 +116,7 @@ class AppDriver:
     last_error: str | None = None
     cancellation_tokens: dict[str, str] = field(factory=dict)
     events: deque[Event] = field(factory=lambda: deque(maxlen=100))
-    _watchers: list[tuple[Callable[[Event], bool], Deferred[Event]]] = field(
-        factory=list, init=False
-    )
+    _logged: Watchers[Event] = field(factory=lambda: Watchers[Event](), init=False)
 
     # --- what the SPS would do ---
 
@@ -240,22 +238,11 @@ class AppDriver:
     def next_event(self, matching: Callable[[Event], bool] = lambda event: True) -> Deferred[Event]:
         """Fire with the next event logged that ``matching`` accepts (for harnesses that
         wait for the driver instead of sleeping); cancelling it stops the wait."""
-
-        def forget(d: Deferred[Event]) -> None:
-            if entry in self._watchers:
-                self._watchers.remove(entry)
-
-        d: Deferred[Event] = Deferred(forget)
-        entry = (matching, d)
-        self._watchers.append(entry)
-        return d
+        return self._logged.next(matching)
 
     def _record(self, event: Event) -> None:
         self.events.append(event)
-        for entry in list(self._watchers):
-            if entry[0](event):
-                self._watchers.remove(entry)
-                entry[1].callback(event)
+        self._logged.fire(event)
 
     def _log(self, action: str, slide_id: str | None, answer: Answer, detail: str = "") -> None:
         body = answer.body
