@@ -85,6 +85,11 @@ def _credentials(config: Config) -> Credentials | None:
 def build_service(config: Config, reactor: Any, *, front_door: int | None = None) -> MultiService:
     """Build the named service tree for ``config`` on ``reactor``; nothing starts yet.
 
+    ``reactor`` provides time, TCP, threads and processes (IReactorTime, IReactorTCP,
+    IReactorThreads, IReactorProcess, IReactorCore: the global reactor in the daemon, a
+    ``MemoryReactorClock`` in tests); zope interfaces have no intersection type, so it
+    is ``Any`` here and each part declares the one it uses.
+
     With ``front_door`` set, the tree of an extra front-door process (see
     :mod:`.frontdoor.processes`): the spool, the SPS client and the IA-API on the shared port
     (SO_REUSEPORT), no workers and no sweeps.

@@ -16,7 +16,7 @@ from typing import Any
 from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web import http
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
@@ -71,7 +71,7 @@ class IARequest(Request):
 
     def __init__(
         self,
-        channel: HTTPChannel,
+        channel: http.HTTPChannel,
         queued: object = None,
         *,
         max_body_bytes: int = 1024 * 1024,
@@ -118,7 +118,7 @@ class IASite(Site):
 
     access_log = AccessLog.ERRORS
 
-    def log(self, request: Any) -> None:
+    def log(self, request: http.Request) -> None:
         if self.access_log is AccessLog.ALL or (
             self.access_log is AccessLog.ERRORS and request.code >= 400
         ):
