@@ -76,16 +76,6 @@ class Event:
         }
 
 
-async def _with_deadline(d: Deferred[Any], clock: IReactorTime, timeout: float) -> Any:
-    """Await ``d``, cancelling it after ``timeout`` seconds."""
-    timer = clock.callLater(timeout, d.cancel)
-    try:
-        return await d
-    finally:
-        if timer.active():
-            timer.cancel()
-
-
 def _registration_problem(answer: Answer, url: str) -> str | None:
     """Why ``answer`` is not a registration (None if it is one)."""
     if not answer.ok or not isinstance(answer.body, dict):
@@ -226,9 +216,7 @@ class AppDriver:
             return Answer(response.code, parsed)
 
         try:
-            answer: Answer = await _with_deadline(
-                ensureDeferred(exchange()), self.clock, self.timeout
-            )
+            answer: Answer = await ensureDeferred(exchange()).addTimeout(self.timeout, self.clock)
         except Exception as e:
             self.last_error = f"{method} {url}: {e.__class__.__name__}: {e}"
             self._record(Event(self.clock.seconds(), method, None, None, self.last_error))
@@ -286,9 +274,7 @@ class ControlClient:
                 return Answer(response.code, raw.decode("utf-8", "replace")[:500])
 
         try:
-            result: Answer = await _with_deadline(
-                ensureDeferred(exchange()), self.clock, self.timeout
-            )
+            result: Answer = await ensureDeferred(exchange()).addTimeout(self.timeout, self.clock)
         except Exception as e:
             raise DriverError(f"cannot reach the simulator at {self.sps_url}: {e}") from e
         return result
@@ -303,7 +289,7 @@ class ControlClient:
                 raise DriverError(f"GET {path} answered {response.code}: {data[:200]!r}")
             return data
 
-        result: bytes = await _with_deadline(ensureDeferred(exchange()), self.clock, self.timeout)
+        result: bytes = await ensureDeferred(exchange()).addTimeout(self.timeout, self.clock)
         return result
 
 
