@@ -116,7 +116,11 @@ class IASite(Site):
     theirs by default.
     """
 
-    access_log = AccessLog.ERRORS
+    def __init__(
+        self, resource: IResource, *, access_log: AccessLog = AccessLog.ERRORS, **kwargs: Any
+    ) -> None:
+        super().__init__(resource, **kwargs)
+        self.access_log = access_log
 
     def log(self, request: http.Request) -> None:
         if self.access_log is AccessLog.ALL or (
@@ -135,8 +139,12 @@ def make_site(resource: IResource, config: Config) -> Site:
     # The IA-API speaks JSON only: without this, Twisted parses the Content-Type of every
     # POST (through the email package: a fifth of an acknowledgement's CPU) to decode
     # form submissions nobody sends here.
-    site = IASite(resource, requestFactory=requests, parsePOSTFormSubmission=False)
-    site.access_log = config.server.access_log
+    site = IASite(
+        resource,
+        access_log=config.server.access_log,
+        requestFactory=requests,
+        parsePOSTFormSubmission=False,
+    )
     site.displayTracebacks = False
     return site
 

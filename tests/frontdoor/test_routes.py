@@ -636,7 +636,6 @@ def test_access_log_setting_decides_which_answers_are_logged(
 
     written: list[int] = []
     monkeypatch.setattr(Site, "log", lambda self, request: written.append(request.code))
-    site = IASite(Resource())
-    site.access_log = setting
+    site = IASite(Resource(), access_log=setting)
     site.log(SimpleNamespace(code=code))
     assert written == ([code] if logged else [])
