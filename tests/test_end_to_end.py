@@ -43,8 +43,10 @@ async def wait_final(reactor: Any, simulator: Any, slide_id: str, timeout: float
     def expired(result: object, timeout: float) -> NoReturn:
         raise AssertionError(f"{slide_id}: no final result within {timeout} s; saw {seen}")
 
-    stored = simulator.sps.next_stored(final)
-    return await stored.addTimeout(timeout, reactor, onTimeoutCancel=expired)  # type: ignore[no-any-return]
+    stored: Result = await simulator.sps.next_stored(final).addTimeout(
+        timeout, reactor, onTimeoutCancel=expired
+    )
+    return stored
 
 
 def polygons_of(result: Result) -> list[list[tuple[float, float]]]:
