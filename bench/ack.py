@@ -126,7 +126,7 @@ def serve_empty() -> None:
     from twisted.internet import reactor
 
     from dpatia_daemon.config import Config
-    from dpatia_daemon.frontdoor.routes import make_site
+    from dpatia_daemon.frontdoor.site import make_site
 
     app = Klein()
 

@@ -8,9 +8,13 @@
 - ``api``    waits, at stop, for in-progress frames still being written;
 - ``http``   the IA-API listener (stops first: no new requests while draining).
 
-Children stop one after another, in reverse order: the listener closes, the front
-door's frames finish, the workers drain (their jobs need the SPS pool and the spool),
-then the SPS pool closes, and the spool stops last.
+Children stop one after another, in reverse order (:class:`~.lifecycle.OrderedRoot`):
+the listener closes, the front door's frames finish, the workers drain (their jobs need
+the SPS pool and the spool), then the SPS pool closes, and the spool stops last.
+
+What the tree's parts do lives with them: the ordered stop, the "ready" line and the
+stop-only services in :mod:`.lifecycle`, the listening endpoint and its checks in
+:mod:`.frontdoor.listening`.
 """
 
 from __future__ import annotations
@@ -22,19 +26,19 @@ from typing import Any
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService, Service
-from twisted.internet import threads
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.endpoints import serverFromString
+from twisted.application.service import MultiService
 from twisted.logger import Logger
 
 from ._version import __version__
-from .config import Config, ConfigError
+from .config import Config
 from .frontdoor.background import BackgroundQueue
-from .frontdoor.processes import FrontDoors, ParentLink, ReusePortListener, reuseport_address
-from .frontdoor.routes import IAAPI, make_site
+from .frontdoor.listening import check_processes, endpoint, noticed
+from .frontdoor.processes import FrontDoors, ParentLink, ReusePortListener
+from .frontdoor.routes import IAAPI
+from .frontdoor.site import make_site
+from .lifecycle import OrderedRoot, Ready, Stopper, in_thread
 from .pipeline.prepare import PipelineSettings
-from .spool import DirectorySpool, SpoolError
+from .spool import DirectorySpool
 from .sps.client import SPSClient, make_http_client
 from .sps.tokens import Credentials, TokenBook, callback_auth
 from .sps.writer import ResultWriter
@@ -43,78 +47,6 @@ from .workers.run import WorkFolders
 from .workers.supervisor import Supervisor
 
 log = Logger()
-
-
-class _Root(MultiService):
-    """The tree's root: a child that cannot start (an unusable spool) stops the daemon
-    with one line, not a traceback, and a non-zero exit status."""
-
-    def startService(self) -> None:
-        try:
-            super().startService()
-        except SpoolError as e:
-            raise SystemExit(f"dpatia: cannot start: {e}") from None
-
-    def stopService(self) -> Deferred[None]:
-        """Stop the children one at a time, last started first.
-
-        MultiService would stop them all at once; the workers' drain needs the SPS
-        pool and the spool until it is over.
-        """
-        Service.stopService(self)
-        return Deferred.fromCoroutine(self._stop_in_order())
-
-    async def _stop_in_order(self) -> None:
-        for service in reversed(list(self)):
-            try:
-                await maybeDeferred(service.stopService)
-            except Exception:
-                log.failure("stopping service {name} failed", name=service.name)
-
-
-class _Ready(Service):
-    """Logs "ready" once the reactor runs: only then are its signal handlers in place,
-    so a SIGTERM from then on is a clean shutdown.  Harnesses wait for this line."""
-
-    def __init__(self, reactor: Any, message: str) -> None:
-        self.reactor = reactor
-        self.message = message
-
-    def startService(self) -> None:
-        super().startService()
-        self.reactor.callWhenRunning(log.info, self.message)
-
-
-class _Stopper(Service):
-    """A service whose only job is to wait for something at stop."""
-
-    def __init__(self, on_stop: Any) -> None:
-        self.on_stop = on_stop
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        return self.on_stop()  # type: ignore[no-any-return]
-
-
-def _endpoint(reactor: Any, config: Config) -> Any:
-    try:
-        return serverFromString(reactor, config.server.listen)
-    except IndexError:
-        # The systemd: parser indexes LISTEN_FDS: no sockets were passed to us.
-        raise ConfigError(
-            config.source,
-            "server",
-            "listen",
-            "systemd socket activation requested but systemd passed no sockets "
-            "(start dpatia.socket, or listen on tcp:PORT)",
-        ) from None
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        raise ConfigError(config.source, "server", "listen", str(e)) from None
-
-
-def _in_thread(reactor: Any, f: Any, *args: Any) -> Deferred[Any]:
-    """Run blocking file work (removing a job's work folder) in the reactor's pool."""
-    return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
 
 def _analysis_settings(config: Config) -> dict[str, str]:
@@ -132,43 +64,21 @@ def _credentials(config: Config) -> Credentials | None:
     return config.sps.credentials()
 
 
-async def _noticed(spool: DirectorySpool, tokens: TokenBook, job_id: str, key: str) -> None:
-    """An extra front door queued a job: dispatch it now, and let running jobs of its
-    slide use the token it brought (the copy's own TokenBook is not ours)."""
-    job = await spool.notice(job_id, key)
-    if job is not None:
-        tokens.record(job.application_id, job.slide_id, job.callback, job.created)
-
-
-def _check_processes(config: Config) -> None:
-    if config.server.processes == 1:
-        return
-    try:
-        reuseport_address(config.server.listen)
-    except ValueError:
-        raise ConfigError(
-            config.source,
-            "server",
-            "processes",
-            "more than one process needs a plain tcp: listener (not ssl: or systemd:); "
-            "terminate TLS in front of dpatia, or set processes = 1",
-        ) from None
-    if not os.path.isfile(config.source):
-        raise ConfigError(
-            config.source, "server", "processes", "extra processes need a config file"
-        )
-
-
 def build_service(config: Config, reactor: Any, *, front_door: int | None = None) -> MultiService:
     """Build the named service tree for ``config`` on ``reactor``; nothing starts yet.
 
+    ``reactor`` provides time, TCP, threads and processes (IReactorTime, IReactorTCP,
+    IReactorThreads, IReactorProcess, IReactorCore: the global reactor in the daemon, a
+    ``MemoryReactorClock`` in tests); zope interfaces have no intersection type, so it
+    is ``Any`` here and each part declares the one it uses.
+
     With ``front_door`` set, the tree of an extra front-door process (see
-    ``front_doors.py``): the spool, the SPS client and the IA-API on the shared port
+    :mod:`.frontdoor.processes`): the spool, the SPS client and the IA-API on the shared port
     (SO_REUSEPORT), no workers and no sweeps.
     """
     if front_door is None:
-        _check_processes(config)
-    root = _Root()
+        check_processes(config)
+    root = OrderedRoot()
 
     spool = DirectorySpool(
         directory=config.spool.directory,
@@ -207,7 +117,7 @@ def build_service(config: Config, reactor: Any, *, front_door: int | None = None
     )
     # The newest callback of each slide, from the front door to the job runners.
     tokens = TokenBook()
-    sps_service = _Stopper(http.close)
+    sps_service = Stopper(http.close)
     sps_service.setName("sps")
     sps_service.setServiceParent(root)
 
@@ -225,7 +135,7 @@ def build_service(config: Config, reactor: Any, *, front_door: int | None = None
             pipeline=_pipeline_settings(config),
             folders=WorkFolders(
                 config.workers.work_directory,
-                run_blocking=partial(_in_thread, reactor),
+                run_blocking=partial(in_thread, reactor),
                 keep_wsi=config.spool.keep_wsi,
                 retention_days=config.spool.retention_days,
             ),
@@ -252,7 +162,7 @@ def build_service(config: Config, reactor: Any, *, front_door: int | None = None
         ),
         tokens=tokens,
     )
-    api_service = _Stopper(api.background.close)
+    api_service = Stopper(api.background.close)
     api_service.setName("api")
     api_service.setServiceParent(root)
 
@@ -264,7 +174,7 @@ def build_service(config: Config, reactor: Any, *, front_door: int | None = None
         link = ParentLink(reactor, spool.watch)
         link.setName("link")
         link.setServiceParent(root)
-        ready = _Ready(reactor, f"dpatia front door {front_door} ready")
+        ready = Ready(reactor, f"dpatia front door {front_door} ready")
         ready.setName("ready")
         ready.setServiceParent(root)
         return root
@@ -279,19 +189,19 @@ def build_service(config: Config, reactor: Any, *, front_door: int | None = None
             port=shared.port,
             listen=config.server.listen,
             argv=["--config", config.source, "--spool", config.spool.directory.path],
-            notice=partial(_noticed, spool, tokens),
+            notice=partial(noticed, spool, tokens),
         )
         doors.setName("front doors")
         doors.setServiceParent(root)
     else:
-        listener = StreamServerEndpointService(_endpoint(reactor, config), site)
+        listener = StreamServerEndpointService(endpoint(reactor, config), site)
         # Fail the start (exit code != 0) when the port cannot be bound, instead of
         # logging and running deaf.
         raise_synchronously(listener)
         listener.setName("http")
         listener.setServiceParent(root)
 
-    ready = _Ready(reactor, "dpatia ready")
+    ready = Ready(reactor, "dpatia ready")
     ready.setName("ready")
     ready.setServiceParent(root)
 

@@ -6,8 +6,6 @@ work is in :func:`dpatia_daemon.service.build_service`; this module only parses.
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.application.service import IService
 from twisted.python import usage
 
@@ -47,7 +45,7 @@ class Options(usage.Options):
             raise SystemExit(f"dpatia: configuration error: {e}") from None
 
 
-def makeService(options: Any) -> IService:
+def makeService(options: Options) -> IService:
     """Build the daemon's service tree for twistd (the only place the reactor is imported)."""
     from twisted.internet import reactor
 

@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
+from dpatia_daemon.demo import ini_with
 from dpatia_daemon.simulator.fake import BASE_PATH, FakeSPS
 
 T = TypeVar("T")
@@ -65,6 +66,7 @@ def write_config(
     *,
     name: str = "dpatia.ini",
     base: bool = True,
+    start: str | None = None,
 ) -> str:
     """Write a daemon config file under ``tmp_path`` and return its path: the one way
     tests make a config.
@@ -72,22 +74,32 @@ def write_config(
     ``sections`` maps a section to its keys; they are added to (and override) the
     test daemon's base settings (:data:`_TEST_DAEMON`; ``base=False`` leaves them out).
     ``{tmp}`` in a value stands for ``tmp_path``.  A value of None leaves the key out.
+    With ``start`` (the text of a config, e.g. the shipped ``etc/dpatia.ini``) the keys
+    are set in that text, its comments and other keys kept.
     """
     merged: dict[str, dict[str, Any]] = (
         {k: dict(v) for k, v in _TEST_DAEMON.items()} if base else {}
     )
     for section, keys in (sections or {}).items():
         merged.setdefault(section, {}).update(keys)
-    lines = []
-    for section, keys in merged.items():
-        lines.append(f"[{section}]")
-        lines.extend(
-            f"{key} = {str(value).replace('{tmp}', str(tmp_path))}"
-            for key, value in keys.items()
-            if value is not None
-        )
+    values = {
+        (section, key): str(value).replace("{tmp}", str(tmp_path))
+        for section, keys in merged.items()
+        for key, value in keys.items()
+        if value is not None
+    }
+    if start is not None:
+        text = ini_with(start, values)
+    else:
+        lines = []
+        for section, keys in merged.items():
+            lines.append(f"[{section}]")
+            lines.extend(
+                f"{key} = {values[section, key]}" for key in keys if (section, key) in values
+            )
+        text = "\n".join(lines) + "\n"
     path = tmp_path / name
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(text)
     return str(path)
 
 

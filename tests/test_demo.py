@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import write_config
 from PIL import Image, ImageColor
 
 from dpatia_daemon.demo import SLIDES, ini_with
@@ -27,6 +28,9 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "etc" / "dpatia.ini"
+#: write_config's arguments for the shipped config with a few keys changed (the demo
+#: puts the spool and work folders under its --out itself).
+SHIPPED_BASE: dict[str, Any] = {"start": SHIPPED.read_text(), "base": False}
 
 
 def run_demo(out: Path, *args: str, timeout: float = 30) -> tuple[int, str]:
@@ -86,9 +90,10 @@ def test_quick_demo_registers_analyses_three_slides_and_draws_their_results(
     final results; each slide's PNG is a valid image with its result's colour on it."""
     args: list[str] = []
     if analysis is not None:
-        config = tmp_path / f"{analysis}.ini"
-        config.write_text(ini_with(SHIPPED.read_text(), {("app", "analysis"): analysis}))
-        args = ["--config", str(config)]
+        config = write_config(
+            tmp_path, {"app": {"analysis": analysis}}, name=f"{analysis}.ini", **SHIPPED_BASE
+        )
+        args = ["--config", config]
     code, output = run_demo(tmp_path / "out", *args)
     assert code == 0, output
     for step in range(1, 8):
@@ -127,14 +132,13 @@ def test_quick_demo_registers_analyses_three_slides_and_draws_their_results(
 def test_a_broken_analysis_fails_the_demo_at_the_analysis_step(tmp_path: Path) -> None:
     """A config whose analysis cannot be loaded: every job ends Failed, the demo exits
     1 naming step 4 and the reason, and still stops what it started."""
-    config = tmp_path / "broken.ini"
-    config.write_text(
-        ini_with(
-            SHIPPED.read_text(),
-            {("app", "analysis"): "no.such:module", ("workers", "max_attempts"): "1"},
-        )
+    config = write_config(
+        tmp_path,
+        {"app": {"analysis": "no.such:module"}, "workers": {"max_attempts": 1}},
+        name="broken.ini",
+        **SHIPPED_BASE,
     )
-    code, output = run_demo(tmp_path / "out", "--config", str(config), timeout=25)
+    code, output = run_demo(tmp_path / "out", "--config", config, timeout=25)
     assert code == 1, output
     assert "FAILED at step 4 (analyse): 3 of 3 analyses did not end Done" in output, output
     assert re.search(r"ended Failed: analysis 'no\.such:module': cannot import", output), output
@@ -159,9 +163,8 @@ def test_a_daemon_that_cannot_start_fails_step_1_with_its_last_log_lines(
 
 def test_a_bad_config_fails_before_anything_starts(tmp_path: Path) -> None:
     """A config the daemon would refuse is reported as such, with its one-line error."""
-    config = tmp_path / "bad.ini"
-    config.write_text(ini_with(SHIPPED.read_text(), {("workers", "count"): "two"}))
-    code, output = run_demo(tmp_path / "out", "--config", str(config), timeout=10)
+    config = write_config(tmp_path, {"workers": {"count": "two"}}, name="bad.ini", **SHIPPED_BASE)
+    code, output = run_demo(tmp_path / "out", "--config", config, timeout=10)
     assert code == 1, output
     assert "FAILED at step 0 (read the configuration)" in output, output
     assert "[workers] count: 'two' is not a number" in output, output

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pytest
 import pytest_twisted
 from PIL import Image, ImageDraw
-from twisted.internet.task import deferLater
 
 from dpatia_daemon.models import Result
 from dpatia_daemon.simulator.daemon_process import DaemonProcess
@@ -28,17 +27,26 @@ FINAL = {Status.DONE, Status.FAILED, Status.CANCELLED}
 
 async def wait_final(reactor: Any, simulator: Any, slide_id: str, timeout: float) -> Result:
     """The slide's result once it is final (bounded: fails after ``timeout`` s)."""
-    deadline = reactor.seconds() + timeout
     seen: list[str] = []
-    while reactor.seconds() < deadline:
-        result = simulator.latest_result(slide_id)
-        if result is not None:
-            if not seen or seen[-1] != result.displayResult:
-                seen.append(result.displayResult)
-            if frame_status(result) in FINAL:
-                return result  # type: ignore[no-any-return]
-        await deferLater(reactor, 0.1, lambda: None)
-    raise AssertionError(f"{slide_id}: no final result within {timeout} s; saw {seen}")
+
+    def final(result: Result) -> bool:
+        if result.slideId != slide_id:
+            return False
+        if not seen or seen[-1] != result.displayResult:
+            seen.append(result.displayResult)
+        return frame_status(result) in FINAL
+
+    current = simulator.latest_result(slide_id)
+    if current is not None and final(current):
+        return current  # type: ignore[no-any-return]
+
+    def expired(result: object, timeout: float) -> NoReturn:
+        raise AssertionError(f"{slide_id}: no final result within {timeout} s; saw {seen}")
+
+    stored: Result = await simulator.sps.next_stored(final).addTimeout(
+        timeout, reactor, onTimeoutCancel=expired
+    )
+    return stored
 
 
 def polygons_of(result: Result) -> list[list[tuple[float, float]]]:

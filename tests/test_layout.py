@@ -6,7 +6,8 @@ Layers, lowest first (README "Layout" says the same in prose):
 1. the records and the SPS: ``spool/``, ``sps/``;
 2. the work on a slide: ``pipeline/``, ``analyses/``;
 3. ``config``, the contract every configurable part reads;
-4. the processes' parts: ``frontdoor/``, ``workers/`` (and the ``worker`` alias);
+4. the processes' parts: ``frontdoor/``, ``workers/`` (and the ``worker`` alias),
+   ``lifecycle`` (the service tree's ordered stop, "ready" line, stop-only services);
 5. the wiring: ``service``, ``tap``;
 6. separate programs nothing in the daemon imports: ``simulator/``, ``demo``.
 """
@@ -39,6 +40,7 @@ LAYERS: dict[str, int] = {
     "frontdoor": 4,
     "workers": 4,
     "worker": 4,
+    "lifecycle": 4,
     "service": 5,
     "tap": 5,
     "simulator": 6,

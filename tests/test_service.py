@@ -6,21 +6,15 @@ from pathlib import Path
 
 import attrs
 import pytest
+from conftest import write_config
 from twisted.internet.testing import MemoryReactorClock
-from twisted.python.filepath import FilePath
 
-from dpatia_daemon.config import Config, ConfigError, SPSConfig, URLPrefix
+from dpatia_daemon.config import Config, ConfigError, load_config
 from dpatia_daemon.service import build_service
 
 
 def config_for(tmp_path: Path, listen: str = "tcp:0:interface=127.0.0.1") -> Config:
-    base = Config(source=str(tmp_path / "dpatia.ini"))
-    return attrs.evolve(
-        base,
-        server=attrs.evolve(base.server, listen=listen),
-        spool=attrs.evolve(base.spool, directory=FilePath(str(tmp_path / "spool"))),
-        sps=SPSConfig(allowed_callback_urls=(URLPrefix.parse("http://127.0.0.1:*/"),)),
-    )
+    return load_config(write_config(tmp_path, {"server": {"listen": listen}}))
 
 
 def test_tree_has_the_named_services_in_start_order(tmp_path: Path) -> None:

@@ -1,3 +1,5 @@
 """The daemon's HTTP side, run by the main process and by every extra front-door copy:
-the Klein routes of the IA-API, the site, the background SPS writes that follow an
-acknowledgement, the notification rules, and the extra front-door processes."""
+the Klein routes of the IA-API (``routes``), the site around them and the one mapping of
+errors to HTTP (``site``), where and how it listens (``listening``), the background SPS
+writes that follow an acknowledgement (``background``), the notification rules
+(``notifications``), and the extra front-door processes (``processes``)."""

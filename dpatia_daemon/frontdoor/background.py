@@ -32,22 +32,20 @@ log = Logger()
 Task = Callable[[], Coroutine[Any, Any, Any]]
 
 
-def _global_reactor() -> IReactorTime:
-    from twisted.internet import reactor
-
-    return reactor  # type: ignore[return-value]
-
-
 @define
 class BackgroundQueue:
-    """Runs submitted tasks oldest first, at most ``concurrency`` at a time."""
+    """Runs submitted tasks oldest first, at most ``concurrency`` at a time.
 
+    ``clock`` (the reactor in the daemon, a ``task.Clock`` in tests) times the
+    hold-back while the front door is busy.
+    """
+
+    clock: IReactorTime
     concurrency: int = 4
     #: While this says the front door is answering requests, a task waits (see above).
     busy: Callable[[], bool] = lambda: False
     #: The longest a task waits for the front door to go idle before it runs anyway.
     max_delay: float = 5.0
-    clock: IReactorTime = field(factory=_global_reactor)
     _waiting: deque[tuple[str, Task, float]] = field(factory=deque, init=False)
     _running: int = field(default=0, init=False)
     _idle: list[Deferred[None]] = field(factory=list, init=False)

@@ -1,4 +1,4 @@
-"""The IA-API front door: the Klein routes the SPS calls, and the HTTP site around them.
+"""The IA-API front door: the Klein routes the SPS calls.
 
 Routes (``{route}`` is ``[server] route``, default ``/dpatia``):
 
@@ -15,29 +15,27 @@ only then talk to the SPS or answer.  A client disconnect cancels a Klein route,
 nothing long hangs on the request: notifications answer at once and store their
 in-progress frame in the background.
 
-Every response, errors included, is JSON and carries ``X-Sectra-ApiVersion`` and
-``X-Sectra-SoftwareVersion``; errors are ``{"error": ..., "field": ...}``.
+The HTTP around the routes (the request and site, JSON answers, the mapping of errors
+to HTTP) is :mod:`dpatia_daemon.frontdoor.site`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
 import attrs
-from attrs import define, field
+from attrs import Factory, define, field
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
-from twisted.web.server import Request, Site
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from twisted.web.resource import IResource
 
 from .._version import __version__
-from ..config import AccessLog, Config
+from ..config import Config
 from ..jobs import Callback, Job, JobKind, JobState
 from ..models import (
     Action,
@@ -60,124 +58,13 @@ from ..sps.tokens import TokenBook
 from ..sps.writer import ResultGone, ResultWriter
 from .background import BackgroundQueue
 from .notifications import NotificationCounts
+from .site import CallbackNotAllowed, handle_errors, json_answer, read_json
 
 log = Logger()
-
-JSON_TYPE = b"application/json"
 
 
 class _NotQueued(Exception):
     """The job left the queue before its "queued" frame was written: skip the frame."""
-
-
-class APIError(Exception):
-    """An error answered with ``status`` and ``{"error": message, "field": field}``."""
-
-    status = 400
-
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field
-
-
-class CallbackNotAllowed(APIError):
-    status = 403
-
-
-class BodyTooLarge(APIError):
-    status = 413
-
-
-class UnsupportedMediaType(APIError):
-    status = 415
-
-
-# --- the request and site -------------------------------------------------------------
-
-
-class IARequest(Request):
-    """A request that stops buffering its body past ``max_body_bytes``.
-
-    Twisted's Site reads the whole body before a route runs; counting here keeps
-    memory bounded whatever a client sends, and lets the route answer 413.
-    """
-
-    max_body_bytes = 1024 * 1024
-    api_version = "1.5"
-    body_too_large = False
-    _received = 0
-
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.max_body_bytes:
-            self.body_too_large = True
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self.body_too_large:
-            return
-        self._received += len(data)
-        if self._received > self.max_body_bytes:
-            self.body_too_large = True
-            if self.content is not None:
-                self.content.seek(0)
-                self.content.truncate()
-            return
-        super().handleContentChunk(data)
-
-    def process(self) -> None:
-        # One place for the headers every answer carries, errors and 404s included.
-        self.setHeader(b"X-Sectra-ApiVersion", self.api_version.encode("ascii"))
-        self.setHeader(b"X-Sectra-SoftwareVersion", __version__.encode("ascii"))
-        self.setHeader(b"Content-Type", JSON_TYPE)
-        self.setHeader(b"Cache-Control", b"no-store")
-        super().process()
-
-
-class IASite(Site):
-    """A site that writes access-log lines only for the answers ``access_log`` names.
-
-    Every accepted job already gets its own log line; a second line per request for
-    each of the thousands of slides a scanner imports is noise at 3 a.m. and a tenth
-    of an acknowledgement's CPU.  Refusals (4xx/5xx) have no other line, so they keep
-    theirs by default.
-    """
-
-    access_log = AccessLog.ERRORS
-
-    def log(self, request: Any) -> None:
-        if self.access_log is AccessLog.ALL or (
-            self.access_log is AccessLog.ERRORS and request.code >= 400
-        ):
-            super().log(request)
-
-
-def make_site(resource: Any, config: Config) -> Site:
-    """The HTTP site for ``resource``: bounded bodies, no tracebacks, no access-log PII."""
-
-    class Configured(IARequest):
-        max_body_bytes = config.server.max_body_bytes
-        api_version = config.server.api_version
-
-    # The IA-API speaks JSON only: without this, Twisted parses the Content-Type of every
-    # POST (through the email package: a fifth of an acknowledgement's CPU) to decode
-    # form submissions nobody sends here.
-    site = IASite(resource, requestFactory=Configured, parsePOSTFormSubmission=False)
-    site.access_log = config.server.access_log
-    site.displayTracebacks = False
-    return site
-
-
-def _json(request: IRequest, body: Any, status: int = 200) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", JSON_TYPE)
-    data = json.dumps(body).encode("utf-8")
-    # Known length, so an answer from an async route goes out in one piece, not chunked.
-    request.setHeader(b"Content-Length", b"%d" % len(data))
-    return data
-
-
-# --- the API --------------------------------------------------------------------------
 
 
 @define
@@ -197,7 +84,10 @@ class IAAPI:
     writer: ResultWriter
     notification_counts: NotificationCounts = field(factory=NotificationCounts)
     _answering: int = field(default=0, init=False)
-    background: BackgroundQueue = field(factory=BackgroundQueue)
+    #: The in-progress frames written after the answer; by default on ``clock``.
+    background: BackgroundQueue = field(
+        default=Factory(lambda self: BackgroundQueue(clock=self.clock), takes_self=True)
+    )
     tokens: TokenBook = field(factory=TokenBook)
     app: Klein = field(init=False)
 
@@ -212,22 +102,17 @@ class IAAPI:
         app.route(route + "/info", methods=["GET"])(self.info)
         app.route(route, methods=["POST"])(self.invoke)
         app.route(route + "/imagenotification", methods=["POST"])(self.image_notification)
-        app.handle_errors(APIError)(self._api_error)
-        app.handle_errors(InvalidInput)(self._invalid_input)
-        app.handle_errors(MethodNotAllowed)(self._method_not_allowed)
-        app.handle_errors(NotFound)(self._not_found)
-        app.handle_errors(HTTPException)(self._http_exception)
-        app.handle_errors(SPSError)(self._sps_error)
-        app.handle_errors(Exception)(self._unexpected)
+        handle_errors(app)
 
-    def resource(self) -> Any:
+    def resource(self) -> IResource:
+        """The Klein resource to put in a site (:func:`~.site.make_site`)."""
         return self.app.resource()
 
     # --- routes ---
 
     async def root(self, request: IRequest) -> bytes:
         counts = await self.spool.counts()
-        return _json(
+        return json_answer(
             request,
             {
                 "service": "dpatia",
@@ -254,10 +139,10 @@ class IAAPI:
         )
         if content is None:
             del body["inputTemplate"]["content"]  # wholeSlide has none (IA-API.md §1.1)
-        return _json(request, body)
+        return json_answer(request, body)
 
     def info(self, request: IRequest) -> bytes:
-        return _json(
+        return json_answer(
             request,
             unstructure(
                 VersionInfo(apiVersion=self.config.server.api_version, softwareVersion=__version__)
@@ -269,7 +154,7 @@ class IAAPI:
             return await self._invoke(request)
 
     async def _invoke(self, request: IRequest) -> bytes:
-        data = self._read_json(request)
+        data = read_json(request, self.config.server.max_body_bytes)
         invocation, parsed = parse_invocation(data)
         self._check_invocation(invocation)
         if invocation.action is Action.CREATE:
@@ -296,7 +181,7 @@ class IAAPI:
                 self.background.wake()
 
     async def _image_notification(self, request: IRequest) -> bytes:
-        data = self._read_json(request)
+        data = read_json(request, self.config.server.max_body_bytes)
         notification: ImageNotification = parse(ImageNotification, data)
         self._check_invocation(notification)
         if notification.input is not None:
@@ -323,7 +208,7 @@ class IAAPI:
                 slide_id=notification.slideId,
                 reason=refusal,
             )
-            return _json(request, {})
+            return json_answer(request, {})
         job = await self._accept(
             notification,
             JobKind.NOTIFICATION,
@@ -334,7 +219,7 @@ class IAAPI:
         self.background.submit(
             f"queued frame of job {job.job_id}", lambda: self._frame_for_notification(job)
         )
-        return _json(request, {})
+        return json_answer(request, {})
 
     # --- actions ---
 
@@ -352,7 +237,7 @@ class IAAPI:
         # is already safe on disk: if the SPS cannot be reached, the analysis still runs
         # and writes its result later; the user sees this error now.
         stored = await self._store_frame(job, None, only_if_queued=False)
-        return _json(request, unstructure(stored))
+        return json_answer(request, unstructure(stored))
 
     async def _accept(
         self, call: Invocation | ImageNotification, kind: JobKind, what: str, **fields: Any
@@ -389,7 +274,7 @@ class IAAPI:
         if _button_pressed(result):
             # A patchCollection button press: acknowledge it without storing anything,
             # as the Sectra example does; the state goes back to 0.
-            return _json(request, _reset_buttons(unstructure(result)))
+            return json_answer(request, _reset_buttons(unstructure(result)))
         callback = self._remember_callback(invocation)
         stored = await self.sps.update_result(callback, invocation.applicationId, result)
         log.info(
@@ -397,16 +282,16 @@ class IAAPI:
             result_id=result.id,
             slide_id=invocation.slideId,
         )
-        return _json(request, unstructure(stored))
+        return json_answer(request, unstructure(stored))
 
     async def _delete(self, request: IRequest, invocation: Invocation, result: Any) -> bytes:
         # The SPS deletes the result itself; the app stops any work that would write it.
         if not isinstance(result, Result) or result.id is None:
-            return _json(request, {})
+            return json_answer(request, {})
         jobs = await self.spool.find(slide_id=invocation.slideId, result_id=result.id)
         for job in jobs:
             await self._stop(job, "the result was deleted")
-        return _json(request, {})
+        return json_answer(request, {})
 
     async def _cancel(self, request: IRequest, invocation: Invocation) -> bytes:
         jobs: list[Job] = []
@@ -430,7 +315,7 @@ class IAAPI:
                         "Cancelled",
                     ),
                 )
-        return _json(request, [])
+        return json_answer(request, [])
 
     def _remember_callback(self, invocation: Invocation) -> Callback:
         """The request's callback, recorded as the newest for its slide."""
@@ -465,12 +350,7 @@ class IAAPI:
         except _NotQueued:
             pass  # a worker has it already and shows its own progress
         except SPSError as e:
-            log.warn(
-                "job {job_id}: could not store the queued frame at the SPS ({error}); "
-                "the analysis will still run",
-                job_id=job.job_id,
-                error=str(e),
-            )
+            _could_not(job, "store the queued frame at the SPS", e, "; the analysis will still run")
 
     async def _store_frame(
         self, job: Job, image_size: tuple[int, int] | None, *, only_if_queued: bool
@@ -509,34 +389,9 @@ class IAAPI:
                 job, job.result_id, self.writer.frame(job, status, text), keep=None
             )
         except (SPSError, ResultGone) as e:
-            log.warn(
-                "job {job_id}: could not mark its result {status} ({error})",
-                job_id=job.job_id,
-                status=status.value.lower(),
-                error=str(e),
-            )
+            _could_not(job, f"mark its result {status.value.lower()}", e)
 
     # --- validation ---
-
-    def _read_json(self, request: IRequest) -> Any:
-        if getattr(request, "body_too_large", False):
-            raise BodyTooLarge(
-                f"the request body is larger than max_body_bytes ({self.config.server.max_body_bytes})"
-            )
-        ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-        if ctype != JSON_TYPE and not (
-            ctype.startswith(b"application/") and ctype.endswith(b"+json")
-        ):
-            raise UnsupportedMediaType(
-                "the request body must be application/json, not "
-                + (ctype.decode("latin-1") or "unspecified"),
-                "Content-Type",
-            )
-        raw = request.content.read() if request.content is not None else b""
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as e:
-            raise InvalidInput(f"the request body is not valid JSON ({e})", "$") from None
 
     def _check_invocation(self, invocation: Invocation | ImageNotification) -> None:
         expected = self.config.app.application_id
@@ -567,50 +422,16 @@ class IAAPI:
         scheme = "https" if request.isSecure() else "http"
         return f"{scheme}://{host}{route}"
 
-    # --- errors: the one place that maps them to HTTP ---
 
-    def _api_error(self, request: IRequest, failure: Any) -> bytes:
-        e: APIError = failure.value
-        return _json(request, {"error": e.message, "field": e.field}, e.status)
-
-    def _invalid_input(self, request: IRequest, failure: Any) -> bytes:
-        e: InvalidInput = failure.value
-        return _json(request, {"error": e.message, "field": e.field}, 400)
-
-    def _method_not_allowed(self, request: IRequest, failure: Any) -> bytes:
-        allowed = getattr(failure.value, "valid_methods", None) or []
-        if allowed:
-            request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
-        method = request.method.decode("latin-1")
-        return _json(request, {"error": f"method {method} not allowed here", "field": None}, 405)
-
-    def _not_found(self, request: IRequest, failure: Any) -> bytes:
-        return _json(request, {"error": "no such resource", "field": None}, 404)
-
-    def _http_exception(self, request: IRequest, failure: Any) -> bytes:
-        e: HTTPException = failure.value
-        return _json(request, {"error": e.description or e.name, "field": None}, e.code or 500)
-
-    def _sps_error(self, request: IRequest, failure: Any) -> bytes:
-        e: SPSError = failure.value
-        log.warn("SPS call failed while answering: {error}", error=str(e))
-        return _json(
-            request,
-            {
-                "error": f"the Sectra Pathology Server could not be reached or refused: {e}",
-                "field": None,
-            },
-            502,
-        )
-
-    def _unexpected(self, request: IRequest, failure: Any) -> bytes:
-        log.failure(
-            "unexpected error answering {method} {path}",
-            failure,
-            method=request.method.decode("latin-1"),
-            path=request.path.decode("latin-1"),
-        )
-        return _json(request, {"error": "internal error; see the daemon log", "field": None}, 500)
+def _could_not(job: Job, what: str, error: Exception, then: str = "") -> None:
+    """Log that a best-effort SPS write of the front door failed (the job goes on)."""
+    log.warn(
+        "job {job_id}: could not {what} ({error}){then}",
+        job_id=job.job_id,
+        what=what,
+        error=str(error),
+        then=then,
+    )
 
 
 def _button_pressed(result: Result) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from attrs import define, field, frozen
@@ -25,7 +26,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .fake import PHI_FIELDS, FakeSPS
+from .fake import PHI_FIELDS, FakeSPS, Watchers
 
 log = Logger()
 
@@ -75,14 +76,14 @@ class Event:
         }
 
 
-async def _with_deadline(d: Deferred[Any], clock: IReactorTime, timeout: float) -> Any:
-    """Await ``d``, cancelling it after ``timeout`` seconds."""
-    timer = clock.callLater(timeout, d.cancel)
-    try:
-        return await d
-    finally:
-        if timer.active():
-            timer.cancel()
+def _registration_problem(answer: Answer, url: str) -> str | None:
+    """Why ``answer`` is not a registration (None if it is one)."""
+    if not answer.ok or not isinstance(answer.body, dict):
+        return f"registration at {url} answered {answer.status}: {answer.body!r}"
+    for key in ("applicationId", "url"):
+        if not isinstance(answer.body.get(key), str):
+            return f"registration at {url} lacks {key!r}: {answer.body!r}"
+    return None
 
 
 @define
@@ -105,6 +106,7 @@ class AppDriver:
     last_error: str | None = None
     cancellation_tokens: dict[str, str] = field(factory=dict)
     events: deque[Event] = field(factory=lambda: deque(maxlen=100))
+    _logged: Watchers[Event] = field(factory=lambda: Watchers[Event](), init=False)
 
     # --- what the SPS would do ---
 
@@ -115,14 +117,14 @@ class AppDriver:
             raise DriverError("no app URL to register (use --app-url)")
         self.app_url = url
         answer = await self._call("GET", url, None)
+        problem = _registration_problem(answer, url)
+        if problem is None:
+            # Before the event: whoever waits for it sees the driver registered.
+            self.registration = answer.body
+            self.last_error = None
         self._log("register", None, answer, url)
-        if not answer.ok or not isinstance(answer.body, dict):
-            raise DriverError(f"registration at {url} answered {answer.status}: {answer.body!r}")
-        for key in ("applicationId", "url"):
-            if not isinstance(answer.body.get(key), str):
-                raise DriverError(f"registration at {url} lacks {key!r}: {answer.body!r}")
-        self.registration = answer.body
-        self.last_error = None
+        if problem is not None:
+            raise DriverError(problem)
         log.info(
             "registered app {application_id} at {url}",
             application_id=answer.body["applicationId"],
@@ -214,14 +216,21 @@ class AppDriver:
             return Answer(response.code, parsed)
 
         try:
-            answer: Answer = await _with_deadline(
-                ensureDeferred(exchange()), self.clock, self.timeout
-            )
+            answer: Answer = await ensureDeferred(exchange()).addTimeout(self.timeout, self.clock)
         except Exception as e:
             self.last_error = f"{method} {url}: {e.__class__.__name__}: {e}"
-            self.events.append(Event(self.clock.seconds(), method, None, None, self.last_error))
+            self._record(Event(self.clock.seconds(), method, None, None, self.last_error))
             raise DriverError(self.last_error) from e
         return answer
+
+    def next_event(self, matching: Callable[[Event], bool] = lambda event: True) -> Deferred[Event]:
+        """Fire with the next event logged that ``matching`` accepts (for harnesses that
+        wait for the driver instead of sleeping); cancelling it stops the wait."""
+        return self._logged.next(matching)
+
+    def _record(self, event: Event) -> None:
+        self.events.append(event)
+        self._logged.fire(event)
 
     def _log(self, action: str, slide_id: str | None, answer: Answer, detail: str = "") -> None:
         body = answer.body
@@ -231,7 +240,7 @@ class AppDriver:
             summary = f"error: {body['error']}"
         else:
             summary = detail or json.dumps(body)[:200]
-        self.events.append(Event(self.clock.seconds(), action, slide_id, answer.status, summary))
+        self._record(Event(self.clock.seconds(), action, slide_id, answer.status, summary))
         log.info(
             "{action} {slide}: app answered {status}",
             action=action,
@@ -265,9 +274,7 @@ class ControlClient:
                 return Answer(response.code, raw.decode("utf-8", "replace")[:500])
 
         try:
-            result: Answer = await _with_deadline(
-                ensureDeferred(exchange()), self.clock, self.timeout
-            )
+            result: Answer = await ensureDeferred(exchange()).addTimeout(self.timeout, self.clock)
         except Exception as e:
             raise DriverError(f"cannot reach the simulator at {self.sps_url}: {e}") from e
         return result
@@ -282,7 +289,7 @@ class ControlClient:
                 raise DriverError(f"GET {path} answered {response.code}: {data[:200]!r}")
             return data
 
-        result: bytes = await _with_deadline(ensureDeferred(exchange()), self.clock, self.timeout)
+        result: bytes = await ensureDeferred(exchange()).addTimeout(self.timeout, self.clock)
         return result
 
 

@@ -27,7 +27,7 @@ import secrets
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qs
 
 import attrs
@@ -197,6 +197,35 @@ class _Refuse(Exception):
     """Drop the connection without an answer (a down window in ``refuse`` mode)."""
 
 
+T = TypeVar("T")
+
+
+class Watchers(Generic[T]):
+    """Deferreds waiting for the next value that matches, fired as values happen."""
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[Callable[[T], bool], Deferred[T]]] = []
+
+    def next(self, matching: Callable[[T], bool]) -> Deferred[T]:
+        """Fire with the next value ``matching`` accepts; cancelling it stops the wait."""
+
+        def forget(d: Deferred[T]) -> None:
+            if entry in self._waiting:
+                self._waiting.remove(entry)
+
+        d: Deferred[T] = Deferred(forget)
+        entry = (matching, d)
+        self._waiting.append(entry)
+        return d
+
+    def fire(self, value: T) -> None:
+        """``value`` happened: fire the waits it matches."""
+        for entry in list(self._waiting):
+            if entry[0](value):
+                self._waiting.remove(entry)
+                entry[1].callback(value)
+
+
 def _new_version_id() -> str:
     """A fresh versionId (a UUID, as the SPS appears to use)."""
     return str(uuid.uuid4())
@@ -259,6 +288,7 @@ class FakeSPS:
     faults: Faults = field(factory=Faults)
     downloads: int = 0
     _next_result_id: int = 1
+    _stored: Watchers[Result] = field(factory=lambda: Watchers[Result](), init=False, repr=False)
 
     # --- helpers for tests -------------------------------------------------------------
 
@@ -311,7 +341,13 @@ class FakeSPS:
         self.results[stored.id or 0] = stored
         self.result_apps[stored.id or 0] = app_id
         self._slide_results.setdefault(stored.slideId, []).append(stored.id or 0)
+        self._stored.fire(stored)
         return stored
+
+    def next_stored(self, matching: Callable[[Result], bool]) -> Deferred[Result]:
+        """Fire with the next result created or updated that ``matching`` accepts (for
+        tests that wait for the app instead of polling); cancelling it stops the wait."""
+        return self._stored.next(matching)
 
     def results_for(self, slide_id: str, app_id: str | None = None) -> list[Result]:
         """The stored results on a slide (of one app, if given), oldest first."""
@@ -608,6 +644,7 @@ class FakeSPS:
             )
         stored = attrs.evolve(result, id=result_id, versionId=self.new_version_id())
         self.results[result_id] = stored
+        self._stored.fire(stored)
         return _json_body(request, 200, unstructure(stored))
 
     # --- routes: tokens ----------------------------------------------------------------

@@ -23,8 +23,9 @@ from twisted.python.filepath import FilePath
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from dpatia_daemon.config import Config, ServerConfig
+from dpatia_daemon.frontdoor.listening import noticed as _noticed
 from dpatia_daemon.jobs import Callback, Job, JobKind
-from dpatia_daemon.service import _noticed, build_service
+from dpatia_daemon.service import build_service
 from dpatia_daemon.simulator.daemon_process import DaemonProcess
 from dpatia_daemon.spool import DirectorySpool, SpoolStore
 from dpatia_daemon.sps.tokens import TokenBook

@@ -17,7 +17,8 @@ from twisted.web.server import Site
 
 from dpatia_daemon import __version__
 from dpatia_daemon.config import AccessLog, Config, SPSConfig, URLPrefix
-from dpatia_daemon.frontdoor.routes import IAAPI, IASite, make_site
+from dpatia_daemon.frontdoor.routes import IAAPI
+from dpatia_daemon.frontdoor.site import IASite, make_site
 from dpatia_daemon.jobs import JobKind, JobState
 from dpatia_daemon.simulator.fake import FakeSPS
 from dpatia_daemon.spool import DirectorySpool
@@ -635,7 +636,6 @@ def test_access_log_setting_decides_which_answers_are_logged(
 
     written: list[int] = []
     monkeypatch.setattr(Site, "log", lambda self, request: written.append(request.code))
-    site = IASite(Resource())
-    site.access_log = setting
+    site = IASite(Resource(), access_log=setting)
     site.log(SimpleNamespace(code=code))
     assert written == ([code] if logged else [])

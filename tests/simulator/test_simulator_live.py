@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import pytest_twisted
 import treq
+from conftest import write_config
 from PIL import Image
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
 from twisted.web.resource import Resource
@@ -56,15 +56,7 @@ def config_for(slide_set: SlideSet, **kwargs: Any) -> SimulatorConfig:
 
 @pytest.fixture
 def daemon_config(tmp_path: Path) -> str:
-    path = tmp_path / "dpatia.ini"
-    path.write_text(
-        "[spool]\n"
-        f"directory = {tmp_path / 'spool'}\n"
-        "[sps]\n"
-        "allowed_callback_urls = http://127.0.0.1:*/\n"
-        "timeout = 5\n"
-    )
-    return str(path)
+    return write_config(tmp_path)
 
 
 @pytest_twisted.ensureDeferred
@@ -132,14 +124,15 @@ async def test_app_url_registers_at_start_once_the_app_answers(
     listening = None
     try:
         assert sim.simulator is not None
-        await deferLater(reactor, 0.3, lambda: None)
-        assert sim.simulator.driver.registration is None
+        driver = sim.simulator.driver
+        # Two attempts fail while nothing listens: the second proves it keeps trying.
+        for _ in range(2):
+            await driver.next_event(lambda e: e.status is None).addTimeout(10, reactor)
+        assert driver.registration is None
+        registered = driver.next_event(lambda e: e.action == "register")
         listening = reactor.listenTCP(port, Site(app), interface="127.0.0.1")
-        for _ in range(50):
-            if sim.simulator.driver.registration is not None:
-                break
-            await deferLater(reactor, 0.1, lambda: None)
-        assert sim.simulator.driver.registration == {
+        await registered.addTimeout(10, reactor)
+        assert driver.registration == {
             "applicationId": "dpatia",
             "url": f"http://127.0.0.1:{port}/dpatia",
         }

@@ -12,15 +12,15 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 import pytest
 import pytest_twisted
-from conftest import failure_result_of, no_result, success_result_of
+from conftest import failure_result_of, no_result, success_result_of, write_config
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent, StubTreq
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
@@ -529,11 +529,10 @@ def test_no_secret_or_token_in_the_log_of_a_credentials_flow() -> None:
         assert secret not in logged
 
 
-def _config(tmp_path: Path, text: str, mode: int) -> str:
-    path = tmp_path / "dpatia.ini"
-    path.write_text("[sps]\nallowed_callback_urls = http://127.0.0.1:*/\n" + text)
-    path.chmod(mode)
-    return str(path)
+def _config(tmp_path: Path, sps: dict[str, str], mode: int) -> str:
+    path = write_config(tmp_path, {"sps": sps})
+    os.chmod(path, mode)
+    return path
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
@@ -542,7 +541,7 @@ def test_config_refuses_a_client_secret_in_a_file_others_can_read(
 ) -> None:
     """A client_secret in a group- or world-readable file: one line naming the file and
     the fix, and not the secret."""
-    path = _config(tmp_path, f"client_id = svc\nclient_secret = {SECRET}\n", mode)
+    path = _config(tmp_path, {"client_id": "svc", "client_secret": SECRET}, mode)
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     message = str(caught.value)
@@ -554,12 +553,12 @@ def test_config_refuses_a_client_secret_in_a_file_others_can_read(
 def test_config_takes_client_credentials_from_a_private_file(tmp_path: Path) -> None:
     """Mode 0600: loaded; the secret never shows in the config's repr; both keys or
     neither; a world-readable file without a secret is fine."""
-    config = load_config(_config(tmp_path, f"client_id = svc\nclient_secret = {SECRET}\n", 0o600))
+    config = load_config(_config(tmp_path, {"client_id": "svc", "client_secret": SECRET}, 0o600))
     assert (config.sps.client_id, config.sps.client_secret) == ("svc", SECRET)
     assert SECRET not in repr(config)
     with pytest.raises(ConfigError, match=r"\[sps\] client_secret: must be set too"):
-        load_config(_config(tmp_path, "client_id = svc\n", 0o600))
-    assert load_config(_config(tmp_path, "", 0o644)).sps.client_secret is None
+        load_config(_config(tmp_path, {"client_id": "svc"}, 0o600))
+    assert load_config(_config(tmp_path, {}, 0o644)).sps.client_secret is None
 
 
 # --- with real workers ------------------------------------------------------------------
@@ -597,20 +596,21 @@ class Rig:
 
     def wait(self, kind: str, job_id: str, timeout: float = 30.0) -> Deferred[SupervisorEvent]:
         """The first event of ``kind`` for ``job_id`` (a job's end: done or failed)."""
-        d: Deferred[SupervisorEvent] = Deferred()
         for event in self.events:
             if self.matches(event, kind, job_id):
-                d.callback(event)
-                return d
-        self.waiters.append((kind, job_id, d))
+                return succeed(event)
 
-        def expire() -> None:
-            if not d.called:
-                d.errback(AssertionError(f"no {kind} for {job_id}"))
+        def forget(d: Deferred[SupervisorEvent]) -> None:
+            if entry in self.waiters:
+                self.waiters.remove(entry)
 
-        timer = self.reactor.callLater(timeout, expire)
-        d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
-        return d
+        def expired(result: object, timeout: float) -> NoReturn:
+            raise AssertionError(f"no {kind} for {job_id}")
+
+        d: Deferred[SupervisorEvent] = Deferred(forget)
+        entry = (kind, job_id, d)
+        self.waiters.append(entry)
+        return d.addTimeout(timeout, self.reactor, onTimeoutCancel=expired)
 
     async def add(self, token: str, test: dict[str, Any]) -> Job:
         job = attrs.evolve(
