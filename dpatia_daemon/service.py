@@ -38,7 +38,7 @@ from .spool import DirectorySpool, SpoolError
 from .sps.client import SPSClient, make_http_client
 from .sps.tokens import Credentials, TokenBook, callback_auth
 from .sps.writer import ResultWriter
-from .workers.run import WorkFolders
+from .workers.folders import WorkFolders
 from .workers.supervisor import Supervisor
 
 log = Logger()

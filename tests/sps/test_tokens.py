@@ -57,7 +57,8 @@ from dpatia_daemon.sps.tokens import (
     callback_auth,
 )
 from dpatia_daemon.sps.writer import ResultWriter
-from dpatia_daemon.workers.run import JobRun, WorkFolders
+from dpatia_daemon.workers.folders import WorkFolders
+from dpatia_daemon.workers.run import JobRun
 from dpatia_daemon.workers.supervisor import Supervisor, SupervisorEvent
 
 APP = "dpatia"

@@ -24,7 +24,7 @@ from dpatia_daemon.simulator.fake import BASE_PATH, FakeSPS
 from dpatia_daemon.sps.client import SPSClient, make_http_client
 from dpatia_daemon.sps.results import Status, frame_status
 from dpatia_daemon.sps.writer import ResultGone, ResultWriter, Superseded, is_final
-from dpatia_daemon.workers.run import UnusableResult, WorkFolders
+from dpatia_daemon.workers.folders import UnusableResult, WorkFolders
 
 pytestmark = pytest.mark.integration
 

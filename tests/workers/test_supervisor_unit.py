@@ -16,12 +16,14 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.test.iosim import connect, makeFakeClient, makeFakeServer
 
+from dpatia_daemon.backoff import Backoff
 from dpatia_daemon.config import WorkersConfig
 from dpatia_daemon.jobs import Callback, Job, JobKind, JobState
 from dpatia_daemon.models import Result
 from dpatia_daemon.spool import MemorySpool
 from dpatia_daemon.sps.results import Status
 from dpatia_daemon.text import bounded
+from dpatia_daemon.workers.candidates import Candidates
 from dpatia_daemon.workers.child import WorkerProtocol
 from dpatia_daemon.workers.commands import (
     AnalysisFailed,
@@ -31,15 +33,11 @@ from dpatia_daemon.workers.commands import (
     Progress,
     RunJob,
 )
-from dpatia_daemon.workers.run import Candidates, JobRun, WorkFolders
-from dpatia_daemon.workers.supervisor import (
-    CHILD_FDS,
-    Backoff,
-    LineLog,
-    Supervisor,
-    WorkerState,
-    _DaemonAMP,
-)
+from dpatia_daemon.workers.folders import WorkFolders
+from dpatia_daemon.workers.linelog import LineLog
+from dpatia_daemon.workers.pool import CHILD_FDS, DaemonAMP, WorkerState
+from dpatia_daemon.workers.run import JobRun
+from dpatia_daemon.workers.supervisor import Supervisor
 
 
 def make_job(
@@ -397,7 +395,7 @@ def test_amp_commands_round_trip_in_memory() -> None:
     """Hello, Ping, CancelJob and an AnalysisFailed RunJob daemon → worker; Progress
     worker → daemon; error messages keep their text."""
     progress: list[tuple[str, int, str]] = []
-    daemon = _DaemonAMP(lambda job_id, percent, text: progress.append((job_id, percent, text)))
+    daemon = DaemonAMP(lambda job_id, percent, text: progress.append((job_id, percent, text)))
     worker = WorkerProtocol(
         reactor=Clock(),
         spec="no.such:analysis",
