@@ -34,10 +34,11 @@ from .frontdoor.background import BackgroundQueue
 from .frontdoor.processes import FrontDoors, ParentLink, ReusePortListener, reuseport_address
 from .frontdoor.routes import IAAPI, make_site
 from .pipeline.prepare import PipelineSettings
-from .spool import DirectorySpool, SpoolError
+from .spool import DirectorySpool, ISpool, SpoolError
 from .sps.client import SPSClient, make_http_client
 from .sps.tokens import Credentials, TokenBook, callback_auth
 from .sps.writer import ResultWriter
+from .workers.cancels import PushCancels
 from .workers.folders import WorkFolders
 from .workers.supervisor import Supervisor
 
@@ -232,6 +233,9 @@ def build_service(config: Config, reactor: Any, *, front_door: int | None = None
     writer = ResultWriter(
         sps=sps, clock=reactor, display_name=config.app.display_name, tokens=tokens
     )
+    # The spool as the front door sees it: with workers here, their running jobs hear
+    # of a cancellation at once (see workers/cancels.py).
+    api_spool: ISpool = spool
     if config.workers.count and front_door is None:
         workers = Supervisor(
             reactor=reactor,
@@ -253,13 +257,14 @@ def build_service(config: Config, reactor: Any, *, front_door: int | None = None
         )
         workers.setName("workers")
         workers.setServiceParent(root)
+        api_spool = PushCancels(spool, workers.cancel)
     elif front_door is None:
         # A front door only: it accepts and spools jobs; daemons sharing the spool run them.
         log.info("no workers ([workers] count = 0): jobs are accepted, others run them")
 
     api = IAAPI(
         config=config,
-        spool=spool,
+        spool=api_spool,
         sps=sps,
         clock=reactor,
         writer=writer,

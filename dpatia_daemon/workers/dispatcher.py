@@ -44,11 +44,12 @@ from ..spool import ISpool
 from ..sps.tokens import TokenBook
 from ..sps.writer import ResultWriter
 from .candidates import Candidates
-from .commands import AnalysisFailed, CancelJob, JobCancelled, RunJob, WorkerBusy
+from .commands import AnalysisFailed, CancelJob, JobCancelled, NewCallback, RunJob, WorkerBusy
 from .events import Observers
-from .folders import UnusableResult, WorkFolders
-from .pool import StopCause, Worker, WorkerPool, WorkerState, describe_exit, every
+from .folders import UnusableResult, Verdict, WorkFolders
+from .pool import StopCause, Worker, WorkerPool, WorkerState, describe_exit
 from .run import JobRun, StopReason, observe
+from .timers import cancel_call, every
 
 log = Logger()
 
@@ -60,11 +61,6 @@ class _Assignment:
     worker: Worker
     run: JobRun
     cancel_timer: IDelayedCall | None = None
-
-    def cancel_timers(self) -> None:
-        if self.cancel_timer is not None and self.cancel_timer.active():
-            self.cancel_timer.cancel()
-        self.cancel_timer = None
 
 
 @define(eq=False)
@@ -281,7 +277,7 @@ class Dispatcher:
     def _unassign(self, worker: Worker) -> None:
         assignment = self._on.pop(worker, None)
         if assignment is not None:
-            assignment.cancel_timers()
+            cancel_call(assignment.cancel_timer)
 
     def _free(self, worker: Worker) -> None:
         """The worker is not needed for its claimed job after all."""
@@ -307,7 +303,7 @@ class Dispatcher:
                 "job {job_id}: an earlier attempt computed its result; storing it",
                 job_id=run.job_id,
             )
-            await run.complete(done)
+            await run.complete(done.result, done.verdict)
             return
         run.begin()
         self.events.emit("job-started", worker.name, run.job_id, attempt=run.job.attempts + 1)
@@ -335,7 +331,7 @@ class Dispatcher:
             outcome = e
         assignment = self._on.get(worker)
         if assignment is not None:
-            assignment.cancel_timers()
+            cancel_call(assignment.cancel_timer)
 
         if isinstance(outcome, Exception) and not isinstance(
             outcome, AnalysisFailed | JobCancelled
@@ -365,7 +361,8 @@ class Dispatcher:
             except UnusableResult as e:
                 await run.fail(str(e))
                 return
-            await run.complete(result)
+            verdict = Verdict.of(outcome.get("quality_control"), outcome.get("qc_version"))
+            await run.complete(result, verdict)
 
     async def _after_crash(self, worker: Worker, run: JobRun) -> None:
         """The worker died during the analysis: decide the job's fate by why."""
@@ -488,10 +485,37 @@ class Dispatcher:
         )
 
     def _new_callback(self, application_id: str, slide_id: str, callback: Callback) -> None:
-        """A request brought a newer callback for a slide: its running jobs use it."""
+        """A request brought a newer callback for a slide: its running jobs use it, and
+        their workers are sent it at once (``NewCallback``)."""
         for run in list(self._runs.values()):
-            if run.job.slide_id == slide_id and run.job.application_id == application_id:
-                run.use_callback(callback)
+            if run.job.slide_id != slide_id or run.job.application_id != application_id:
+                continue
+            if not run.use_callback(callback):
+                continue
+            worker = next((w for w, a in self._on.items() if a.run is run), None)
+            if worker is not None and worker.state is WorkerState.BUSY:
+                self._hand_over(worker, run.job_id, callback)
+
+    def _hand_over(self, worker: Worker, job_id: str, callback: Callback) -> None:
+        def sent(answer: dict[str, Any]) -> None:
+            self.events.emit("job-callback", worker.name, job_id, running=answer["running"])
+            if answer["running"]:
+                log.info(
+                    "job {job_id}: a newer callback token arrived; handed to its worker",
+                    job_id=job_id,
+                )
+
+        def failed(f: Failure) -> None:
+            log.warn(
+                "job {job_id}: could not hand a newer callback token to its worker ({error})",
+                job_id=job_id,
+                error=f.getErrorMessage(),
+            )
+
+        d = worker.amp.callRemote(
+            NewCallback, job_id=job_id, url=callback.url, token=callback.token
+        )
+        d.addCallbacks(sent, failed)
 
     # --- the sweep ------------------------------------------------------------------
 

@@ -20,7 +20,8 @@ class SupervisorEvent:
     """Something the workers' side did.
 
     ``kind`` is one of ``worker-spawned``, ``worker-ready``, ``worker-exited`` (from
-    the pool), ``job-started``, ``job-progress``, ``job-ended`` (from the dispatcher).
+    the pool), ``job-started``, ``job-progress``, ``job-callback`` (a newer callback
+    was handed to the job's worker), ``job-ended`` (from the dispatcher).
     """
 
     kind: str

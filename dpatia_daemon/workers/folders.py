@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
-from attrs import define
+from attrs import define, frozen
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,12 +24,36 @@ from twisted.python.filepath import FilePath
 from ..durable import write_atomically
 from ..jobs import Job
 from ..models import InvalidInput, Result, result_from_json
-from .workfolder import JOB_FILE, LABEL_STEM, RESULT_FILE, SLIDE_INFO_FILE, WSI_DIR
+from .workfolder import JOB_FILE, LABEL_STEM, RESULT_FILE, WSI_DIR
 
 log = Logger()
 
 _KEY = re.compile(r"[0-9a-f]{2,64}\Z")
 _DIR_MODE = 0o700
+
+
+@frozen
+class Verdict:
+    """A quality-control verdict of the analysis, and the ``versionId`` of the slide's QC
+    state (from its metadata) to send with it (None: not known)."""
+
+    status: str
+    version_id: str | None = None
+
+    @classmethod
+    def of(cls, status: object, version_id: object = None) -> Verdict | None:
+        """The verdict in a RunJob answer or a ``result.json`` record, if it has one."""
+        if not isinstance(status, str) or not status:
+            return None
+        return cls(status, version_id if isinstance(version_id, str) and version_id else None)
+
+
+@frozen
+class Outcome:
+    """What an analysis left in ``result.json``: its result and its QC verdict."""
+
+    result: Result
+    verdict: Verdict | None = None
 
 
 class UnusableResult(Exception):
@@ -88,16 +112,6 @@ class WorkFolders:
             result.remove()
         return folder
 
-    def update_job(self, job: Job) -> bool:
-        """Rewrite ``job.json`` of a prepared job (a newer callback token arrived), so
-        that its worker sees it; False if the job has no ``job.json`` (not prepared
-        yet, or retired)."""
-        path = self.folder(job).child(JOB_FILE)
-        if not path.exists():
-            return False
-        write_atomically(path.path, job.to_json(), fsync=False)
-        return True
-
     @staticmethod
     def _result_job_id(path: FilePath[str]) -> str | None:
         try:
@@ -107,13 +121,13 @@ class WorkFolders:
         job_id = data.get("jobId") if isinstance(data, dict) else None
         return job_id if isinstance(job_id, str) else None
 
-    def completed(self, job: Job) -> Result | None:
-        """The result a previous attempt of this very job computed, if it is there."""
+    def completed(self, job: Job) -> Outcome | None:
+        """What a previous attempt of this very job computed, if it is there."""
         path = self.folder(job).child(RESULT_FILE)
         if not path.exists():
             return None
         try:
-            return self.read_result(job, path.path)
+            return self.read_outcome(job, path.path)
         except UnusableResult as e:
             log.warn(
                 "job {job_id}: ignoring {path}: {error}",
@@ -125,6 +139,11 @@ class WorkFolders:
 
     def read_result(self, job: Job, path: str) -> Result:
         """Parse the ``result.json`` a worker reported for ``job``."""
+        return self.read_outcome(job, path).result
+
+    def read_outcome(self, job: Job, path: str) -> Outcome:
+        """Parse the ``result.json`` at ``path`` of ``job``: its result and the QC verdict
+        the worker recorded with it (:class:`UnusableResult` if it cannot be used)."""
         expected = self.folder(job).child(RESULT_FILE)
         if os.path.abspath(path) != os.path.abspath(expected.path):
             raise UnusableResult(f"the worker reported {path!r}, not {expected.path!r}")
@@ -135,30 +154,14 @@ class WorkFolders:
         if not isinstance(data, dict) or data.get("jobId") != job.job_id:
             raise UnusableResult(f"{RESULT_FILE} is not the result of job {job.job_id}")
         try:
-            return result_from_json(data.get("result"))
+            result = result_from_json(data.get("result"))
         except InvalidInput as e:
             raise UnusableResult(
                 f"the analysis returned an invalid result: {e} at {e.field}"
             ) from None
-
-    def quality_control(self, job: Job) -> tuple[str, str | None] | None:
-        """The QC verdict the analysis returned with its result, and the ``versionId`` of
-        the slide's current QC state (from its metadata) to send with it; or None."""
-        folder = self.folder(job)
-        try:
-            record = json.loads(folder.child(RESULT_FILE).getContent())
-        except (OSError, ValueError):
-            return None
-        verdict = record.get("qualityControl") if isinstance(record, dict) else None
-        if not isinstance(verdict, str):
-            return None
-        version: str | None = None
-        try:
-            info = json.loads(folder.child(SLIDE_INFO_FILE).getContent())
-            version = info["qualityControl"]["versionId"]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # no QC state known yet (SPS before 4.2, or no metadata): send none
-        return verdict, version if isinstance(version, str) else None
+        return Outcome(
+            result, Verdict.of(data.get("qualityControl"), data.get("qualityControlVersion"))
+        )
 
     def remove(self, job: Job) -> Deferred[Any]:
         """Retire the job's folder (in the background) now that the job has ended.
@@ -232,4 +235,4 @@ class WorkFolders:
         return d
 
 
-__all__ = ["UnusableResult", "WorkFolders"]
+__all__ = ["Outcome", "UnusableResult", "Verdict", "WorkFolders"]

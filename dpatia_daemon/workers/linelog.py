@@ -14,6 +14,8 @@ from attrs import define, field
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from .timers import cancel_call
+
 log = Logger()
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -69,8 +71,7 @@ class LineLog:
         self._report_dropped()
 
     def _report_dropped(self) -> None:
-        if self._report is not None and self._report.active():
-            self._report.cancel()
+        cancel_call(self._report)
         self._report = None
         if self._dropped:
             self._say(f"[{self._dropped} lines dropped: more than {self.rate:g} lines/s]")

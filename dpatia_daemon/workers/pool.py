@@ -34,8 +34,8 @@ from typing import Any
 
 from attrs import define, field
 from twisted.internet import error as ierror
-from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITransport
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IAddress, IDelayedCall, ITransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -50,6 +50,7 @@ from ..config import WorkersConfig
 from .commands import WORKER_AMP_IN, WORKER_AMP_OUT, Hello, Ping, Progress
 from .events import Observers
 from .linelog import LineLog
+from .timers import cancel_call, every
 
 log = Logger()
 
@@ -102,36 +103,6 @@ def describe_exit(reason: Failure | None) -> str:
     if isinstance(value, ierror.ProcessDone):
         return "exit code 0"
     return reason.getErrorMessage()
-
-
-def every(
-    clock: IReactorTime, interval: float, body: Callable[[], Any], *, now: bool
-) -> LoopingCall:
-    """Start a LoopingCall of ``body`` on ``clock`` that logs (and survives) its errors."""
-
-    def safely() -> Deferred[None]:
-        # A LoopingCall stops for good on its first error: log everything here.
-        try:
-            d = body()
-        except Exception:
-            log.failure("supervisor timer {name} failed", name=body.__name__)
-            return succeed(None)
-        if isinstance(d, Deferred):
-            d.addErrback(
-                lambda f: log.failure("supervisor timer {name} failed", f, name=body.__name__)
-            )
-            return d
-        return succeed(None)
-
-    loop = LoopingCall(safely)
-    loop.clock = clock
-    loop.start(interval, now=now)
-    return loop
-
-
-def _cancel(timer: IDelayedCall | None) -> None:
-    if timer is not None and timer.active():
-        timer.cancel()
 
 
 # --- plumbing between a process and AMP -----------------------------------------------
@@ -237,7 +208,7 @@ class Slot:
 
     def cancel_restart(self) -> None:
         """Forget a scheduled restart (the owner is stopping)."""
-        _cancel(self.restart)
+        cancel_call(self.restart)
         self.restart = None
 
 
@@ -292,8 +263,8 @@ class Worker:
         if self.state is WorkerState.DEAD:
             return False
         self.exit = reason
-        _cancel(self.start_timer)
-        _cancel(self.kill_timer)
+        cancel_call(self.start_timer)
+        cancel_call(self.kill_timer)
         self.set_state(WorkerState.DEAD)
         self.ended.callback(None)
         return True
@@ -488,7 +459,7 @@ class WorkerPool:
         d.addCallbacks(lambda answer: self._hello(worker, answer), lambda f: None)
 
     def _hello(self, worker: Worker, answer: dict[str, Any]) -> None:
-        _cancel(worker.start_timer)
+        cancel_call(worker.start_timer)
         worker.start_timer = None
         if worker.state is not WorkerState.STARTING:
             return
@@ -546,7 +517,7 @@ class WorkerPool:
         worker.term_sent = True
         log.info("worker {worker}: SIGTERM ({why})", worker=worker.name, why=why)
         worker.signal("TERM")
-        _cancel(worker.kill_timer)
+        cancel_call(worker.kill_timer)
         worker.kill_timer = self.reactor.callLater(self.config.kill_grace, self._kill, worker)
 
     def _kill(self, worker: Worker) -> None:
@@ -673,6 +644,5 @@ __all__ = [
     "WorkerState",
     "child_environ",
     "describe_exit",
-    "every",
     "worker_argv",
 ]

@@ -30,7 +30,8 @@ from ..sps.client import SPSError
 from ..sps.results import CONTEXT_KEY, Status
 from ..sps.writer import ResultGone, ResultWriter, Superseded, is_final
 from ..text import bounded
-from .folders import WorkFolders
+from .folders import Outcome, Verdict, WorkFolders
+from .timers import cancel_call
 
 log = Logger()
 
@@ -132,34 +133,22 @@ class JobRun:
         """Create the work folder with ``job.json``; return its path (OSError if not)."""
         return self.folders.prepare(self.job).path
 
-    def completed_result(self) -> Result | None:
-        """A result an earlier attempt of this job computed but could not store."""
+    def completed_result(self) -> Outcome | None:
+        """What an earlier attempt of this job computed but could not store."""
         return self.folders.completed(self.job)
 
     def read_result(self, path: str) -> Result:
         """The result the worker wrote (:class:`UnusableResult` if it cannot be used)."""
         return self.folders.read_result(self.job, path)
 
-    def use_callback(self, callback: Callback) -> None:
-        """A newer request for the job's slide brought ``callback``: the job (and its
-        worker, through ``job.json``) use it from now on."""
+    def use_callback(self, callback: Callback) -> bool:
+        """A newer request for the job's slide brought ``callback``: the job's writes use
+        it from now on.  True if it is new to the job and the analysis may still call
+        the SPS (the dispatcher then hands it to the worker)."""
         if callback == self.job.callback:
-            return
+            return False
         self.job = attrs.evolve(self.job, callback=callback)
-        if self.ending is not None:
-            return  # the worker is done with the job; its folder is being retired
-        try:
-            if self.folders.update_job(self.job):
-                log.info(
-                    "job {job_id}: a newer callback token arrived; handed to its worker",
-                    job_id=self.job_id,
-                )
-        except OSError as e:
-            log.warn(
-                "job {job_id}: could not hand a newer callback token to its worker ({error})",
-                job_id=self.job_id,
-                error=str(e),
-            )
+        return self.ending is None
 
     def begin(self) -> None:
         """Find (or create) the job's result at the SPS, while the analysis starts."""
@@ -266,8 +255,7 @@ class JobRun:
         self._write_progress()
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        cancel_call(self._timer)
         self._timer = None
 
     def _write_progress(self) -> None:
@@ -325,8 +313,9 @@ class JobRun:
 
     # --- endings ----------------------------------------------------------------------
 
-    async def complete(self, result: Result) -> None:
-        """The analysis produced ``result``: store it in place of the frame; done."""
+    async def complete(self, result: Result, verdict: Verdict | None = None) -> None:
+        """The analysis produced ``result`` (and perhaps a QC ``verdict``): store it in
+        place of the frame, then the verdict; done."""
         await self._quiesce("complete")
         final = self.writer.final(self.job, result)
         try:
@@ -348,29 +337,19 @@ class JobRun:
         log.info(
             "job {job_id}: result {result_id} stored", job_id=self.job_id, result_id=self.stored.id
         )
-        await self._store_quality_control()
+        if verdict is not None:
+            await self._store_quality_control(verdict)
         await self._end(JobState.DONE, None)
 
-    async def _store_quality_control(self) -> None:
-        """Send the analysis's QC verdict, if it gave one (IA-API.md §2.7).
+    async def _store_quality_control(self, verdict: Verdict) -> None:
+        """Send the analysis's QC verdict (IA-API.md §2.7) through the writer.
 
         After the result: a verdict the SPS refuses (an older SPS, a QC state changed
         by a user meanwhile) is logged, and the job still counts as done.
         """
-        verdict = self.folders.quality_control(self.job)
-        if verdict is None:
-            return
-        status, version_id = verdict
+        status = verdict.status
         try:
-            await self._call(
-                self.writer.sps.set_quality_control(
-                    self.writer.callback(self.job),
-                    self.job.slide_id,
-                    status=status,
-                    version_id=version_id,
-                    application_version=self.writer.application_version,
-                )
-            )
+            await self._call(self.writer.quality_control(self.job, status, verdict.version_id))
         except (SPSError, ValueError) as e:
             log.warn(
                 "job {job_id}: the slide's quality-control verdict {status} was not stored: {error}",

@@ -190,7 +190,8 @@ def test_a_result_is_reused_only_by_the_same_job(tmp_path: Path) -> None:
     result = {"slideId": "s", "displayResult": "42"}
     (folder / "result.json").write_text(json.dumps({"jobId": job.job_id, "result": result}))
     reused = folders.completed(job)
-    assert reused is not None and reused.displayResult == "42"
+    assert reused is not None and reused.result.displayResult == "42"
+    assert reused.verdict is None
     with pytest.raises(UnusableResult):
         folders.read_result(job, str(tmp_path / "elsewhere.json"))
     other = attrs.evolve(job, job_id="f" * 32)
