@@ -34,7 +34,7 @@ from typing import Any
 
 from attrs import define, field
 from twisted.internet import error as ierror
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, TimeoutError, gatherResults
 from twisted.internet.interfaces import IAddress, IDelayedCall, ITransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
@@ -238,7 +238,6 @@ class Worker:
     cause: StopCause | None = None
     ping_pending: bool = False
     missed: int = 0
-    start_timer: IDelayedCall | None = None
     kill_timer: IDelayedCall | None = None
     exit: Failure | None = None
     ended: Deferred[None] = field(factory=Deferred)
@@ -263,7 +262,6 @@ class Worker:
         if self.state is WorkerState.DEAD:
             return False
         self.exit = reason
-        cancel_call(self.start_timer)
         cancel_call(self.kill_timer)
         self.set_state(WorkerState.DEAD)
         self.ended.callback(None)
@@ -448,19 +446,20 @@ class WorkerPool:
             return
         if worker.state is WorkerState.STARTING:
             worker.pid = getattr(worker.transport, "pid", None)
-            worker.start_timer = self.reactor.callLater(
-                self.start_timeout, self._start_timed_out, worker
-            )
             log.info("worker {worker} spawned (pid {pid})", worker=name, pid=worker.pid)
             self.events.emit("worker-spawned", name, pid=worker.pid)
 
     def _connected(self, worker: Worker) -> None:
+        # The start deadline is Hello's: a worker stuck before its reactor runs (an
+        # import that hangs) never answers it.
         d = worker.amp.callRemote(Hello)
-        d.addCallbacks(lambda answer: self._hello(worker, answer), lambda f: None)
+        d.addTimeout(self.start_timeout, self.reactor)
+        d.addCallbacks(
+            lambda answer: self._hello(worker, answer),
+            lambda f: self._start_timed_out(worker) if f.check(TimeoutError) else None,
+        )
 
     def _hello(self, worker: Worker, answer: dict[str, Any]) -> None:
-        cancel_call(worker.start_timer)
-        worker.start_timer = None
         if worker.state is not WorkerState.STARTING:
             return
         worker.pid = answer["pid"]
@@ -478,7 +477,6 @@ class WorkerPool:
         self.on_ready(worker)
 
     def _start_timed_out(self, worker: Worker) -> None:
-        worker.start_timer = None
         if worker.state is WorkerState.STARTING:
             log.error(
                 "worker {worker} did not start within {timeout} s; killing it",

@@ -41,7 +41,6 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ..backoff import Backoff
 from ..config import WorkersConfig
 from ..pipeline.prepare import PipelineSettings
 from ..spool import ISpool
@@ -50,17 +49,7 @@ from ..sps.writer import ResultWriter
 from .dispatcher import Dispatcher
 from .events import Observers, SupervisorEvent
 from .folders import WorkFolders
-from .linelog import LineLog
-from .pool import (
-    CHILD_FDS,
-    DaemonAMP,
-    Worker,
-    WorkerPool,
-    WorkerState,
-    child_environ,
-    describe_exit,
-    worker_argv,
-)
+from .pool import Worker, WorkerPool, child_environ, worker_argv
 
 log = Logger()
 
@@ -239,14 +228,4 @@ class Supervisor(Service):
         )
 
 
-__all__ = [
-    "CHILD_FDS",
-    "Backoff",
-    "DaemonAMP",
-    "LineLog",
-    "Supervisor",
-    "SupervisorEvent",
-    "Worker",
-    "WorkerState",
-    "describe_exit",
-]
+__all__ = ["Supervisor", "SupervisorEvent"]
