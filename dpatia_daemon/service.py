@@ -37,31 +37,16 @@ from .frontdoor.processes import FrontDoors, ParentLink, ReusePortListener
 from .frontdoor.routes import IAAPI
 from .frontdoor.site import make_site
 from .lifecycle import OrderedRoot, Ready, Stopper, in_thread
-from .pipeline.prepare import PipelineSettings
-from .spool import DirectorySpool
+from .spool import DirectorySpool, ISpool
 from .sps.client import SPSClient, make_http_client
-from .sps.tokens import Credentials, TokenBook, callback_auth
+from .sps.tokens import TokenBook, callback_auth
 from .sps.writer import ResultWriter
 from .twistedcompat import raise_synchronously
-from .workers.run import WorkFolders
+from .workers.cancels import PushCancels
+from .workers.folders import WorkFolders
 from .workers.supervisor import Supervisor
 
 log = Logger()
-
-
-def _analysis_settings(config: Config) -> dict[str, str]:
-    """The config section a built-in analysis reads (passed to its workers)."""
-    return config.analysis_settings()
-
-
-def _pipeline_settings(config: Config) -> PipelineSettings:
-    """What workers need to fetch a slide."""
-    return config.pipeline_settings()
-
-
-def _credentials(config: Config) -> Credentials | None:
-    """``[sps] client_id``/``client_secret``, if configured."""
-    return config.sps.credentials()
 
 
 def build_service(config: Config, reactor: Any, *, front_door: int | None = None) -> MultiService:
@@ -104,7 +89,7 @@ def build_service(config: Config, reactor: Any, *, front_door: int | None = None
         timeout=config.sps.timeout,
         retries=config.sps.retries,
     )
-    credentials = _credentials(config)
+    credentials = config.sps.credentials()
     if credentials is not None:
         log.info(
             "SPS client credentials configured (client id {client_id}): callback tokens "
@@ -124,6 +109,9 @@ def build_service(config: Config, reactor: Any, *, front_door: int | None = None
     writer = ResultWriter(
         sps=sps, clock=reactor, display_name=config.app.display_name, tokens=tokens
     )
+    # The spool as the front door sees it: with workers here, their running jobs hear
+    # of a cancellation at once (see workers/cancels.py).
+    api_spool: ISpool = spool
     if config.workers.count and front_door is None:
         workers = Supervisor(
             reactor=reactor,
@@ -131,8 +119,8 @@ def build_service(config: Config, reactor: Any, *, front_door: int | None = None
             writer=writer,
             config=config.workers,
             analysis=config.app.analysis,
-            settings=_analysis_settings(config),
-            pipeline=_pipeline_settings(config),
+            settings=config.analysis_settings(),
+            pipeline=config.pipeline_settings(),
             folders=WorkFolders(
                 config.workers.work_directory,
                 run_blocking=partial(in_thread, reactor),
@@ -145,13 +133,14 @@ def build_service(config: Config, reactor: Any, *, front_door: int | None = None
         )
         workers.setName("workers")
         workers.setServiceParent(root)
+        api_spool = PushCancels(spool, workers.cancel)
     elif front_door is None:
         # A front door only: it accepts and spools jobs; daemons sharing the spool run them.
         log.info("no workers ([workers] count = 0): jobs are accepted, others run them")
 
     api = IAAPI(
         config=config,
-        spool=spool,
+        spool=api_spool,
         sps=sps,
         clock=reactor,
         writer=writer,

@@ -154,3 +154,15 @@ def test_nothing_in_the_daemon_imports_the_separate_programs(module: str) -> Non
              and any(t == module or t.startswith(module + ".")
                      for t in _imports(m, p, top_level_only=False))]
     assert users == []
+
+
+#: Longest module, in lines, outside the simulator (a separate program).
+MAX_LINES = 800
+
+
+def test_no_module_of_the_daemon_is_over_800_lines() -> None:
+    """A module one can read whole: none over MAX_LINES lines outside simulator/."""
+    long = {m: n for m, p in _modules().items()
+            if not m.startswith("simulator")
+            and (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}

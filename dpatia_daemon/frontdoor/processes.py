@@ -10,8 +10,10 @@ main process.  (A single shared socket balances badly: the first process awake t
 a whole burst of keep-alive connections.  Only processes of the same user can join a
 ``SO_REUSEPORT`` group, so no other account can listen in.)
 
-* :class:`FrontDoors` (main process) spawns and supervises the copies: one that exits
-  is started again after a backoff; at stop they are told to stop and awaited.  Each
+* :class:`FrontDoors` (main process) spawns and supervises the copies (``python -m
+  dpatia_daemon.frontdoor.child``, which is ``twistd``), with the worker pool's record
+  of a process and its backoff: one that exits is started again after a backoff; at
+  stop they are told to stop and awaited.  Each
   copy writes the id of every job it queues to a pipe (fd 3), and the main process
   announces it to its dispatcher at once, instead of at the next spool sweep.
 * :class:`ReusePortListener` listens (in every process); :class:`ParentLink` (in a
@@ -23,7 +25,6 @@ Copies write their log to the main process's stdout and stderr (the journal) dir
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 from collections.abc import Callable, Coroutine
@@ -32,19 +33,22 @@ from typing import Any
 from attrs import define, field
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.stdio import StandardIO
 from twisted.logger import Logger
 
+from ..backoff import Backoff
 from ..jobs import Job
+from ..workers.pool import LIVE, Slot, Worker, WorkerState, child_environ
 
 log = Logger()
 
 #: The fd a copy writes "<job id> <key>" lines to, one per job it queued.
 NOTICE_FD = 3
 
-_TWISTD = ("-c", "from twisted.scripts.twistd import run; run()")
+#: The module a copy runs: ``twistd`` under a name of its own (see :mod:`.child`).
+COPY_MODULE = "dpatia_daemon.frontdoor.child"
 
 
 def reuseport_address(listen: str) -> tuple[str, int, int]:
@@ -106,15 +110,17 @@ class ReusePortListener(Service):
 
 
 class _Copy(ProcessProtocol):
-    """One running copy: relays its job notices; reports its end."""
+    """One running copy: relays its job notices; reports its end to its record."""
 
-    def __init__(self, owner: FrontDoors, number: int) -> None:
+    def __init__(self, owner: FrontDoors, worker: Worker) -> None:
         self.owner = owner
-        self.number = number
+        self.worker = worker
         self.buffer = b""
         self.noticed = False
-        self.ended: Deferred[None] = Deferred()
-        self.started_at = owner.reactor.seconds()
+
+    @property
+    def number(self) -> int:
+        return self.worker.slot.number
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
         if fd != NOTICE_FD:
@@ -143,8 +149,7 @@ class _Copy(ProcessProtocol):
         )
 
     def processEnded(self, reason: Any) -> None:
-        self.ended.callback(None)
-        self.owner._ended(self, reason)
+        self.owner._ended(self.worker, reason)
 
 
 @define(eq=False)
@@ -153,7 +158,11 @@ class FrontDoors(Service):
 
     ``argv`` is the copy's command line after ``twistd dpatia`` (the daemon's config;
     ``--listen`` with the bound port and ``--front-door N`` are appended); ``notice``
-    is called with the id of each job a copy queued.
+    is called with the id of each job a copy queued.  Each copy has a
+    :class:`~dpatia_daemon.workers.pool.Slot` with its restart
+    :class:`~dpatia_daemon.backoff.Backoff` and the record of its current process (a
+    :class:`~dpatia_daemon.workers.pool.Worker`: ``starting`` until spawned, then
+    ``idle`` while it serves, ``stopping``, ``dead``), as the worker pool keeps them.
     """
 
     reactor: Any
@@ -162,28 +171,24 @@ class FrontDoors(Service):
     listen: str
     argv: list[str]
     notice: Callable[[str, str], Coroutine[Any, Any, None]]
-    #: Restart backoff: first delay, doubled per quick exit, capped.
+    #: Restart backoff: first (and least) delay, doubled per quick exit, capped.
     backoff: float = 1.0
     max_backoff: float = 30.0
     #: A copy that ran this long before it exited restarts after the first delay again.
     stable_after: float = 60.0
     stop_timeout: float = 30.0
-    _copies: dict[int, _Copy] = field(factory=dict, init=False)
-    _delays: dict[int, float] = field(factory=dict, init=False)
-    _restarts: dict[int, IDelayedCall] = field(factory=dict, init=False)
+    _slots: list[Slot] = field(factory=list, init=False)
     _listen: str | None = field(default=None, init=False)
-    _stopping: bool = field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
         Service.__init__(self)
 
     def startService(self) -> None:
         super().startService()
-        self._stopping = False
         self.port.addCallback(self._bound)
 
     def _bound(self, port: Any) -> Any:
-        if self._stopping:
+        if not self.running:
             return port
         interface, _, backlog = reuseport_address(self.listen)
         host = port.getHost()
@@ -191,59 +196,72 @@ class FrontDoors(Service):
         self._listen = f"tcp:{host.port}:backlog={backlog}"
         if interface:
             self._listen += ":interface=" + interface.replace(":", "\\:")
-        for number in range(1, self.count + 1):
-            self._spawn(number)
+        self._slots = [
+            Slot(
+                number=number,
+                backoff=Backoff(
+                    initial=self.backoff,
+                    cap=self.max_backoff,
+                    healthy_after=self.stable_after,
+                    floor=self.backoff,
+                ),
+            )
+            for number in range(1, self.count + 1)
+        ]
+        for slot in self._slots:
+            self._spawn(slot)
         return port
 
-    def _spawn(self, number: int) -> None:
-        self._restarts.pop(number, None)
-        if self._stopping or self._listen is None:
+    def _spawn(self, slot: Slot) -> None:
+        slot.restart = None
+        if not self.running or self._listen is None:
             return
-        copy = _Copy(self, number)
-        argv = [sys.executable, *_TWISTD, "--nodaemon", "--pidfile=", "dpatia"]
-        argv += [*self.argv, "--listen", self._listen, "--front-door", str(number)]
-        transport = self.reactor.spawnProcess(
-            copy,
+        worker = Worker(slot=slot, name=str(slot.number), started=self.reactor.seconds())
+        argv = [sys.executable, "-m", COPY_MODULE, "--nodaemon", "--pidfile=", "dpatia"]
+        argv += [*self.argv, "--listen", self._listen, "--front-door", str(slot.number)]
+        worker.transport = self.reactor.spawnProcess(
+            _Copy(self, worker),
             sys.executable,
             argv,
-            env=os.environ.copy(),
+            env=child_environ(None),
             childFDs={0: "w", 1: 1, 2: 2, NOTICE_FD: "r"},
         )
-        self._copies[number] = copy
-        log.info("front door {number} started (pid {pid})", number=number, pid=transport.pid)
+        worker.pid = worker.transport.pid
+        worker.set_state(WorkerState.IDLE)
+        slot.worker = worker
+        log.info("front door {number} started (pid {pid})", number=slot.number, pid=worker.pid)
 
-    def _ended(self, copy: _Copy, reason: Any) -> None:
-        self._copies.pop(copy.number, None)
-        if self._stopping:
+    def _ended(self, worker: Worker, reason: Any) -> None:
+        slot = worker.slot
+        worker.exited(reason)
+        if slot.worker is worker:
+            slot.worker = None
+        if not self.running:
             return
-        ran = self.reactor.seconds() - copy.started_at
-        delay = self.backoff if ran >= self.stable_after else self._delays.get(copy.number, 0.0)
-        delay = min(self.max_backoff, max(self.backoff, delay * 2 if delay else self.backoff))
-        self._delays[copy.number] = delay
+        delay = slot.backoff.after_exit(self.reactor.seconds() - worker.started)
         log.warn(
             "front door {number} ended ({reason}); starting it again in {delay:.0f} s",
-            number=copy.number,
+            number=slot.number,
             reason=reason.getErrorMessage(),
             delay=delay,
         )
-        self._restarts[copy.number] = self.reactor.callLater(delay, self._spawn, copy.number)
+        slot.restart = self.reactor.callLater(delay, self._spawn, slot)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
-        self._stopping = True
-        for call in self._restarts.values():
-            if call.active():
-                call.cancel()
-        self._restarts.clear()
-        copies = list(self._copies.values())
+        for slot in self._slots:
+            slot.cancel_restart()
+        copies = [s.worker for s in self._slots if s.worker is not None and s.worker.state in LIVE]
         if not copies:
             return succeed(None)
-        for copy in copies:
+        for worker in copies:
+            if worker.state is not WorkerState.STOPPING:
+                worker.set_state(WorkerState.STOPPING)
             # Closing its stdin is how a copy learns to stop (as when we die).
-            if copy.transport is not None:
-                copy.transport.closeStdin()
+            if worker.transport is not None:
+                worker.transport.closeStdin()
         timer = self.reactor.callLater(self.stop_timeout, self._kill, copies)
-        done = DeferredList([copy.ended for copy in copies])
+        done = DeferredList([worker.ended for worker in copies])
 
         def stopped(result: Any) -> Any:
             if timer.active():
@@ -253,15 +271,11 @@ class FrontDoors(Service):
         return done.addBoth(stopped)
 
     @staticmethod
-    def _kill(copies: list[_Copy]) -> None:
-        for copy in copies:
-            if not copy.ended.called:
-                log.warn("front door {number} did not stop in time: killed", number=copy.number)
-                try:
-                    if copy.transport is not None:
-                        copy.transport.signalProcess("KILL")
-                except Exception:
-                    pass  # ended meanwhile
+    def _kill(copies: list[Worker]) -> None:
+        for worker in copies:
+            if worker.state is not WorkerState.DEAD:
+                log.warn("front door {number} did not stop in time: killed", number=worker.name)
+                worker.signal("KILL")
 
 
 # --- in a copy ---------------------------------------------------------------------------

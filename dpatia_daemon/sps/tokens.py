@@ -7,11 +7,13 @@ collaborators, one per question:
   for each slide from any accepted request.  The front door records every request's
   callback; the :class:`~dpatia_daemon.sps.writer.ResultWriter` asks it for the
   callback of every write (so a running job writes with a token that arrived after it
-  started); the supervisor listens to it and rewrites a running job's ``job.json`` so
-  that its worker sees the new token too.  In memory and bounded: after a restart the
-  spool's records (whose merge already keeps the newest token) are the source.
-* :class:`JobFile` (worker) — the callback in the running job's ``job.json``, re-read
-  when the file changes (at most once a second, and at once after a 401/403).
+  started); the dispatcher listens to it and sends the new callback to the worker of a
+  running job (``NewCallback``), so that its worker's calls use it too.  In memory and
+  bounded: after a restart the spool's records (whose merge already keeps the newest
+  token) are the source.
+* :class:`JobCallback` (worker) — the running job's newest callback: the one in its
+  ``job.json`` at start, then each newer one the daemon sends (the ``NewCallback`` AMP
+  command).
 * :class:`CredentialTokens` — with ``[sps] client_id``/``client_secret``, access tokens
   from ``POST {callback}/token?applicationId=`` (client credentials, HTTP Basic,
   IA-API.md §2.9), one per SPS base URL, refreshed before they expire (when
@@ -38,7 +40,6 @@ line names one.
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Protocol
@@ -332,80 +333,51 @@ class TokenBook:
 
 
 @define
-class JobFile:
-    """The worker's view of its job's newest callback: ``job.json``, re-read on change.
+class JobCallback:
+    """The worker's view of its running job's newest callback, as the daemon sends it.
 
-    :meth:`follow` it while a job's SPS calls run; a call made with any token the job
-    has had is sent with the callback now in the file (the daemon rewrites it when a
-    newer request for the slide arrives).  The file is looked at again at most every
-    ``recheck_interval`` seconds of ``clock`` time, and at once on ``recheck``.  A
-    callback for another SPS URL than the call's is not used for that call.
+    :meth:`follow` it while a job's SPS calls run; the daemon's ``NewCallback`` command
+    (a newer request for the slide arrived) gives it the newer callback through
+    :meth:`update`.  A call made with any token the job has had is sent with the newest
+    one.  A callback for another SPS URL than the call's is not used for that call.
     """
 
-    clock: IReactorTime
-    recheck_interval: float = 1.0
-    _path: str | None = field(default=None, init=False)
-    _job_id: str = field(default="", init=False)
+    _job_id: str | None = field(default=None, init=False)
     _current: Callback | None = field(default=None, init=False, repr=False)
     _known: set[str] = field(factory=set, init=False, repr=False)
-    _stamp: tuple[int, int, int] | None = field(default=None, init=False)
-    _checked: float = field(default=float("-inf"), init=False)
 
-    def follow(self, path: str, job: Job) -> None:
-        """Serve the callback of ``job``, whose record is ``path``."""
-        self._path = path
+    def follow(self, job: Job) -> None:
+        """Serve the callback of ``job`` (now running)."""
         self._job_id = job.job_id
         self._current = job.callback
         self._known = {job.callback.token}
-        self._stamp = self._stat()
-        self._checked = self.clock.seconds()
+
+    def update(self, job_id: str, callback: Callback) -> bool:
+        """The daemon sent a newer ``callback`` for ``job_id``; False if that job's SPS
+        calls are not running here."""
+        if job_id != self._job_id:
+            return False
+        if callback != self._current:
+            log.info("job {job_id}: a newer callback token arrived", job_id=job_id)
+        self._current = callback
+        self._known.add(callback.token)
+        return True
 
     def stop(self) -> None:
         """The job's SPS calls are over: forget it."""
-        self._path = None
+        self._job_id = None
         self._current = None
         self._known = set()
-        self._stamp = None
 
     def newest(self, callback: Callback, *, recheck: bool = False) -> Callback:
-        """The job's current callback for a call made with ``callback``."""
-        if self._path is None or callback.token not in self._known:
-            return callback
-        now = self.clock.seconds()
-        if recheck or now - self._checked >= self.recheck_interval:
-            self._checked = now
-            self._reload()
+        """The job's current callback for a call made with ``callback`` (``recheck`` is
+        part of :class:`CallbackSource`; the newest is always known here)."""
         current = self._current
-        if current is None or _base(current.url) != _base(callback.url):
+        if current is None or callback.token not in self._known:
+            return callback
+        if _base(current.url) != _base(callback.url):
             return callback
         return current
-
-    def _stat(self) -> tuple[int, int, int] | None:
-        assert self._path is not None
-        try:
-            st = os.stat(self._path)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-    def _reload(self) -> None:
-        stamp = self._stat()
-        if stamp is None or stamp == self._stamp:
-            return
-        assert self._path is not None
-        try:
-            with open(self._path, "rb") as f:
-                job = Job.from_json(f.read())
-        except Exception as e:  # noqa: BLE001 - any unreadable record: keep the last one
-            log.warn("cannot re-read the job file: {error}", error=type(e).__name__)
-            return
-        self._stamp = stamp
-        if job.job_id != self._job_id:
-            return
-        if job.callback != self._current:
-            log.info("job {job_id}: a newer callback token arrived", job_id=job.job_id)
-        self._current = job.callback
-        self._known.add(job.callback.token)
 
 
 # --- the authorizer -------------------------------------------------------------------
@@ -417,7 +389,7 @@ class CallbackAuth:
     docstring for which token wins).
 
     Collaborators: ``credentials`` (None when not configured) and ``callbacks`` (the
-    worker's :class:`JobFile`; the daemon resolves the newest callback before calling,
+    worker's :class:`JobCallback`; the daemon resolves the newest callback before calling,
     through the :class:`TokenBook`).  Callback tokens the SPS rejected are remembered
     (at most ``remember``).
     """
@@ -486,7 +458,7 @@ __all__ = [
     "CallbackSource",
     "CredentialTokens",
     "Credentials",
-    "JobFile",
+    "JobCallback",
     "SameCallback",
     "TokenBook",
     "callback_auth",

@@ -294,6 +294,27 @@ class ResultWriter:
 
         return await self._serialised(job, write)
 
+    # --- the slide's quality control --------------------------------------------------
+
+    async def quality_control(self, job: Job, status: str, version_id: str | None) -> None:
+        """Set the QC status of ``job``'s slide (IA-API.md §2.7), with the newest callback
+        and under the slide's lock, like every other write of the job.
+
+        ``version_id`` is the slide's current QC ``versionId`` (from its metadata);
+        ValueError for a status the IA-API does not know.
+        """
+
+        async def put() -> None:
+            await self.sps.set_quality_control(
+                self.callback(job),
+                job.slide_id,
+                status=status,
+                version_id=version_id,
+                application_version=self.application_version,
+            )
+
+        await self._serialised(job, put)
+
 
 def is_final(result: Result) -> bool:
     """Whether ``result`` is one of dpatia's final states (done, failed, cancelled)."""

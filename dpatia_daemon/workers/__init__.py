@@ -1,5 +1,9 @@
 """Running analyses in supervised worker processes.
 
-The daemon side (the pool of processes, dispatch, one job's run, the work-folder
-contract) runs in the main daemon process; :mod:`.child` is the worker process itself,
-and :mod:`.commands` is the AMP conversation between the two."""
+In the main daemon process: :mod:`.supervisor` (the ``workers`` service) composes a
+:mod:`.pool` (the processes: spawn, hello, heartbeats, TERM/KILL, restart backoff; no
+jobs) and a :mod:`.dispatcher` (the jobs: :mod:`.candidates`, claiming, deadlines,
+cancellation, each job's fate), with one job's SPS writes in :mod:`.run`, its folder in
+:mod:`.folders` and the folder's file names in :mod:`.workfolder`.  :mod:`.child` is the
+worker process itself, and :mod:`.commands` is the AMP conversation between the two,
+by direction."""

@@ -10,10 +10,11 @@ and stdout/stderr as log streams.  The worker:
 * runs one analysis at a time in a thread of its own, so its reactor keeps answering
   ``Ping`` and ``CancelJob`` whatever the analysis does;
 * reads ``job.json`` from the job's work folder and writes ``result.json`` there
-  (atomically), answering ``RunJob`` with its path; while it fetches the slide it
-  follows ``job.json`` (the daemon rewrites it when a newer callback token arrives),
-  and with SPS client credentials (from its environment, which it then clears) it
-  obtains its own tokens when the SPS rejects the callback token;
+  (atomically), answering ``RunJob`` with its path and the analysis's quality-control
+  verdict (with the slide's QC ``versionId`` from its metadata); while it fetches the
+  slide its SPS calls use the newest callback token (the daemon sends newer ones with
+  ``NewCallback``), and with SPS client credentials (from its environment, which it
+  then clears) it obtains its own tokens when the SPS rejects the callback token;
 * coalesces progress reports: at most one ``Progress`` call in flight, carrying the
   newest values;
 * exits when its AMP pipe closes (the daemon stopped it, or died), and on SIGTERM at
@@ -55,12 +56,12 @@ from .._version import __version__
 from ..analyses import Analysis, AnalysisCancelled, AnalysisJob, AnalysisResult
 from ..analyses.loader import AnalysisLoadError, load_analysis
 from ..durable import write_atomically
-from ..jobs import Job
+from ..jobs import Callback, Job
 from ..models import Result, unstructure
 from ..pipeline.download import DownloadError
 from ..pipeline.prepare import PipelineSettings, Prepared, analysis_progress, prepare
 from ..sps.client import SPSClient, SPSError, make_http_client
-from ..sps.tokens import Credentials, JobFile, callback_auth
+from ..sps.tokens import Credentials, JobCallback, callback_auth
 from ..text import MAX_PROGRESS_TEXT, bounded
 from .commands import (
     WORKER_AMP_IN,
@@ -69,6 +70,7 @@ from .commands import (
     CancelJob,
     Hello,
     JobCancelled,
+    NewCallback,
     Ping,
     Progress,
     RunJob,
@@ -84,7 +86,7 @@ class _Running:
     """The job a worker is running: its cancel event and the progress hand-over."""
 
     job_id: str
-    done: Deferred[dict[str, str]]
+    done: Deferred[dict[str, Any]]
     cancel: threading.Event = field(factory=threading.Event)
     lock: threading.Lock = field(factory=threading.Lock)
     latest: tuple[int, str] | None = None
@@ -122,7 +124,7 @@ class WorkerProtocol(AMP):
         self.current: _Running | None = None
         self._sps: SPSClient | None = None
         self._credentials = credentials
-        self._job_file = JobFile(clock=reactor)
+        self._callbacks = JobCallback()
 
     # --- daemon → worker ---
 
@@ -137,7 +139,7 @@ class WorkerProtocol(AMP):
         return {}
 
     @RunJob.responder
-    def run_job(self, job_id: str, work_dir: str) -> Deferred[dict[str, str]]:
+    def run_job(self, job_id: str, work_dir: str) -> Deferred[dict[str, Any]]:
         """Start the analysis in its own thread; answer when it is done."""
         if self.current is not None:
             raise WorkerBusy(f"already running job {self.current.job_id}")
@@ -185,7 +187,7 @@ class WorkerProtocol(AMP):
         if job.job_id != running.job_id:
             raise AnalysisFailed(f"{JOB_FILE} in {work_dir} is for job {job.job_id}")
         sps = self._sps_client(settings)
-        self._job_file.follow(folder.child(JOB_FILE).path, job)
+        self._callbacks.follow(job)
         try:
             return await prepare(
                 job,
@@ -199,7 +201,7 @@ class WorkerProtocol(AMP):
                 progress=lambda percent, text: self._report(running, percent, text),
             )
         finally:
-            self._job_file.stop()
+            self._callbacks.stop()
 
     def _prepare_failed(self, running: _Running, failure: Failure) -> None:
         running.preparing = None
@@ -246,7 +248,7 @@ class WorkerProtocol(AMP):
                 self.reactor,
                 settings.application_id,
                 self._credentials,
-                callbacks=self._job_file,
+                callbacks=self._callbacks,
             )
             self._sps = attrs.evolve(sps, auth=auth)
         return self._sps
@@ -263,14 +265,21 @@ class WorkerProtocol(AMP):
         log.info("job {job_id}: cancellation requested", job_id=job_id)
         return {"running": True}
 
+    @NewCallback.responder
+    def new_callback(self, job_id: str, url: str, token: str) -> dict[str, Any]:
+        """A newer callback for ``job_id``: its SPS calls from now on use it."""
+        running = self.current is not None and self.current.job_id == job_id
+        self._callbacks.update(job_id, Callback(url, token))
+        return {"running": running}
+
     # --- the analysis thread ---
 
     def _thread_main(
         self, running: _Running, analysis: Analysis, work_dir: str, prepared: Prepared | None
     ) -> None:
-        outcome: dict[str, str] | Failure
+        outcome: dict[str, Any] | Failure
         try:
-            outcome = {"result_path": self._analyse(running, analysis, work_dir, prepared)}
+            outcome = self._analyse(running, analysis, work_dir, prepared)
         except AnalysisCancelled:
             outcome = Failure(JobCancelled(f"job {running.job_id} cancelled"))
         except AnalysisFailed as e:
@@ -284,8 +293,8 @@ class WorkerProtocol(AMP):
 
     def _analyse(
         self, running: _Running, analysis: Analysis, work_dir: str, prepared: Prepared | None
-    ) -> str:
-        """Run ``analysis`` for the job in ``work_dir``; return the result file's path."""
+    ) -> dict[str, Any]:
+        """Run ``analysis`` for the job in ``work_dir``; return RunJob's answer."""
         folder = FilePath(work_dir)
         job = Job.from_json(folder.child(JOB_FILE).getContent())
         if job.job_id != running.job_id:
@@ -332,10 +341,16 @@ class WorkerProtocol(AMP):
                 f"the analysis returned {type(answer).__name__}, not an AnalysisResult or Result"
             )
         record: dict[str, Any] = {"jobId": job.job_id, "result": unstructure(result)}
+        reply: dict[str, Any] = {}
         if verdict is not None:
-            record["qualityControl"] = verdict
+            # Sent with the slide's QC state as the metadata had it (none if unknown).
+            version = _qc_version(slide_info)
+            record["qualityControl"] = reply["quality_control"] = verdict
+            if version is not None:
+                record["qualityControlVersion"] = reply["qc_version"] = version
         body = json.dumps(record, allow_nan=False).encode("utf-8")
-        return write_atomically(folder.child(RESULT_FILE).path, body)
+        reply["result_path"] = write_atomically(folder.child(RESULT_FILE).path, body)
+        return reply
 
     def _report(self, running: _Running, percent: Any, text: Any) -> None:
         """``progress(percent, text)`` as the analysis calls it, from its thread."""
@@ -378,7 +393,7 @@ class WorkerProtocol(AMP):
 
         d.addBoth(answered)
 
-    def _finished(self, running: _Running, outcome: dict[str, str] | Failure) -> None:
+    def _finished(self, running: _Running, outcome: dict[str, Any] | Failure) -> None:
         if self.current is running:
             self.current = None
         if isinstance(outcome, Failure):
@@ -394,6 +409,15 @@ class WorkerProtocol(AMP):
             self.current.cancel.set()
         if getattr(self.reactor, "running", False):
             self.reactor.stop()
+
+
+def _qc_version(slide_info: Any) -> str | None:
+    """The ``versionId`` of the slide's QC state in its metadata (SPS 4.2+), if any."""
+    try:
+        version = slide_info["qualityControl"]["versionId"]
+    except (KeyError, TypeError):
+        return None
+    return version if isinstance(version, str) else None
 
 
 # --- process set-up -------------------------------------------------------------------

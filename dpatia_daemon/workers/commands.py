@@ -21,6 +21,8 @@ turns back into text.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from twisted.protocols.amp import Boolean, Command, Integer, Unicode
 
 #: Child fd the worker reads AMP from (the daemon writes it); EOF means "exit".
@@ -55,6 +57,7 @@ class WorkerBusy(_MessageError):
 
 
 # --- daemon → worker ------------------------------------------------------------------
+# The daemon calls these; the worker (:class:`~.child.WorkerProtocol`) answers.
 
 
 class Hello(Command):
@@ -69,17 +72,25 @@ class Hello(Command):
         (b"analysis", Unicode()),
         (b"load_error", Unicode()),
     ]
+    errors: ClassVar[dict[type[Exception], bytes]] = {}  # none: it cannot fail
 
 
 class RunJob(Command):
     """Run the analysis for ``job_id``, whose ``job.json`` is in ``work_dir``.
 
-    Answers with the path of ``result.json`` (in ``work_dir``) once the analysis
-    returned.  One job at a time per worker.
+    Answers once the analysis returned, with the path of ``result.json`` (in
+    ``work_dir``) and, when the analysis gave a quality-control verdict, that
+    ``quality_control`` status and the ``qc_version`` (the ``versionId`` of the slide's
+    QC state in its metadata, to send with it; absent when unknown).  One job at a time
+    per worker.
     """
 
     arguments = [(b"job_id", Unicode()), (b"work_dir", Unicode())]
-    response = [(b"result_path", Unicode())]
+    response = [
+        (b"result_path", Unicode()),
+        (b"quality_control", Unicode(optional=True)),
+        (b"qc_version", Unicode(optional=True)),
+    ]
     errors = {
         AnalysisFailed: b"ANALYSIS_FAILED",
         JobCancelled: b"JOB_CANCELLED",
@@ -88,33 +99,61 @@ class RunJob(Command):
 
 
 class CancelJob(Command):
-    """Ask the running analysis of ``job_id`` to stop; ``running`` says if it was running."""
+    """Ask the running analysis of ``job_id`` to stop; ``running`` says if it was running.
+
+    Sent the moment the daemon learns of the cancellation (its own front door pushes
+    it; another process's is seen by polling the spool's marker).
+    """
 
     arguments = [(b"job_id", Unicode())]
     response = [(b"running", Boolean())]
+    errors: ClassVar[dict[type[Exception], bytes]] = {}  # none: it cannot fail
+
+
+class NewCallback(Command):
+    """A newer request for the slide of ``job_id`` brought this callback (``url`` and
+    ``token``): the job's SPS calls use it from now on; ``running`` says if the job was
+    running.  (A token is a short text, well under AMP's 64 KiB value limit.)
+    """
+
+    arguments = [(b"job_id", Unicode()), (b"url", Unicode()), (b"token", Unicode())]
+    response = [(b"running", Boolean())]
+    errors: ClassVar[dict[type[Exception], bytes]] = {}  # none: it cannot fail
 
 
 class Ping(Command):
     """Heartbeat: the worker's reactor is alive and answering (no arguments, no answer
     fields: an empty answer is the heartbeat)."""
 
+    errors: ClassVar[dict[type[Exception], bytes]] = {}  # none: it cannot fail
+
 
 # --- worker → daemon ------------------------------------------------------------------
+# The worker calls these; the daemon (:class:`~.pool.DaemonAMP`) answers.
 
 
 class Progress(Command):
     """The analysis of ``job_id`` reports ``percent`` (0–100) done and a short ``text``."""
 
     arguments = [(b"job_id", Unicode()), (b"percent", Integer()), (b"text", Unicode())]
+    errors: ClassVar[dict[type[Exception], bytes]] = {}  # none: it cannot fail
+
+
+#: The commands the daemon sends, and those it answers.
+DAEMON_TO_WORKER = (Hello, RunJob, CancelJob, NewCallback, Ping)
+WORKER_TO_DAEMON = (Progress,)
 
 
 __all__ = [
+    "DAEMON_TO_WORKER",
     "WORKER_AMP_IN",
     "WORKER_AMP_OUT",
+    "WORKER_TO_DAEMON",
     "AnalysisFailed",
     "CancelJob",
     "Hello",
     "JobCancelled",
+    "NewCallback",
     "Ping",
     "Progress",
     "RunJob",

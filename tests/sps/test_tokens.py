@@ -52,12 +52,13 @@ from dpatia_daemon.sps.tokens import (
     CallbackSource,
     Credentials,
     CredentialTokens,
-    JobFile,
+    JobCallback,
     TokenBook,
     callback_auth,
 )
 from dpatia_daemon.sps.writer import ResultWriter
-from dpatia_daemon.workers.run import JobRun, WorkFolders
+from dpatia_daemon.workers.folders import WorkFolders
+from dpatia_daemon.workers.run import JobRun
 from dpatia_daemon.workers.supervisor import Supervisor, SupervisorEvent
 
 APP = "dpatia"
@@ -258,41 +259,40 @@ def test_a_running_job_writes_its_result_with_the_token_of_a_newer_request(
     assert _bearer(put) == t2
 
 
-def test_a_running_jobs_worker_reads_the_newer_token_from_job_json(tmp_path: Path) -> None:
-    """The daemon rewrites a running job's job.json with a newer token; the worker's SPS
-    calls pick it up: at once after a 401, otherwise within a second; callbacks of
-    other jobs or for another SPS URL are left alone."""
+def test_a_running_jobs_worker_uses_the_newer_token_the_daemon_sends(tmp_path: Path) -> None:
+    """A newer token for a running job is new to its run (the dispatcher then sends it to
+    the worker, NewCallback); the worker's SPS calls use it at once, not only after a
+    401; callbacks of other jobs or for another SPS URL are left alone."""
     folders = WorkFolders(FilePath(str(tmp_path / "work")))
-    jobfile = JobFile(clock=Clock())
-    m = mem(callbacks=jobfile)
-    jobfile.clock = m.clock
+    callbacks = JobCallback()
+    m = mem(callbacks=callbacks)
     t1 = m.fake.issue_token()
     job = make_job(t1)
     folder = folders.prepare(job)
-    jobfile.follow(folder.child("job.json").path, job)
+    # job.json holds the token the worker starts with: private to the daemon's user.
+    assert oct(os.stat(folder.child("job.json").path).st_mode & 0o777) == "0o600"
+    callbacks.follow(job)
     success_result_of(m.call(t1))
 
     # The SPS revokes token 1; a request brings token 2; the daemon hands it over.
     m.fake.tokens.discard(t1)
     t2 = m.fake.issue_token()
     run = JobRun(job=job, spool=MemorySpool(), writer=None, folders=folders, clock=m.clock)  # type: ignore[arg-type]
-    run.use_callback(Callback(BASE, t2))
-    assert json.loads(folder.child("job.json").getContent())["callback"]["token"] == t2
-    assert oct(os.stat(folder.child("job.json").path).st_mode & 0o777) == "0o600"
+    assert run.use_callback(Callback(BASE, t2))
+    assert run.job.callback.token == t2
+    assert not run.use_callback(Callback(BASE, t2))  # nothing new: nothing to send
+    assert callbacks.update(job.job_id, Callback(BASE, t2))  # what NewCallback does
+    assert not callbacks.update("f" * 32, Callback(BASE, "another-jobs-token"))
 
-    seen = len(m.fake.requests)
-    success_result_of(m.call(t1))  # sent with token 1 (not re-read yet), 401, re-read
-    assert m.bearers(seen) == [t1, t2]
-    m.clock.advance(1.0)
     seen = len(m.fake.requests)
     success_result_of(m.call(t1))
     assert m.bearers(seen) == [t2]
 
     other = m.fake.issue_token()
-    assert jobfile.newest(Callback(BASE, other)).token == other
-    assert jobfile.newest(Callback("http://elsewhere.test/x", t1)).token == t1
-    jobfile.stop()
-    assert jobfile.newest(Callback(BASE, t1)).token == t1
+    assert callbacks.newest(Callback(BASE, other)).token == other
+    assert callbacks.newest(Callback("http://elsewhere.test/x", t1)).token == t1
+    callbacks.stop()
+    assert callbacks.newest(Callback(BASE, t1)).token == t1
 
 
 # --- client credentials -----------------------------------------------------------------
@@ -714,8 +714,9 @@ def expired_token_now(fake: FakeSPS) -> str:
 async def test_a_running_job_switches_to_the_token_of_a_newer_request(
     rig_without_credentials: Rig,
 ) -> None:
-    """Mid-analysis, the SPS revokes token 1 and a request brings token 2: job.json is
-    rewritten for the worker, and the daemon's writes (progress, result) use token 2."""
+    """Mid-analysis, the SPS revokes token 1 and a request brings token 2: the worker is
+    sent it (NewCallback) while the job runs, and the daemon's writes (progress, result)
+    use token 2."""
     rig = rig_without_credentials
     t1 = rig.fake.issue_token()
     job = await rig.add(t1, {"seconds": 1.0, "progress_every": 0.05})
@@ -723,10 +724,8 @@ async def test_a_running_job_switches_to_the_token_of_a_newer_request(
     rig.fake.tokens.discard(t1)
     t2 = rig.fake.issue_token()
     rig.book.record(APP, SLIDE, Callback(rig.url, t2), rig.reactor.seconds())
-    job_json = json.loads(
-        FilePath(str(rig.supervisor.folders.folder(job).child("job.json").path)).getContent()
-    )
-    assert job_json["callback"]["token"] == t2
+    handed = await rig.wait("job-callback", job.job_id)
+    assert handed.detail["running"] is True
     ended = await rig.wait("job-ended", job.job_id)
     assert ended.detail["state"] == "done"
     [result] = rig.fake.results_for(SLIDE, APP)

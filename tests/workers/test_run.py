@@ -24,7 +24,7 @@ from dpatia_daemon.simulator.fake import BASE_PATH, FakeSPS
 from dpatia_daemon.sps.client import SPSClient, make_http_client
 from dpatia_daemon.sps.results import Status, frame_status
 from dpatia_daemon.sps.writer import ResultGone, ResultWriter, Superseded, is_final
-from dpatia_daemon.workers.run import UnusableResult, WorkFolders
+from dpatia_daemon.workers.folders import UnusableResult, WorkFolders
 
 pytestmark = pytest.mark.integration
 
@@ -190,7 +190,8 @@ def test_a_result_is_reused_only_by_the_same_job(tmp_path: Path) -> None:
     result = {"slideId": "s", "displayResult": "42"}
     (folder / "result.json").write_text(json.dumps({"jobId": job.job_id, "result": result}))
     reused = folders.completed(job)
-    assert reused is not None and reused.displayResult == "42"
+    assert reused is not None and reused.result.displayResult == "42"
+    assert reused.verdict is None
     with pytest.raises(UnusableResult):
         folders.read_result(job, str(tmp_path / "elsewhere.json"))
     other = attrs.evolve(job, job_id="f" * 32)

@@ -8,110 +8,36 @@ from typing import Any
 
 import attrs
 from conftest import no_result, success_result_of
+from fakes import FakeWriter, ProcessClock, make_job
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.test.iosim import connect, makeFakeClient, makeFakeServer
 
+from dpatia_daemon.backoff import Backoff
 from dpatia_daemon.config import WorkersConfig
-from dpatia_daemon.jobs import Callback, Job, JobKind, JobState
+from dpatia_daemon.jobs import Job, JobKind, JobState
 from dpatia_daemon.models import Result
 from dpatia_daemon.spool import MemorySpool
 from dpatia_daemon.sps.results import Status
 from dpatia_daemon.text import bounded
+from dpatia_daemon.workers.candidates import Candidates
 from dpatia_daemon.workers.child import WorkerProtocol
 from dpatia_daemon.workers.commands import (
     AnalysisFailed,
     CancelJob,
     Hello,
+    NewCallback,
     Ping,
     Progress,
     RunJob,
 )
-from dpatia_daemon.workers.run import Candidates, JobRun, WorkFolders
-from dpatia_daemon.workers.supervisor import (
-    CHILD_FDS,
-    Backoff,
-    LineLog,
-    Supervisor,
-    WorkerState,
-    _DaemonAMP,
-)
-
-
-def make_job(
-    slide: str, *, kind: JobKind = JobKind.NOTIFICATION, created: float = 0.0, priority: int = 0
-) -> Job:
-    return Job(
-        slide_id=slide,
-        application_id="dpatia",
-        kind=kind,
-        callback=Callback("http://127.0.0.1:1/sps", "secret"),
-        created=created,
-        priority=priority,
-    )
-
-
-# --- a process reactor on a fake clock (procmon's DummyProcessReactor idea) ----------
-
-
-class FakeProcess:
-    """A spawned 'process': records signals and pipe closes; the test ends it."""
-
-    def __init__(self, proto: Any, pid: int) -> None:
-        self.proto = proto
-        self.pid = pid
-        self.signals: list[str] = []
-        self.closed: list[int] = []
-        self.written = b""
-        self.alive = True
-
-    def signalProcess(self, signal: str) -> None:
-        self.signals.append(signal)
-
-    def closeStdin(self) -> None:
-        self.closed.append(0)
-
-    def closeChildFD(self, fd: int) -> None:
-        self.closed.append(fd)
-
-    def writeToChild(self, fd: int, data: bytes) -> None:
-        self.written += data
-
-    def end(self, code: int | None = 1, signal: int | None = None) -> None:
-        self.alive = False
-        if code == 0 and signal is None:
-            self.proto.processEnded(Failure(ProcessDone(0)))
-        else:
-            self.proto.processEnded(Failure(ProcessTerminated(exitCode=code, signal=signal)))
-
-
-class ProcessClock(MemoryReactorClock):
-    """MemoryReactor + Clock whose spawnProcess makes :class:`FakeProcess` es."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.spawned: list[tuple[float, FakeProcess, list[str], dict[int, str]]] = []
-
-    def spawnProcess(
-        self,
-        proto: Any,
-        executable: Any,
-        args: Any,
-        env: Any = None,
-        path: Any = None,
-        uid: Any = None,
-        gid: Any = None,
-        usePTY: bool = False,
-        childFDs: Any = None,
-    ) -> FakeProcess:  # noqa: E501
-        process = FakeProcess(proto, 1000 + len(self.spawned))
-        self.spawned.append((self.seconds(), process, list(args), dict(childFDs or {})))
-        proto.makeConnection(process)
-        return process
+from dpatia_daemon.workers.folders import WorkFolders
+from dpatia_daemon.workers.linelog import LineLog
+from dpatia_daemon.workers.pool import CHILD_FDS, DaemonAMP, WorkerState
+from dpatia_daemon.workers.run import JobRun
+from dpatia_daemon.workers.supervisor import Supervisor
 
 
 def make_supervisor(tmp_path: Path, reactor: Any, **config: Any) -> Supervisor:
@@ -258,33 +184,6 @@ def test_candidates_are_bounded_but_never_refuse_a_manual_request() -> None:
 # --- progress throttling ----------------------------------------------------------------
 
 
-@attrs.define
-class FakeWriter:
-    """Records what a JobRun writes, at what (fake) time; ``hold`` delays updates."""
-
-    clock: Clock
-    writes: list[tuple[float, str, Any]] = attrs.field(factory=list)
-    hold: list[Deferred[None]] = attrs.field(factory=list)
-
-    async def resolve(self, job: Job) -> Result:
-        return Result(slideId=job.slide_id, id=7, versionId="v0")
-
-    async def find(self, job: Job) -> Result | None:
-        return Result(slideId=job.slide_id, id=7, versionId="v0")
-
-    def frame(self, job: Job, status: Status, text: str, **kw: Any) -> Any:
-        return (status.value, text, kw.get("progress"))
-
-    def final(self, job: Job, result: Result) -> Any:
-        return ("Final", result.displayResult, None)
-
-    async def update(self, job: Job, stored: Result, new: Any, keep: Any = None) -> Result:
-        if self.hold:
-            await self.hold.pop(0)
-        self.writes.append((self.clock.seconds(), new[0], new[2]))
-        return attrs.evolve(stored, versionId=f"v{len(self.writes)}")
-
-
 def running_job(tmp_path: Path) -> tuple[MemorySpool, Job, Clock, FakeWriter, JobRun]:
     spool = MemorySpool()
     spool.startService()
@@ -394,10 +293,10 @@ def test_output_lines_are_cut_escaped_and_rate_limited() -> None:
 
 
 def test_amp_commands_round_trip_in_memory() -> None:
-    """Hello, Ping, CancelJob and an AnalysisFailed RunJob daemon → worker; Progress
+    """Hello, Ping, CancelJob, NewCallback and an AnalysisFailed RunJob daemon → worker; Progress
     worker → daemon; error messages keep their text."""
     progress: list[tuple[str, int, str]] = []
-    daemon = _DaemonAMP(lambda job_id, percent, text: progress.append((job_id, percent, text)))
+    daemon = DaemonAMP(lambda job_id, percent, text: progress.append((job_id, percent, text)))
     worker = WorkerProtocol(
         reactor=Clock(),
         spec="no.such:analysis",
@@ -427,6 +326,10 @@ def test_amp_commands_round_trip_in_memory() -> None:
     cancel = daemon.callRemote(CancelJob, job_id="ab12")
     pump.flush()
     assert success_result_of(cancel) == {"running": False}
+
+    newer = daemon.callRemote(NewCallback, job_id="ab12", url="http://sps.test/x", token="t2")
+    pump.flush()
+    assert success_result_of(newer) == {"running": False}
 
     report = worker.callRemote(Progress, job_id="ab12", percent=40, text="halfway")
     pump.flush()
