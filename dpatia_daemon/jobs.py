@@ -62,13 +62,28 @@ def _job_id() -> str:
     return uuid.uuid4().hex
 
 
+#: The input types whose requests carry a region (IA-API.md §1.3).
+REGION_INPUT_TYPES = frozenset({"taggedPolygon", "multiArea"})
+
+#: How many cancellation tokens of earlier requests a merged job remembers.
+MAX_MERGED_TOKENS = 16
+
+
+def is_region_input(input: dict[str, Any] | None) -> bool:
+    """Whether ``input`` selects a region (taggedPolygon, multiArea), not the whole slide."""
+    if not input:
+        return False
+    return input.get("type", "wholeSlide") in REGION_INPUT_TYPES
+
+
 def job_key(application_id: str, slide_id: str, input: dict[str, Any] | None) -> str:
     """Return the key under which requests for the same analysis are merged.
 
     Whole-slide requests (and notifications) for one slide share a key.  Requests with
     geometry (taggedPolygon, multiArea) are different analyses when their geometry
-    differs, so the geometry is part of the key.  The key is a hash: it is safe as a
-    file name and carries no PHI.
+    differs, so the geometry is part of the key: each region is its own job with its
+    own result, and only a request for the very same region merges.  The key is a
+    hash: it is safe as a file name and carries no PHI.
     """
     h = hashlib.sha256()
     h.update(application_id.encode("utf-8"))
@@ -106,6 +121,9 @@ class Job:
     attempts: int = 0
     result_id: int | None = None
     last_error: str | None = None
+    #: Cancellation tokens of earlier requests merged into this job (oldest first): a
+    #: cancel carrying one of them is for this job too.
+    merged_tokens: tuple[str, ...] = ()
 
     @key.default
     def _key_default(self) -> str:
@@ -114,6 +132,18 @@ class Job:
     @updated.default
     def _updated_default(self) -> float:
         return self.created
+
+    @property
+    def is_region(self) -> bool:
+        """Whether this job analyses a region (it then has a result of its own)."""
+        return is_region_input(self.input)
+
+    def answers_to(self, cancellation_token: str) -> bool:
+        """Whether a cancel carrying ``cancellation_token`` is for this job: the token of
+        its request, or of an earlier request merged into it."""
+        return cancellation_token == self.cancellation_token or (
+            cancellation_token in self.merged_tokens
+        )
 
     def sort_key(self) -> tuple[int, int, float, str]:
         """Dispatch order: manual requests first, then higher priority, then oldest."""
@@ -124,12 +154,20 @@ class Job:
 
         The newest callback URL, token, cancellation token, input and context win (an
         older token may have expired); the highest priority and the more urgent kind
-        win; the queue position (``created``) and the attempt count are kept.
+        win; the queue position (``created``) and the attempt count are kept.  The
+        older token is remembered (``merged_tokens``): either request may cancel.
         """
+        token = newer.cancellation_token or self.cancellation_token
+        earlier = [
+            t
+            for t in (*self.merged_tokens, self.cancellation_token, *newer.merged_tokens)
+            if t is not None and t != token
+        ]
         return attrs.evolve(
             self,
             callback=newer.callback,
-            cancellation_token=newer.cancellation_token or self.cancellation_token,
+            cancellation_token=token,
+            merged_tokens=tuple(dict.fromkeys(earlier))[-MAX_MERGED_TOKENS:],
             input=newer.input,
             context=newer.context,
             image_info=newer.image_info if newer.image_info is not None else self.image_info,

@@ -388,8 +388,21 @@ def unstructure(value: Any) -> Any:
     return converter.unstructure(value)
 
 
+#: Result keys with a default: a ``null`` the SPS stores for one reads as absent.
+_DEFAULTED_RESULT_KEYS = frozenset(
+    {"displayResult", "displayProperties", "applicationVersion", "data", "attachments"}
+)
+
+
 def result_from_json(data: Any) -> Result:
-    """Parse a result the SPS returned (or the fake stored)."""
+    """Parse a result the SPS returned (or the fake stored).
+
+    A little more tolerant than an inbound ``modify``: ``null`` for a field that has a
+    default (``displayResult``, ``displayProperties``, ``data``, ...) reads as absent.
+    Anything else that is not a result raises :class:`InvalidInput`.
+    """
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if v is not None or k not in _DEFAULTED_RESULT_KEYS}
     result: Result = parse(Result, data)
     return result
 

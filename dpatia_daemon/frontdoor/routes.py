@@ -36,7 +36,7 @@ from twisted.web.resource import IResource
 
 from .._version import __version__
 from ..config import Config
-from ..jobs import Callback, Job, JobKind, JobState
+from ..jobs import REGION_INPUT_TYPES, Callback, Job, JobKind, JobState
 from ..models import (
     Action,
     ImageNotification,
@@ -224,10 +224,14 @@ class IAAPI:
     # --- actions ---
 
     async def _create(self, request: IRequest, invocation: Invocation, parsed: Any) -> bytes:
-        if parsed.type != self.config.app.input_type.value:
+        declared = self.config.app.input_type.value
+        # A region app takes either region type: the SPS admin may configure the app
+        # as taggedPolygon or multiArea whatever the registration pre-filled, and the
+        # Sectra example app supports both (IA-API.md §1.1).  Whole-slide stays exact.
+        region_app = declared in REGION_INPUT_TYPES
+        if parsed.type != declared and not (region_app and parsed.type in REGION_INPUT_TYPES):
             raise InvalidInput(
-                f"this app is registered for {self.config.app.input_type.value} input, "
-                f"not {parsed.type}",
+                f"this app is registered for {declared} input, not {parsed.type}",
                 "$.input.type",
             )
         job = await self._accept(
@@ -294,14 +298,22 @@ class IAAPI:
         return json_answer(request, {})
 
     async def _cancel(self, request: IRequest, invocation: Invocation) -> bytes:
+        # Only the job the cancel was issued for: the one whose request (or a request
+        # merged into it) carried this cancellationToken.  Never every job of the
+        # slide: on a region app that would stop the other regions' analyses.
         jobs: list[Job] = []
         if invocation.cancellationToken:
             jobs = await self.spool.find(
                 slide_id=invocation.slideId, cancellation_token=invocation.cancellationToken
             )
-        if not jobs:
-            jobs = await self.spool.find(slide_id=invocation.slideId)
         callback = self._remember_callback(invocation)
+        if not jobs:
+            log.info(
+                "cancel for slide {slide_id} matched no queued or running job{why}; "
+                "nothing cancelled",
+                slide_id=invocation.slideId,
+                why="" if invocation.cancellationToken else " (it carried no cancellationToken)",
+            )
         for job in jobs:
             cancelled = await self._stop(job, "cancelled by the user")
             if cancelled is not None and cancelled.result_id is not None:
@@ -355,9 +367,10 @@ class IAAPI:
     async def _store_frame(
         self, job: Job, image_size: tuple[int, int] | None, *, only_if_queued: bool
     ) -> Result:
-        """Create or update the app's latest result for the slide to say "queued".
+        """Create or update the job's result (the slide's latest for a whole-slide job,
+        the region's own for a region job) to say "queued".
 
-        Through the shared :class:`ResultWriter`, under the slide's lock, so a worker
+        Through the shared :class:`ResultWriter`, under the job key's lock, so a worker
         that already has the job never sees its progress or answer overwritten.
         Without ``image_size`` the slide's info is read for the full-slide frame.
         """
@@ -365,7 +378,8 @@ class IAAPI:
             current = await self.spool.get(job.job_id)
             if current is None or current.state is not JobState.QUEUED:
                 raise _NotQueued()
-        if image_size is None:
+        if image_size is None and not job.is_region:
+            # A region's frame outlines the region; only the slide's needs its size.
             info = await self.sps.slide_info(job.callback, job.slide_id, extended=False)
             image_size = image_size_of(info)
 

@@ -5,9 +5,10 @@ Commands::
     serve [options]                  run the simulator (same options as twistd dpatia-sps)
     generate [--data D] [--scale S]  generate the slides only
     register [--app-url URL]         fetch the app's registration (the SPS config button)
-    create SLIDE                     a user asks for an analysis of SLIDE
+    create SLIDE [--region X0 Y0 X1 Y1]   a user asks for an analysis of SLIDE (a region app:
+                                     of that rectangle, width-normalised)
     notify SLIDE                     SLIDE was imported: an image notification
-    cancel SLIDE                     the user cancels SLIDE's analysis
+    cancel SLIDE [--result ID]       the user cancels SLIDE's (last, or result ID's) analysis
     results [SLIDE] [--json]         the stored results
     overlay SLIDE --out FILE.png     the slide's thumbnail with its latest result
     faults [--latency S ...]         show or change the fault knobs of a running simulator
@@ -102,7 +103,11 @@ async def _client(reactor: Any, args: argparse.Namespace) -> int:
         if args.command == "register":
             answer = await control.call("POST", "/ui/register", {"url": args.app_url})
         elif args.command in ("create", "notify", "cancel"):
-            body = {"appUrl": args.app_url} if args.app_url else {}
+            body: dict[str, Any] = {"appUrl": args.app_url} if args.app_url else {}
+            if getattr(args, "region", None) is not None:
+                body["region"] = args.region
+            if getattr(args, "result", None) is not None:
+                body["resultId"] = args.result
             answer = await control.call("POST", f"/ui/slides/{args.slide}/{args.command}", body)
         elif args.command == "results":
             path = "/ui/results" + (f"?slide={args.slide}" if args.slide else "")
@@ -168,12 +173,24 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     client("register", "fetch the app's registration")
+    commands: dict[str, argparse.ArgumentParser] = {}
     for name, text in (
         ("create", "ask the app to analyse a slide"),
         ("notify", "tell the app a slide was imported"),
         ("cancel", "cancel a slide's analysis"),
     ):
-        client(name, text).add_argument("slide")
+        commands[name] = client(name, text)
+        commands[name].add_argument("slide")
+    commands["create"].add_argument(
+        "--region",
+        type=float,
+        nargs=4,
+        metavar=("X0", "Y0", "X1", "Y1"),
+        help="for a region app: the rectangle to analyse (width-normalised)",
+    )
+    commands["cancel"].add_argument(
+        "--result", type=int, help="cancel the analysis of this result (a region's)"
+    )
     results = client("results", "list stored results")
     results.add_argument("slide", nargs="?")
     results.add_argument("--json", action="store_true")

@@ -1,7 +1,8 @@
 """The SPS side of the conversation: drive an IA-API app the way a Sectra server does.
 
 :class:`AppDriver` fetches the app's registration (``GET {url}``, the "Retrieve
-registration info" button), then sends user invocations (``create``, ``cancel``) and
+registration info" button), then sends user invocations (``create`` of the whole slide
+or, for a taggedPolygon / multiArea app, of a region; ``cancel`` of one of them) and
 image notifications (``POST {url}/imagenotification`` with the slide's info as
 ``imageInfo``) to the URL the registration names, each with a fresh callback token
 from the simulated SPS, and keeps a short log of what happened for the web page.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from attrs import define, field, frozen
@@ -86,6 +87,22 @@ def _registration_problem(answer: Answer, url: str) -> str | None:
     return None
 
 
+def rectangle_input(
+    kind: str, box: tuple[float, float, float, float], tags: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The create ``input`` of a taggedPolygon or multiArea selection of the rectangle
+    ``box`` (x0, y0, x1, y1, width-normalised), as the SPS sends it (IA-API.md §1.3)."""
+    x0, y0, x1, y1 = box
+    corners = ((x0, y0), (x1, y0), (x1, y1), (x0, y1))
+    polygon = {"points": [{"x": x, "y": y} for x, y in corners]}
+    if kind == "multiArea":
+        return {"type": "multiArea", "content": {"polygons": [polygon]}}
+    content: dict[str, Any] = {"polygon": polygon, "tags": list(tags)}
+    if tags:
+        content["tagIndex"] = 0  # [contrib] requires it whenever tags are sent
+    return {"type": "taggedPolygon", "content": content}
+
+
 @define
 class AppDriver:
     """Sends what an SPS sends to one registered app.
@@ -105,6 +122,9 @@ class AppDriver:
     registration: dict[str, Any] | None = None
     last_error: str | None = None
     cancellation_tokens: dict[str, str] = field(factory=dict)
+    #: The ``cancellationToken`` of the create each result id answered (region apps
+    #: have several results per slide, each cancelled on its own).
+    result_tokens: dict[int, str] = field(factory=dict)
     events: deque[Event] = field(factory=lambda: deque(maxlen=100))
     _logged: Watchers[Event] = field(factory=lambda: Watchers[Event](), init=False)
 
@@ -132,19 +152,58 @@ class AppDriver:
         )
         return answer.body
 
-    async def create(self, slide_id: str, input: dict[str, Any] | None = None) -> Answer:
-        """A user asks for an analysis of the whole slide (or of ``input``)."""
+    async def create(
+        self,
+        slide_id: str,
+        input: dict[str, Any] | None = None,
+        region: tuple[float, float, float, float] | None = None,
+    ) -> Answer:
+        """A user asks for an analysis: of ``input`` if given; else, for an app whose
+        registration asks for a region (taggedPolygon, multiArea), of the rectangle
+        ``region`` (x0, y0, x1, y1, width-normalised; default the slide's centre); else
+        of the whole slide.  Each create has its own ``cancellationToken``."""
         token = secrets.token_hex(8)
         self.cancellation_tokens[slide_id] = token
         body = self._invocation("create", slide_id, token)
+        if input is None:
+            input = self._region_input(slide_id, region)
         body["input"] = input or {"type": "wholeSlide"}
         answer = await self._call("POST", self._target(), body)
+        if answer.ok and isinstance(answer.body, dict) and isinstance(answer.body.get("id"), int):
+            self.result_tokens[answer.body["id"]] = token
         self._log("create", slide_id, answer)
         return answer
 
-    async def cancel(self, slide_id: str) -> Answer:
-        """A user cancels the slide's last analysis (same ``cancellationToken``)."""
-        token = self.cancellation_tokens.get(slide_id) or secrets.token_hex(8)
+    @property
+    def input_type(self) -> str:
+        """What the registered app asks the user to select (``wholeSlide`` by default)."""
+        template = (self.registration or {}).get("inputTemplate")
+        kind = template.get("type") if isinstance(template, dict) else None
+        return kind if isinstance(kind, str) else "wholeSlide"
+
+    def _region_input(
+        self, slide_id: str, region: tuple[float, float, float, float] | None
+    ) -> dict[str, Any] | None:
+        """The create ``input`` a region app gets for the rectangle ``region``."""
+        kind = self.input_type
+        if kind not in ("taggedPolygon", "multiArea"):
+            return None
+        if region is None:
+            size = self.sps.slides[slide_id].info.get("imageSize") or {}
+            max_y = float(size.get("height") or 1) / float(size.get("width") or 1)
+            region = (0.25, 0.25 * max_y, 0.75, 0.75 * max_y)
+        template = (self.registration or {}).get("inputTemplate") or {}
+        tags = list((template.get("content") or {}).get("tags") or [])
+        return rectangle_input(kind, region, tags)
+
+    async def cancel(self, slide_id: str, result_id: int | None = None) -> Answer:
+        """A user cancels an analysis: the one that made result ``result_id`` if given,
+        else the slide's last one (with that create's ``cancellationToken``; a result
+        no create of this driver made gets a token that matches nothing)."""
+        if result_id is not None:
+            token = self.result_tokens.get(result_id) or secrets.token_hex(8)
+        else:
+            token = self.cancellation_tokens.get(slide_id) or secrets.token_hex(8)
         answer = await self._call(
             "POST", self._target(), self._invocation("cancel", slide_id, token)
         )

@@ -287,6 +287,9 @@ class FakeSPS:
     hanging: list[Deferred[bytes]] = field(factory=list, repr=False)
     faults: Faults = field(factory=Faults)
     downloads: int = 0
+    #: Raw JSON items listed with a slide's results after the stored ones: what another
+    #: tool or an older version may have stored there, in a shape dpatia cannot read.
+    foreign_results: dict[str, list[Any]] = field(factory=dict)
     _next_result_id: int = 1
     _stored: Watchers[Result] = field(factory=lambda: Watchers[Result](), init=False, repr=False)
 
@@ -607,9 +610,8 @@ class FakeSPS:
         """``GET applications/{app}/results/slide/{slide}``: this app's results, oldest first."""
         self._enter(request)
         self._slide(slide_id)
-        return _json_body(
-            request, 200, [unstructure(r) for r in self.results_for(slide_id, app_id)]
-        )
+        listed = [unstructure(r) for r in self.results_for(slide_id, app_id)]
+        return _json_body(request, 200, listed + self.foreign_results.get(slide_id, []))
 
     @app.route(BASE_PATH + "/applications/<app_id>/results", methods=["POST"])
     @app.route(BASE_PATH + "/applications/<app_id>/results/", methods=["POST"])

@@ -11,7 +11,7 @@ what an app sends, bugs included.  The web page draws the same records as SVG;
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -255,11 +255,14 @@ def render_result_png(
     *,
     image_width: int | None = None,
     title: str | None = None,
+    others: Sequence[Result | dict[str, Any]] = (),
 ) -> Image.Image:
-    """The thumbnail with the result drawn over it and a caption strip below giving the
-    title, ``displayResult`` and ``displayProperties``; saved as PNG at ``path`` if given."""
+    """The thumbnail with the result (and ``others``, e.g. the other regions' results)
+    drawn over it and a caption strip below giving the title, ``displayResult`` and
+    ``displayProperties`` of ``result``; saved as PNG at ``path`` if given."""
     data = unstructure(result) if isinstance(result, Result) else (result or {})
-    drawn = render_overlay(thumbnail, shapes_of(data, image_width))
+    shapes = [s for other in others for s in shapes_of(other, image_width)]
+    drawn = render_overlay(thumbnail, [*shapes, *shapes_of(data, image_width)])
     lines = [title] if title else []
     lines.append(str(data.get("displayResult") or "(no result)"))
     props = data.get("displayProperties") or {}

@@ -1,5 +1,9 @@
 """The simulator's web page: slides, their thumbnails, and the app's results drawn over them.
 
+Every result of the app on a slide is drawn (a region app has one per region, each
+listed with its own Cancel); for a taggedPolygon / multiArea app, dragging on a
+thumbnail selects the rectangle "Analyse" sends as the region.
+
 One self-contained HTML document (no build step, no external resources: the machines
 have no internet).  ``?slide=ID`` shows one slide only.  The server embeds the current state as JSON so the first paint
 already shows every overlay; the script then polls ``/ui/state`` every second and
@@ -59,6 +63,8 @@ const SVGNS = "http://www.w3.org/2000/svg";
 const cards = new Map();
 // ?slide=ID shows that slide alone (a bigger focus view, and a stable layout for tests).
 const ONLY = new URLSearchParams(location.search).get("slide");
+const REGION_TYPES = new Set(["taggedPolygon", "multiArea"]);
+let appType = "wholeSlide";
 
 function el(tag, attrs, text) {
   const node = document.createElement(tag);
@@ -88,22 +94,59 @@ function makeCard(slide) {
   const svg = document.createElementNS(SVGNS, "svg");
   svg.setAttribute("width", slide.thumbnail.width);
   svg.setAttribute("height", slide.thumbnail.height);
+  const drawn = document.createElementNS(SVGNS, "g");
+  const selection = document.createElementNS(SVGNS, "g");
+  svg.appendChild(drawn); svg.appendChild(selection);
   view.appendChild(img); view.appendChild(svg);
   card.appendChild(view);
   const status = el("div", {class: "status"});
   const props = el("table", {class: "props"});
   const buttons = el("div");
+  const entry = {svg: drawn, selection, status, props, count: null, list: null, key: null, region: null};
+  const base = "/ui/slides/" + encodeURIComponent(slide.id) + "/";
   for (const [action, text] of [["create", "Analyse"], ["notify", "Notify import"], ["cancel", "Cancel"]]) {
     const b = el("button", {"data-action": action}, text);
-    b.addEventListener("click", () => post("/ui/slides/" + encodeURIComponent(slide.id) + "/" + action));
+    // A region app analyses the rectangle dragged on the thumbnail (else the centre).
+    b.addEventListener("click", () => post(base + action,
+      action === "create" && REGION_TYPES.has(appType) && entry.region ? {region: entry.region} : {}));
     buttons.appendChild(b);
   }
+  // Drag on the thumbnail to select a region (width-normalised, as the IA-API sends it).
+  let start = null;
+  const at = (event) => {
+    const box = svg.getBoundingClientRect();
+    return [(event.clientX - box.left) / slide.thumbnail.width, (event.clientY - box.top) / slide.thumbnail.width];
+  };
+  svg.addEventListener("mousedown", (event) => { start = at(event); event.preventDefault(); });
+  svg.addEventListener("mousemove", (event) => { if (start) select(entry, start, at(event), slide.thumbnail.width); });
+  svg.addEventListener("mouseup", (event) => {
+    if (start) select(entry, start, at(event), slide.thumbnail.width, true);
+    start = null;
+  });
   const count = el("div", {class: "muted"});
-  card.appendChild(status); card.appendChild(props); card.appendChild(buttons); card.appendChild(count);
+  const list = el("div", {class: "results"});
+  entry.count = count; entry.list = list;
+  card.appendChild(status); card.appendChild(props); card.appendChild(buttons);
+  card.appendChild(count); card.appendChild(list);
   document.getElementById("slides").appendChild(card);
-  const entry = {svg, status, props, count, key: null};
+  entry.cancel = (id) => post(base + "cancel", {resultId: id});
   cards.set(slide.id, entry);
   return entry;
+}
+
+function select(entry, a, b, scale, done) {
+  const [x0, x1] = [Math.min(a[0], b[0]), Math.max(a[0], b[0])];
+  const [y0, y1] = [Math.min(a[1], b[1]), Math.max(a[1], b[1])];
+  while (entry.selection.firstChild) entry.selection.removeChild(entry.selection.firstChild);
+  if (x1 - x0 < 0.005 || y1 - y0 < 0.005) { if (done) entry.region = null; return; }
+  const rect = document.createElementNS(SVGNS, "rect");
+  rect.setAttribute("x", (x0 * scale).toFixed(1)); rect.setAttribute("y", (y0 * scale).toFixed(1));
+  rect.setAttribute("width", ((x1 - x0) * scale).toFixed(1));
+  rect.setAttribute("height", ((y1 - y0) * scale).toFixed(1));
+  rect.setAttribute("stroke", "#FFFFFF"); rect.setAttribute("stroke-dasharray", "4 3");
+  rect.setAttribute("fill", "none");
+  entry.selection.appendChild(rect);
+  if (done) entry.region = [x0, y0, x1, y1];
 }
 
 function drawShapes(svg, shapes, scale) {
@@ -152,6 +195,7 @@ function render(state) {
   document.getElementById("sps").textContent = "Callback base URL: " + state.sps.callbackUrl +
     " · faults: " + (faults.length ? faults.join(", ") : "none");
   const app = state.app;
+  appType = app.inputType || "wholeSlide";
   document.getElementById("app").textContent = app.registration
     ? "registered: " + app.registration.applicationId + " at " + app.registration.url
     : (app.url ? "not registered yet (" + app.url + ")" : "no app registered");
@@ -161,11 +205,26 @@ function render(state) {
     if (ONLY && slide.id !== ONLY) continue;
     const card = cards.get(slide.id) || makeCard(slide);
     const latest = slide.latest;
-    const key = latest ? latest.id + "/" + latest.versionId : "none";
-    card.count.textContent = slide.resultCount + " result(s) stored for this slide";
+    const results = slide.results || [];
+    const key = results.map(r => r.id + "/" + r.versionId + "/" + r.cancellable).join(",") || "none";
+    card.count.textContent = slide.resultCount + " result(s) stored for this slide" +
+      (REGION_TYPES.has(appType) ? " · drag on the thumbnail to select a region" : "");
     if (card.key === key) continue;
     card.key = key;
-    drawShapes(card.svg, latest ? latest.shapes : [], slide.thumbnail.width);
+    // Every result of the app is drawn, as the viewer shows them (one per region).
+    drawShapes(card.svg, results.flatMap(r => r.shapes), slide.thumbnail.width);
+    while (card.list.firstChild) card.list.removeChild(card.list.firstChild);
+    if (results.length > 1) {
+      for (const r of results) {
+        const row = el("div", {class: "muted", "data-result": String(r.id)}, "#" + r.id + " " + r.displayResult + " ");
+        if (r.cancellable) {
+          const b = el("button", {"data-action": "cancel-result"}, "Cancel");
+          b.addEventListener("click", () => card.cancel(r.id));
+          row.appendChild(b);
+        }
+        card.list.appendChild(row);
+      }
+    }
     card.status.textContent = latest ? latest.displayResult : "No result yet";
     while (card.props.firstChild) card.props.removeChild(card.props.firstChild);
     for (const [k, v] of Object.entries(latest ? latest.displayProperties : {})) {

@@ -11,11 +11,12 @@
 
 Control API (JSON; what the page's buttons and the command line use)::
 
-    GET  /ui/state                    slides, latest results as shapes, app, faults, log
+    GET  /ui/state                    slides, every result of the app as shapes, app, faults, log
     POST /ui/register                 {"url": app URL (optional)} → the registration
     POST /ui/slides/{id}/create       a user invocation   → the app's status and answer
+                                      ({"region": [x0, y0, x1, y1]} for a region app)
     POST /ui/slides/{id}/notify       an image notification
-    POST /ui/slides/{id}/cancel       a cancellation
+    POST /ui/slides/{id}/cancel       a cancellation ({"resultId": n}: that result's job)
     GET  /ui/results[?slide=ID]       stored results, oldest first
     GET  /ui/faults, POST /ui/faults  the fault knobs (see Faults.update)
     POST /ui/token                    {"lifetime": s (optional)} → a fresh Bearer token
@@ -58,6 +59,8 @@ log = Logger()
 DEFAULT_LISTEN = "tcp:8086:interface=127.0.0.1"
 DEFAULT_DATA = "var/sps"
 THUMBNAIL_SIDE = 512
+#: How many of a slide's results (the newest) the page draws and lists.
+PAGE_RESULTS = 50
 
 
 @frozen
@@ -123,6 +126,22 @@ def _read_json(request: IRequest) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UIError(400, "the body must be a JSON object")
     return data
+
+
+def _region(value: Any) -> tuple[float, float, float, float] | None:
+    """A ``region`` of the control API: ``[x0, y0, x1, y1]``, width-normalised."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) != 4
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    ):
+        raise UIError(400, "region must be [x0, y0, x1, y1] (numbers, width-normalised)")
+    x0, y0, x1, y1 = (float(v) for v in value)
+    if not (x0 < x1 and y0 < y1 and x0 >= 0 and y0 >= 0):
+        raise UIError(400, "region must have x0 < x1 and y0 < y1, all >= 0")
+    return (x0, y0, x1, y1)
 
 
 class _Dispatch(Resource):
@@ -238,6 +257,7 @@ class Simulator:
             scale = THUMBNAIL_SIDE / max(width, height)
             current = self.latest_result(slide_id)
             app = self.driver.application_id if self.driver.registration else None
+            stored = self.sps.results_for(slide_id, app)
             slides.append(
                 {
                     "id": slide_id,
@@ -257,7 +277,20 @@ class Simulator:
                         "height": max(1, round(height * scale)),
                     },
                     "label": f"/ui/slides/{slide_id}/label.jpg" if slide.label else None,
-                    "resultCount": len(self.sps.results_for(slide_id, app)),
+                    "resultCount": len(stored),
+                    # Every result of the app (the newest PAGE_RESULTS), drawn together
+                    # as the viewer shows them: a region app has one per region.
+                    "results": [
+                        {
+                            "id": r.id,
+                            "versionId": r.versionId,
+                            "displayResult": r.displayResult,
+                            "displayProperties": r.displayProperties,
+                            "shapes": [s.to_json() for s in shapes_of(r, width)],
+                            "cancellable": r.id in self.driver.result_tokens,
+                        }
+                        for r in stored[-PAGE_RESULTS:]
+                    ],
                     "latest": None
                     if current is None
                     else {
@@ -276,6 +309,7 @@ class Simulator:
             },
             "app": {
                 "url": self.driver.app_url,
+                "inputType": self.driver.input_type,
                 "registration": self.driver.registration,
                 "lastError": self.driver.last_error,
             },
@@ -284,15 +318,19 @@ class Simulator:
         }
 
     async def overlay_png(self, slide_id: str, path: str | Path | None = None) -> bytes:
-        """The slide's thumbnail with the latest result drawn over it, as PNG bytes
-        (also written to ``path`` if given)."""
+        """The slide's thumbnail with the app's results drawn over it (every region's;
+        the latest one captioned), as PNG bytes (also written to ``path`` if given)."""
         import io
 
         slide = self._slide(slide_id)
         image = await self.tiles.thumbnail_image(slide_id, THUMBNAIL_SIDE)
         width = int(slide.info["imageSize"]["width"])
+        current = self.latest_result(slide_id)
+        app = self.driver.application_id if self.driver.registration else None
+        stored = self.sps.results_for(slide_id, app)[-PAGE_RESULTS:]
+        others = [r for r in stored if r is not current]
         canvas = render_result_png(
-            image, self.latest_result(slide_id), path, image_width=width, title=slide_id
+            image, current, path, image_width=width, title=slide_id, others=others
         )
         out = io.BytesIO()
         canvas.save(out, "PNG")
@@ -330,11 +368,18 @@ class Simulator:
         if body.get("appUrl"):
             self.driver.app_url = str(body["appUrl"])
         if action == "create":
-            answer = await self.driver.create(slide_id, body.get("input"))
+            answer = await self.driver.create(
+                slide_id, body.get("input"), _region(body.get("region"))
+            )
         elif action == "notify":
             answer = await self.driver.notify(slide_id)
         elif action == "cancel":
-            answer = await self.driver.cancel(slide_id)
+            result_id = body.get("resultId")
+            if result_id is not None and (
+                isinstance(result_id, bool) or not isinstance(result_id, int)
+            ):
+                raise UIError(400, "resultId must be an integer")
+            answer = await self.driver.cancel(slide_id, result_id)
         else:
             raise UIError(404, f"unknown action {action!r}; use create, notify or cancel")
         return _json(request, answer.to_json())

@@ -83,7 +83,5 @@ class JobFilter:
             job.state in self.states
             and (self.slide_id is None or job.slide_id == self.slide_id)
             and (self.result_id is None or job.result_id == self.result_id)
-            and (
-                self.cancellation_token is None or job.cancellation_token == self.cancellation_token
-            )
+            and (self.cancellation_token is None or job.answers_to(self.cancellation_token))
         )

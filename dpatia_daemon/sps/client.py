@@ -295,7 +295,32 @@ class SPSClient:
         data = self._json(answer, endpoint, spec.secrets)
         if not isinstance(data, list):
             raise self._protocol_error(endpoint, "expected a JSON array", answer, spec.secrets)
-        return [self._result(item, endpoint, answer, spec.secrets) for item in data]
+        # Tolerant: the list holds whatever anyone stored for this app (other versions,
+        # other tools).  An item dpatia cannot read is not one it can reuse; refusing
+        # the whole list would make the slide unwritable for good.
+        results: list[Result] = []
+        skipped: list[str] = []
+        for index, item in enumerate(data):
+            if not isinstance(item, dict):
+                skipped.append(f"item {index}: not an object")
+                continue
+            try:
+                results.append(result_from_json(item))
+            except InvalidInput as e:
+                # The field's path only down to the first key or index: what the item
+                # holds stays out of the log.
+                where = (e.field or "$").split("[", 1)[0]
+                skipped.append(f"item {index}: {e.message} at {where}")
+        if skipped:
+            log.warn(
+                "SPS {endpoint}: skipped {count} of {total} results dpatia cannot read "
+                "({problems})",
+                endpoint=endpoint,
+                count=len(skipped),
+                total=len(data),
+                problems="; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else ""),
+            )
+        return results
 
     async def get_result(self, callback: Callback, app_id: str, result_id: int) -> Result:
         """``GET applications/{appId}/results/{id}``: one stored result."""

@@ -1,10 +1,13 @@
-"""Every write of a dpatia result at the SPS, in one place, one slide at a time.
+"""Every write of a dpatia result at the SPS, in one place, one result at a time.
 
-A slide carries one dpatia result annotation (apps cannot delete results, so the latest
-one is reused, IA-API.md §3.1).  Several parties write it: the front door ("queued"),
-the job runner (progress, the final answer, "failed", "cancelled"), a retry.
-:class:`ResultWriter` serialises all writes for one (application, slide) in this
-process through a FIFO lock, so that:
+A whole-slide analysis keeps one dpatia result annotation per slide (apps cannot delete
+results, so the latest one is reused, IA-API.md §3.1); a region analysis (taggedPolygon,
+multiArea) has one per region, as the Sectra examples store one per create (§2.6): the
+results that record its job key (:func:`~.results.latest`).  Several parties write a
+result: the front door ("queued"), the job runner (progress, the final answer,
+"failed", "cancelled"), a retry.  :class:`ResultWriter` serialises all writes for one
+job key (one whole slide, or one region of it) in this process through a FIFO lock, so
+that:
 
 * two parties never both find "no result yet" and create two annotations;
 * writes land in the order they were asked for: a "retrying" frame queued before a job
@@ -46,6 +49,7 @@ from .results import (
     frame_status,
     image_size_of,
     latest,
+    region_polygons,
     replacing,
     status_frame,
 )
@@ -89,7 +93,7 @@ class ResultWriter:
     fresh_grace: float = 5.0
     poll_interval: float = 0.5
     tokens: TokenBook | None = None
-    _locks: dict[tuple[str, str], DeferredLock] = field(factory=dict, init=False)
+    _locks: dict[str, DeferredLock] = field(factory=dict, init=False)
 
     def callback(self, job: Job) -> Callback:
         """The callback to write ``job``'s result with: the newest for its slide."""
@@ -117,12 +121,14 @@ class ResultWriter:
             image_size=image_size or image_size_of(job.image_info),
             progress=progress,
             error=error,
+            key=job.key,
+            region=region_polygons(job.input) if job.is_region else None,
         )
 
     def final(self, job: Job, result: Result) -> Result:
         """An analysis's result made ready to store: slide, version and bookkeeping set."""
         context = dict(result.data.context or {})
-        context[CONTEXT_KEY] = {"jobId": job.job_id, "status": Status.DONE.value}
+        context[CONTEXT_KEY] = {"jobId": job.job_id, "key": job.key, "status": Status.DONE.value}
         return attrs.evolve(
             result,
             slideId=job.slide_id,
@@ -135,8 +141,9 @@ class ResultWriter:
     # --- serialisation ----------------------------------------------------------------
 
     async def _serialised(self, job: Job, step: Callable[[], Awaitable[T]]) -> T:
-        """Run ``step`` holding the lock of ``job``'s slide (FIFO, taken at call time)."""
-        key = (job.application_id, job.slide_id)
+        """Run ``step`` holding the lock of ``job``'s key (FIFO, taken at call time): the
+        whole slide's for a whole-slide job, its region's for a region job."""
+        key = job.key
         lock = self._locks.get(key)
         if lock is None:
             lock = self._locks[key] = DeferredLock()
@@ -153,7 +160,9 @@ class ResultWriter:
     # --- reading ----------------------------------------------------------------------
 
     async def find(self, job: Job) -> Result | None:
-        """The job's stored result (its ``result_id``, else the slide's latest), or None.
+        """The job's stored result, or None: its ``result_id``, else the latest result
+        its key may reuse (the slide's for a whole-slide job, the region's own for a
+        region job).
 
         Raises :class:`ResultGone` when the job's own result id is gone.
         """
@@ -165,15 +174,15 @@ class ResultWriter:
             except SPSNotFound:
                 raise ResultGone(f"result {job.result_id} is gone") from None
         results = await self.sps.list_results(self.callback(job), job.application_id, job.slide_id)
-        return latest(results)
+        return latest(results, job.key, region=job.is_region)
 
     async def resolve(self, job: Job) -> Result:
         """The result ``job`` writes to, creating a "queued" frame if the slide has none.
 
-        The same reuse rule as the front door: the job's ``result_id``, else the app's
-        latest result for the slide, else a new one.  For a fresh ``create`` request
-        the front door is storing a frame right now (the pathologist's answer), so
-        the slide is re-listed for up to ``fresh_grace`` seconds before creating one.
+        The same reuse rule as the front door: the job's ``result_id``, else the latest
+        result its key may reuse (:meth:`find`), else a new one.  For a fresh ``create``
+        request the front door is storing a frame right now (the pathologist's answer),
+        so the slide is re-listed for up to ``fresh_grace`` seconds before creating one.
         """
         waited = 0.0
         while True:
@@ -269,9 +278,9 @@ class ResultWriter:
         image_size: tuple[int, int] | None,
         still_queued: Callable[[], Awaitable[bool]],
     ) -> Result:
-        """The front door's "queued" frame: create or update the slide's latest result.
+        """The front door's "queued" frame: create or update the job's result (:meth:`find`).
 
-        Under the slide's lock, so the job runner never creates a second one.  An
+        Under the job key's lock, so the job runner never creates a second one.  An
         existing result is only overwritten while ``still_queued()``: once a worker
         has the job, its frames (and its answer) win and the result is returned
         unchanged.  With no result at all, the frame is created either way (a
@@ -298,7 +307,7 @@ class ResultWriter:
 
     async def quality_control(self, job: Job, status: str, version_id: str | None) -> None:
         """Set the QC status of ``job``'s slide (IA-API.md §2.7), with the newest callback
-        and under the slide's lock, like every other write of the job.
+        and under the job key's lock, like every other write of the job.
 
         ``version_id`` is the slide's current QC ``versionId`` (from its metadata);
         ValueError for a status the IA-API does not know.

@@ -639,3 +639,146 @@ def test_access_log_setting_decides_which_answers_are_logged(
     site = IASite(Resource(), access_log=setting)
     site.log(SimpleNamespace(code=code))
     assert written == ([code] if logged else [])
+
+
+# --- region apps: one job and one result per region -------------------------------------
+
+
+def _region(x: float, kind: str = "taggedPolygon") -> dict[str, Any]:
+    """A small square region at ``x`` (width-normalised), as the SPS sends one."""
+    from dpatia_daemon.simulator.driver import rectangle_input
+
+    return rectangle_input(kind, (x, 0.1, x + 0.1, 0.2), ["Tumour"])
+
+
+def _region_app(stack: Stack) -> None:
+    from dpatia_daemon.models import InputType
+
+    stack.api.config = attrs.evolve(
+        stack.api.config,
+        app=attrs.evolve(
+            stack.api.config.app, input_type=InputType.TAGGED_POLYGON, tags=("Tumour",)
+        ),
+    )
+
+
+def _outline(result: Any) -> list[Any]:
+    """The polygons a stored frame draws."""
+    return [p for item in result.data.result.content for p in item["polygons"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_region_create_is_its_own_job_and_result(stack: Stack) -> None:
+    """Two regions on one slide: two queued jobs, two stored results (each frame outlining
+    its region); a create of the same region again merges into its job and result."""
+    _region_app(stack)
+    _, first, _ = await stack.post(
+        "/dpatia", stack.invocation(input=_region(0.1), cancellationToken="ct-a")
+    )
+    code, second, _ = await stack.post(
+        "/dpatia", stack.invocation(input=_region(0.5), cancellationToken="ct-b")
+    )
+    assert code == 200, second
+    assert first["id"] != second["id"]
+    jobs = await stack.spool.queued()
+    assert len(jobs) == 2 and {j.result_id for j in jobs} == {first["id"], second["id"]}
+    by_id = {r.id: r for r in stack.fake.results_for("slide-1")}
+    assert len(by_id) == 2
+    assert _outline(by_id[first["id"]])[0]["points"][0] == {"x": 0.1, "y": 0.1}
+    assert _outline(by_id[second["id"]])[0]["points"][0] == {"x": 0.5, "y": 0.1}
+    # The region's frame needs no slide info (only the whole slide's does).
+    assert not [r for r in stack.fake.requests if r.path.endswith("/info")]
+    _, again, _ = await stack.post(
+        "/dpatia", stack.invocation(input=_region(0.1), cancellationToken="ct-c")
+    )
+    assert again["id"] == first["id"]
+    assert len(await stack.spool.queued()) == 2
+    assert len(stack.fake.results_for("slide-1")) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_region_app_takes_either_region_type_but_not_the_whole_slide(
+    stack: Stack,
+) -> None:
+    """A taggedPolygon app also takes a multiArea create (the SPS admin may configure
+    either); a wholeSlide create is refused with 400 naming $.input.type."""
+    _region_app(stack)
+    code, answer, _ = await stack.post("/dpatia", stack.invocation(input=_region(0.3, "multiArea")))
+    assert code == 200, answer
+    (job,) = await stack.spool.queued()
+    assert job.input["type"] == "multiArea" and job.is_region
+    code, answer, _ = await stack.post("/dpatia", stack.invocation(slideId="slide-5"))
+    assert (code, answer["field"]) == (400, "$.input.type")
+    assert [j.slide_id for j in await stack.spool.queued()] == ["slide-1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancel_stops_only_the_job_of_its_token(stack: Stack) -> None:
+    """Two region jobs: a cancel with the first create's token cancels that job and marks
+    its result Cancelled; the other job stays queued and its result Queued."""
+    _region_app(stack)
+    _, first, _ = await stack.post(
+        "/dpatia", stack.invocation(input=_region(0.1), cancellationToken="ct-a")
+    )
+    _, second, _ = await stack.post(
+        "/dpatia", stack.invocation(input=_region(0.5), cancellationToken="ct-b")
+    )
+    code, answer, _ = await stack.post(
+        "/dpatia", stack.invocation("cancel", input=None, cancellationToken="ct-a")
+    )
+    assert (code, answer) == (200, [])
+    await stack.api.background.drain()
+    (left,) = await stack.spool.queued()
+    assert left.result_id == second["id"]
+    (cancelled,) = await stack.spool.find(states=frozenset({JobState.CANCELLED}))
+    assert cancelled.result_id == first["id"]
+    by_id = {r.id: r for r in stack.fake.results_for("slide-1")}
+    assert by_id[first["id"]].displayProperties["Status"] == "Cancelled"
+    assert by_id[second["id"]].displayProperties["Status"] == "Queued"
+
+
+@pytest.mark.parametrize("token", ["ct-unknown", None], ids=["other-token", "no-token"])
+@pytest_twisted.ensureDeferred
+async def test_a_cancel_matching_nothing_cancels_nothing_and_says_so(
+    stack: Stack, token: str | None
+) -> None:
+    """A cancel whose token matches no job (or that carries none) cancels nothing, not
+    every job of the slide; it answers [] and the log says nothing matched."""
+    from twisted.logger import capturedLogs, formatEvent
+
+    _, created, _ = await stack.post("/dpatia", stack.invocation())
+    body = stack.invocation("cancel", input=None, cancellationToken=token)
+    with capturedLogs() as events:
+        code, answer, _ = await stack.post("/dpatia", body)
+    assert (code, answer) == (200, [])
+    await stack.api.background.drain()
+    (job,) = await stack.spool.queued()
+    assert job.result_id == created["id"]
+    (result,) = stack.fake.results_for("slide-1")
+    assert result.displayProperties["Status"] == "Queued"
+    lines = [formatEvent(e) for e in events]
+    assert [line for line in lines if "matched no queued or running job" in line], lines
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slide_with_foreign_results_stays_writable(stack: Stack) -> None:
+    """Items in the slide's results list dpatia cannot read (string ids, nulls, other
+    shapes) are skipped: a create still stores its frame and answers it, and the next
+    create finds and reuses that result."""
+    stack.fake.foreign_results["slide-1"] = [
+        {"id": "99", "slideId": "slide-1", "versionId": "v"},
+        {"id": 98, "slideId": None},
+        {"id": 97, "slideId": "slide-1", "displayProperties": {"x": {"y": 1}}},
+        "just a string",
+    ]
+    code, first, _ = await stack.post("/dpatia", stack.invocation())
+    assert code == 200, first
+    assert isinstance(first["id"], int)
+    # End that job, so the next create is a new job that must find the result by listing.
+    await stack.post("/dpatia", stack.invocation("cancel", input=None))
+    await stack.api.background.drain()
+    assert await stack.spool.queued() == []
+    code, second, _ = await stack.post("/dpatia", stack.invocation(cancellationToken="ct-2"))
+    assert code == 200, second
+    assert second["id"] == first["id"]
+    assert len(stack.fake.results_for("slide-1")) == 1

@@ -389,6 +389,29 @@ def test_state_lists_slides_and_latest_result_shapes(sim: Simulator, slide_set: 
         assert latest["shapes"][0]["points"][1] == [0.2, 0.1]
 
 
+def test_state_lists_every_result_of_the_slide_with_its_shapes(
+    sim: Simulator, slide_set: SlideSet
+) -> None:
+    """A region app's results on one slide are all in the state, oldest first, each
+    with its own shapes (the page draws them all); the latest is still the newest."""
+    slide_id = slide_set.slides[0].slide_id
+
+    def square(x: float) -> dict[str, Any]:
+        points = [{"x": x, "y": 0.1}, {"x": x + 0.1, "y": 0.1}, {"x": x + 0.1, "y": 0.2}]
+        return {"style": {"strokeStyle": "#00FF00"}, "polygons": [{"points": points}]}
+
+    first = sim.sps.store_result(APP, _result(slide_id, [square(0.1)]))
+    second = sim.sps.store_result(APP, _result(slide_id, [square(0.5)]))
+    stub = StubTreq(sim.resource())
+    response = success_result_of(stub.get("http://sps.test/ui/state"))
+    state = json.loads(success_result_of(stub.content(response)))
+    (slide,) = [s for s in state["slides"] if s["id"] == slide_id]
+    assert [r["id"] for r in slide["results"]] == [first.id, second.id]
+    assert [r["shapes"][0]["points"][0] for r in slide["results"]] == [[0.1, 0.1], [0.5, 0.1]]
+    assert slide["latest"]["id"] == second.id and slide["resultCount"] == 2
+    assert state["app"]["inputType"] == "wholeSlide"
+
+
 def _result(slide_id: str, content: Any) -> Result:
     from dpatia_daemon.models import result_from_json
 

@@ -140,6 +140,79 @@ def test_control_api_actions_use_the_driver(sim: Any, app: FakeApp) -> None:
     assert [e["action"] for e in events] == ["notify"]
 
 
+class RegionApp(FakeApp):
+    """A taggedPolygon app: each create answers a new result id."""
+
+    def render(self, request: Any) -> bytes:
+        if request.method == b"GET":
+            path = request.path.decode()
+            self.received.append(("GET", path, None))
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps(
+                {
+                    "applicationId": "regions",
+                    "displayName": "Regions",
+                    "manufacturer": "me",
+                    "url": "http://app.test/regions",
+                    "inputTemplate": {"type": "taggedPolygon", "content": {"tags": ["Tumour"]}},
+                }
+            ).encode()
+        answer = super().render(request)
+        body = self.received[-1][2]
+        if body and body.get("action") == "create":
+            creates = sum(1 for r in self.received if r[2] and r[2].get("action") == "create")
+            return json.dumps({"slideId": body["slideId"], "id": 100 + creates}).encode()
+        return answer
+
+
+def test_a_region_app_gets_region_creates_and_each_result_its_own_cancel(
+    slide_set: SlideSet,
+) -> None:
+    """For a taggedPolygon registration a create sends the region given (or the slide's
+    centre) as a taggedPolygon with the registration's tags; a cancel of a result
+    carries the cancellationToken of the create that made it; the control API takes
+    ``region`` and ``resultId`` and refuses malformed ones with 400."""
+    app = RegionApp()
+    sim = memory_simulator(slide_set, http=StubTreq(app))
+    try:
+        success_result_of(sim.driver.register("http://app.test/reg"))
+        assert sim.driver.input_type == "taggedPolygon"
+        first = success_result_of(sim.driver.create("sim-colon-1", region=(0.1, 0.1, 0.3, 0.2)))
+        sent_first = app.received[-1][2]
+        content = sent_first["input"]["content"]
+        assert sent_first["input"]["type"] == "taggedPolygon"
+        assert content["polygon"]["points"][0] == {"x": 0.1, "y": 0.1}
+        assert content["polygon"]["points"][2] == {"x": 0.3, "y": 0.2}
+        assert (content["tags"], content["tagIndex"]) == (["Tumour"], 0)
+        stub = StubTreq(sim.resource())
+        response = success_result_of(
+            stub.post("http://sps.test/ui/slides/sim-colon-1/create", json={})
+        )
+        assert response.code == 200
+        sent_second = app.received[-1][2]
+        size = slide_set.get("sim-colon-1").info["imageSize"]
+        centre = sent_second["input"]["content"]["polygon"]["points"][0]
+        assert centre == {"x": 0.25, "y": 0.25 * size["height"] / size["width"]}
+        assert sent_second["cancellationToken"] != sent_first["cancellationToken"]
+        # A cancel of the first result carries the first create's token, not the last's.
+        response = success_result_of(
+            stub.post(
+                "http://sps.test/ui/slides/sim-colon-1/cancel",
+                json={"resultId": first.body["id"]},
+            )
+        )
+        assert response.code == 200
+        assert app.received[-1][2]["cancellationToken"] == sent_first["cancellationToken"]
+        for bad in ({"region": [0.3, 0.1, 0.1, 0.2]}, {"region": "all"}, {"resultId": "1"}):
+            action = "cancel" if "resultId" in bad else "create"
+            response = success_result_of(
+                stub.post(f"http://sps.test/ui/slides/sim-colon-1/{action}", json=bad)
+            )
+            assert response.code == 400, bad
+    finally:
+        sim.tiles.close()
+
+
 def test_token_endpoint_of_the_control_api(sim: Any) -> None:
     """POST /ui/token issues a token the callback API accepts."""
     stub = StubTreq(sim.resource())
@@ -254,6 +327,22 @@ def test_render_result_png_draws_the_polygon_where_it_belongs(tmp_path: Any) -> 
     assert pixels[100, 200, 2] > pixels[100, 200, 0] + 60  # inside: blue
     assert tuple(pixels[20, 20]) == (255, 255, 255)  # outside: untouched
     assert pixels[50, 200, 2] > 200 and pixels[50, 200, 0] < 60  # the outline at y = 0.125 * 400
+
+
+def test_render_result_png_draws_the_other_regions_too() -> None:
+    """With ``others`` (the other regions' results) every result is drawn."""
+    base = Image.new("RGB", (400, 200), (255, 255, 255))
+
+    def square(x: float, colour: str) -> Any:
+        corners = ((0, 0), (0.1, 0), (0.1, 0.1), (0, 0.1))
+        points = [{"x": x + dx, "y": 0.1 + dy} for dx, dy in corners]
+        style = {"strokeStyle": colour, "fillStyle": colour}
+        return result_from_json(primitive([{"style": style, "polygons": [{"points": points}]}]))
+
+    out = render_result_png(base, square(0.1, "#0000FF"), others=[square(0.6, "#FF0000")])
+    pixels = np.asarray(out.convert("RGB")).astype(int)
+    assert pixels[60, 60, 2] > pixels[60, 60, 0] + 60  # the latest: blue at x 0.15
+    assert pixels[60, 260, 0] > pixels[60, 260, 2] + 60  # the other region: red at x 0.65
 
 
 # --- options -----------------------------------------------------------------------------

@@ -120,6 +120,20 @@ async def test_geometry_makes_a_different_key(spool: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_merged_job_answers_a_cancel_of_either_request(spool: Any) -> None:
+    """Two requests merged into one queued job: find by either cancellation token finds
+    it (the newest is its own, the older one is remembered); another token finds nothing."""
+    await spool.add(make_job(cancellation_token="c1"))
+    merged = await spool.add(make_job(cancellation_token="c2", created=150.0))
+    assert merged.cancellation_token == "c2" and merged.merged_tokens == ("c1",)
+    assert [j.job_id for j in await spool.find(cancellation_token="c1")] == [merged.job_id]
+    assert [j.job_id for j in await spool.find(cancellation_token="c2")] == [merged.job_id]
+    assert await spool.find(cancellation_token="c3") == []
+    # The remembered token survives the record's round trip through the spool.
+    assert (await spool.get(merged.job_id)).merged_tokens == ("c1",)
+
+
+@pytest_twisted.ensureDeferred
 async def test_queued_order(spool: Any) -> None:
     """queued() is manual requests first, then higher priority, then oldest."""
     note = await spool.add(make_job("n", kind=JobKind.NOTIFICATION, created=1.0))

@@ -783,6 +783,44 @@ def test_malformed_result_is_protocol_error() -> None:
     assert "slideId" in str(f.value)
 
 
+#: What another tool (or another version) may have stored for the app: nothing dpatia
+#: can read as a result, one item each.
+FOREIGN_RESULTS: list[Any] = [
+    {"id": "12", "slideId": SLIDE, "versionId": "v"},  # a string id
+    {"id": 13, "slideId": None, "versionId": "v"},  # a null required field
+    {"id": 14, "slideId": SLIDE, "displayProperties": {"Cells": [1, 2]}},  # another shape
+    {"id": 15, "slideId": SLIDE, "data": {"result": {"type": None}}},
+    ["not", "an", "object"],
+    None,
+]
+
+
+def test_a_results_list_with_foreign_items_skips_them_with_one_warning() -> None:
+    """list_results keeps every item it can read (nulls of fields with a default read as
+    absent) and skips the others, with one warning naming each by index, without
+    their content."""
+    readable = {"id": 16, "slideId": SLIDE, "versionId": "v16", "displayResult": None,
+                "displayProperties": None, "data": None, "attachments": None}
+    body = json.dumps([*FOREIGN_RESULTS[:3], readable, *FOREIGN_RESULTS[3:]]).encode()
+    e = make_env(Scripted([(200, {"content-type": "application/json"}, body)]))
+    with capturedLogs() as events:
+        results = success_result_of(run(e.client.list_results(e.callback, APP, SLIDE)))
+    assert [(r.id, r.displayResult, r.displayProperties) for r in results] == [(16, "", {})]
+    warnings = [formatEvent(ev) for ev in events if "cannot read" in formatEvent(ev)]
+    assert len(warnings) == 1, warnings
+    (warning,) = warnings
+    assert "skipped 6 of 7 results" in warning
+    assert "item 0: expected an integer, got str at $.id" in warning
+    assert "Cells" not in warning
+
+
+def test_a_results_list_of_only_foreign_items_is_empty() -> None:
+    """No readable item at all: an empty list (the caller then creates its own)."""
+    body = json.dumps(FOREIGN_RESULTS).encode()
+    e = make_env(Scripted([(200, {}, body)]))
+    assert success_result_of(run(e.client.list_results(e.callback, APP, SLIDE))) == []
+
+
 def test_redirect_is_not_followed() -> None:
     """A 3xx is an error: following it could hand the token to another host."""
     scripted = Scripted([(302, {"Location": "http://elsewhere/"}, b""), (200, {}, b"{}")])

@@ -15,7 +15,9 @@ from dpatia_daemon.sps.results import (
     frame_status,
     image_size_of,
     latest,
+    region_polygons,
     replacing,
+    result_key,
     slide_frame,
     status_frame,
 )
@@ -137,6 +139,61 @@ def test_latest_is_the_highest_stored_id() -> None:
     assert chosen is not None and chosen.id == 11
     assert latest([Result(slideId="s")]) is None
     assert latest([]) is None
+
+
+def _keyed(result_id: int, key: str | None) -> Result:
+    return attrs.evolve(_frame(key=key), id=result_id)
+
+
+def test_latest_of_a_key_is_that_regions_own_result() -> None:
+    """With a key, a region job reuses only results recording its key; a whole-slide
+    job also takes results recording no key (older ones), never a region's."""
+    results = [_keyed(1, None), _keyed(2, "whole"), _keyed(3, "region-a"), _keyed(4, "region-b")]
+    assert [result_key(r) for r in results] == [None, "whole", "region-a", "region-b"]
+    assert latest(results, "region-a", region=True).id == 3  # type: ignore[union-attr]
+    assert latest(results, "region-c", region=True) is None
+    assert latest(results, "whole").id == 2  # type: ignore[union-attr]
+    older = latest([_keyed(1, None), _keyed(4, "region-b")], "whole")
+    assert older is not None and older.id == 1
+    assert latest(results).id == 4  # type: ignore[union-attr]
+
+
+def test_a_region_frame_outlines_the_region_and_records_the_key() -> None:
+    """A region job's frame draws its selection (label at the region's corner) instead
+    of the full-slide rectangle, and records its key in dpatia's context."""
+    tagged = {
+        "type": "taggedPolygon",
+        "content": {
+            "polygon": {
+                "points": [{"x": 0.2, "y": 0.3}, {"x": 0.4, "y": 0.3}, {"x": 0.3, "y": 0.5}]
+            },
+            "tags": ["Tumour"],
+            "tagIndex": 0,
+        },
+    }
+    region = region_polygons(tagged)
+    frame = _frame(key="k1", region=region, image_size=(2000, 1000))
+    (item,) = _items(frame)
+    assert item["polygons"] == [unstructure(region[0])]
+    assert item["labels"][0]["location"] == {"x": 0.2, "y": 0.3}
+    assert (frame.data.context or {})[CONTEXT_KEY]["key"] == "k1"
+    assert result_key(frame) == "k1"
+
+
+@pytest.mark.parametrize(
+    ("input", "count"),
+    [
+        ({"type": "wholeSlide"}, 0),
+        ({"type": "multiArea", "content": {"polygons": [{"points": [{"x": 0, "y": 0}]}] * 2}}, 2),
+        ({"type": "multiArea", "content": {"polygons": [{"points": [{"x": "a", "y": 0}]}]}}, 0),
+        ({"type": "taggedPolygon", "content": {"polygon": None}}, 0),
+        ({"type": "taggedPolygon"}, 0),
+        (None, 0),
+    ],
+)
+def test_region_polygons_reads_both_region_types_tolerantly(input: Any, count: int) -> None:
+    """The polygons of a taggedPolygon or multiArea input; nothing unusable."""
+    assert len(region_polygons(input)) == count
 
 
 @pytest.mark.parametrize(

@@ -78,6 +78,44 @@ async def test_resolve_reuses_the_slides_latest_result_and_creates_only_when_non
     assert frame_status(results[0]) is Status.QUEUED
 
 
+def _tagged(x: float) -> dict[str, Any]:
+    polygon = {"points": [{"x": x, "y": 0.1}, {"x": x + 0.1, "y": 0.1}, {"x": x, "y": 0.2}]}
+    return {"type": "taggedPolygon", "content": {"polygon": polygon, "tags": []}}
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_region_resolves_to_its_own_result_and_none_takes_anothers(
+    stack: Stack,
+) -> None:
+    """Region jobs on one slide each get a result of their own (found again by their
+    key, even concurrently); a whole-slide job on the same slide never takes a
+    region's; and a second job of the same region reuses that region's result."""
+    first = stack.job("slide-r", input=_tagged(0.1))
+    second = stack.job("slide-r", input=_tagged(0.5))
+    got = await ensureDeferred(
+        _all(*[stack.writer.resolve(j) for j in (first, second, first, second)])
+    )
+    assert got[0].id == got[2].id and got[1].id == got[3].id and got[0].id != got[1].id
+    whole = await stack.writer.resolve(stack.job("slide-r"))
+    assert whole.id not in (got[0].id, got[1].id)
+    rerun = await stack.writer.resolve(attrs.evolve(first, job_id="f" * 32, attempts=1))
+    assert rerun.id == got[0].id
+    assert len(stack.fake.results_for("slide-r")) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slide_whose_list_has_foreign_items_is_still_written(stack: Stack) -> None:
+    """Unreadable items in the slide's results list are skipped: the job creates its
+    result, writes its answer, and the next job of the slide finds and reuses it."""
+    job = stack.job("slide-f")
+    stack.fake.foreign_results["slide-f"] = [{"id": "1"}, {"slideId": None, "id": 2}, [3]]
+    stored = await stack.writer.resolve(job)
+    final = stack.writer.final(job, Result(slideId="slide-f", displayResult="answer"))
+    await stack.writer.update(job, stored, final)
+    again = await stack.writer.resolve(attrs.evolve(job, job_id="e" * 32))
+    assert again.id == stored.id and again.displayResult == "answer"
+
+
 async def _all(*coros: Any) -> list[Any]:
     from twisted.internet.defer import gatherResults
 
