@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= etc/dpatia.ini
 
-.PHONY: all test lint unit browser run demo bench bench-dispatch lock clean
+.PHONY: all test lint unit browser systemd-analyze run demo bench bench-dispatch lock clean
 
 all: test
 
@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check dpatia_daemon tests bench twisted
 	$(BIN)/mypy
 
-unit: $(STAMP) browser
+unit: $(STAMP) browser systemd-analyze
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The simulator's page is tested in Debian's headless Chromium.  Install it when this
@@ -41,6 +41,15 @@ browser:
 	    echo "installing Debian's chromium for the page test"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is not installed and cannot be installed here: the page test will be skipped"; fi; }
+
+# tests/ops/test_units.py checks systemd/*.service and *.socket with systemd-analyze
+# verify: installed the same way (Debian's systemd package), skipped elsewhere.
+systemd-analyze:
+	@command -v systemd-analyze >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's systemd for systemd-analyze verify"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null; \
+	  else echo "systemd-analyze is not installed and cannot be installed here: the unit-file test will be skipped"; fi; }
 
 run: $(STAMP)
 	$(BIN)/twistd --nodaemon --pidfile= dpatia --config $(CONFIG)

@@ -248,6 +248,32 @@ class WorkersConfig:
     restart_backoff_cap: float = key(60.0, greater_than(0))
 
 
+class LogFormat(enum.Enum):
+    """How log events are written on stdout ([log] format; see ops/logs.py)."""
+
+    JOURNAL = "journal"  # <N> priority prefix, no time stamp: for journald
+    TEXT = "text"  # twistd's classic lines with a time stamp
+    JSON = "json"  # one JSON object per line
+
+
+class LogLevelName(enum.Enum):
+    """The least severe level written ([log] level): twisted.logger's level names."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARN = "warn"
+    ERROR = "error"
+    CRITICAL = "critical"
+
+
+@frozen
+class LogConfig:
+    """What the daemon writes on stdout, and how (etc/dpatia.ini [log])."""
+
+    format: LogFormat = key(LogFormat.JOURNAL)
+    level: LogLevelName = key(LogLevelName.INFO)
+
+
 def _prefixes(text: str) -> tuple[URLPrefix, ...]:
     """``[sps] allowed_callback_urls`` from the file: prefixes split on spaces or commas."""
     return tuple(URLPrefix.parse(item) for item in re.split(r"[\s,]+", text) if item)
@@ -320,6 +346,7 @@ class Config:
     pipeline: PipelineConfig = field(factory=PipelineConfig)
     tissue: TissueSettings = field(factory=TissueSettings)
     notifications: NotificationRules = field(factory=NotificationRules)
+    log: LogConfig = field(factory=LogConfig)
 
     def analysis_settings(self) -> dict[str, str]:
         """The section of the built-in analysis this daemon runs, as the strings its

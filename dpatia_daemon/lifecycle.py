@@ -15,7 +15,8 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorCore, IReactorThreads
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
 
 from .spool import SpoolError
 
@@ -25,7 +26,19 @@ log = Logger()
 class OrderedRoot(MultiService):
     """The tree's root: a child that cannot start (an unusable spool) stops the daemon
     with one line, not a traceback, and a non-zero exit status; at stop, the children
-    stop one after another, last started first."""
+    stop one after another, last started first.
+
+    ``log_observer``, when set, is what twistd logs to: the root hands it to twistd's
+    application as its ``ILogObserver`` component, which twistd uses unless its
+    command line names another (``--logger``).
+    """
+
+    log_observer: ILogObserver | None = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        if self.log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
 
     def startService(self) -> None:
         try:

@@ -6,7 +6,9 @@
 - ``sps``    the outgoing HTTP connection pool to the SPS (closed at stop);
 - ``workers`` the worker supervisor: runs the analyses, writes their results;
 - ``api``    waits, at stop, for in-progress frames still being written;
-- ``http``   the IA-API listener (stops first: no new requests while draining).
+- ``http``   the IA-API listener (stops first: no new requests while draining);
+- under systemd, ``watchdog`` (first: it pings until the drain is over) and
+  ``systemd`` (last: STOPPING=1 before anything else stops), see :mod:`.ops.systemd`.
 
 Children stop one after another, in reverse order (:class:`~.lifecycle.OrderedRoot`):
 the listener closes, the front door's frames finish, the workers drain (their jobs need
@@ -22,7 +24,7 @@ from __future__ import annotations
 import os
 import socket
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService
@@ -37,6 +39,7 @@ from .frontdoor.processes import FrontDoors, ParentLink, ReusePortListener
 from .frontdoor.routes import IAAPI
 from .frontdoor.site import make_site
 from .lifecycle import OrderedRoot, Ready, Stopper, in_thread
+from .ops.systemd import Notifier, Readiness, SystemdEnvironment, Watchdog
 from .spool import DirectorySpool, ISpool
 from .sps.client import SPSClient, make_http_client
 from .sps.tokens import TokenBook, callback_auth
@@ -49,7 +52,13 @@ from .workers.supervisor import Supervisor
 log = Logger()
 
 
-def build_service(config: Config, reactor: Any, *, front_door: int | None = None) -> MultiService:
+def build_service(
+    config: Config,
+    reactor: Any,
+    *,
+    front_door: int | None = None,
+    systemd: SystemdEnvironment | None = None,
+) -> MultiService:
     """Build the named service tree for ``config`` on ``reactor``; nothing starts yet.
 
     ``reactor`` provides time, TCP, threads and processes (IReactorTime, IReactorTCP,
@@ -60,10 +69,21 @@ def build_service(config: Config, reactor: Any, *, front_door: int | None = None
     With ``front_door`` set, the tree of an extra front-door process (see
     :mod:`.frontdoor.processes`): the spool, the SPS client and the IA-API on the shared port
     (SO_REUSEPORT), no workers and no sweeps.
+
+    ``systemd`` is what systemd told the process (``NOTIFY_SOCKET``, the watchdog):
+    the main process then has a ``watchdog`` service (first, so it stops last) and a
+    ``systemd`` one (last: READY, STATUS, STOPPING; see :mod:`.ops.systemd`).
     """
     if front_door is None:
         check_processes(config)
     root = OrderedRoot()
+    notifier = None
+    if systemd is not None and systemd.notify_socket and front_door is None:
+        notifier = Notifier(systemd.notify_socket)
+        if systemd.watchdog_interval:
+            watchdog = Watchdog(reactor, notifier, systemd.watchdog_interval)
+            watchdog.setName("watchdog")
+            watchdog.setServiceParent(root)
 
     spool = DirectorySpool(
         directory=config.spool.directory,
@@ -193,6 +213,11 @@ def build_service(config: Config, reactor: Any, *, front_door: int | None = None
     ready = Ready(reactor, "dpatia ready")
     ready.setName("ready")
     ready.setServiceParent(root)
+    if notifier is not None:
+        supervisor = cast(Supervisor | None, root.namedServices.get("workers"))
+        readiness = Readiness(reactor, notifier, spool, supervisor)
+        readiness.setName("systemd")
+        readiness.setServiceParent(root)
 
     log.info(
         "dpatia {version}: IA-API on {listen} at {route} ({processes} front-door "

@@ -1,10 +1,16 @@
 """The twistd adapter: command-line options and config file → ``build_service``.
 
 ``twistd -n dpatia --config PATH [--listen EP] [--spool DIR] [--workers N]``.  All the
-work is in :func:`dpatia_daemon.service.build_service`; this module only parses.
+work is in :func:`dpatia_daemon.service.build_service`; this module only parses, and
+hands the tree what only the process knows: what systemd put in its environment
+(:class:`~dpatia_daemon.ops.systemd.SystemdEnvironment`) and, when twistd logs to
+stdout, the ``[log]`` observer (:mod:`dpatia_daemon.ops.logs`).
 """
 
 from __future__ import annotations
+
+import os
+import sys
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -49,12 +55,38 @@ def makeService(options: Options) -> IService:
     """Build the daemon's service tree for twistd (the only place the reactor is imported)."""
     from twisted.internet import reactor
 
+    from .lifecycle import OrderedRoot
+    from .ops.logs import stdout_observer
+    from .ops.systemd import SystemdEnvironment
     from .service import build_service
 
+    # Taken out of the environment before any child is spawned: only this process
+    # speaks to systemd.
+    systemd = SystemdEnvironment.take(os.environ)
     try:
         door = options["front-door"]
-        return build_service(
-            options.config, reactor, front_door=None if door is None else int(door)
+        root = build_service(
+            options.config,
+            reactor,
+            front_door=None if door is None else int(door),
+            systemd=systemd,
         )
     except ConfigError as e:
         raise SystemExit(f"dpatia: configuration error: {e}") from None
+    if isinstance(root, OrderedRoot) and _logs_to_stdout(options):
+        root.log_observer = stdout_observer(options.config.log, sys.stdout)
+    return root
+
+
+def _logs_to_stdout(options: Options) -> bool:
+    """True when twistd would log to stdout: in the foreground, and no --logfile,
+    --syslog or --logger says otherwise (those are the operator's choice, kept)."""
+    twistd = getattr(options, "parent", None)
+    if twistd is None:
+        return False
+    return bool(
+        twistd.get("nodaemon")
+        and twistd.get("logfile") in (None, "", "-")
+        and not twistd.get("syslog")
+        and twistd.get("logger") is None
+    )

@@ -7,7 +7,8 @@ Layers, lowest first (README "Layout" says the same in prose):
 2. the work on a slide: ``pipeline/``, ``analyses/``;
 3. ``config``, the contract every configurable part reads;
 4. the processes' parts: ``frontdoor/``, ``workers/`` (and the ``worker`` alias),
-   ``lifecycle`` (the service tree's ordered stop, "ready" line, stop-only services);
+   ``lifecycle`` (the service tree's ordered stop, "ready" line, stop-only services),
+   ``ops/`` (systemd notifications, the log observer: they read the other parts);
 5. the wiring: ``service``, ``tap``;
 6. separate programs nothing in the daemon imports: ``simulator/``, ``demo``.
 """
@@ -41,6 +42,7 @@ LAYERS: dict[str, int] = {
     "workers": 4,
     "worker": 4,
     "lifecycle": 4,
+    "ops": 4,
     "service": 5,
     "tap": 5,
     "simulator": 6,
