@@ -44,6 +44,7 @@ from .sps.writer import ResultWriter
 from .twistedcompat import raise_synchronously
 from .workers.cancels import PushCancels
 from .workers.folders import WorkFolders
+from .workers.interpreter import check_workers_python
 from .workers.supervisor import Supervisor
 
 log = Logger()
@@ -63,6 +64,7 @@ def build_service(config: Config, reactor: Any, *, front_door: int | None = None
     """
     if front_door is None:
         check_processes(config)
+        check_workers_python(config)
     root = OrderedRoot()
 
     spool = DirectorySpool(

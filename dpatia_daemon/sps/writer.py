@@ -71,6 +71,23 @@ class Superseded(Exception):
         self.current = current
 
 
+def final_result(
+    result: Result, job_id: str, slide_id: str, application_version: str = __version__
+) -> Result:
+    """An analysis's result as it is stored at the SPS for job ``job_id``: slide,
+    version and bookkeeping set (also what ``dpatia analyse`` writes)."""
+    context = dict(result.data.context or {})
+    context[CONTEXT_KEY] = {"jobId": job_id, "status": Status.DONE.value}
+    return attrs.evolve(
+        result,
+        slideId=slide_id,
+        applicationVersion=result.applicationVersion or application_version,
+        data=ResultData(context=context, result=result.data.result),
+        id=None,
+        versionId=None,
+    )
+
+
 @define
 class ResultWriter:
     """Writes a job's result at the SPS: finds or creates it, frames, final answers.
@@ -121,16 +138,7 @@ class ResultWriter:
 
     def final(self, job: Job, result: Result) -> Result:
         """An analysis's result made ready to store: slide, version and bookkeeping set."""
-        context = dict(result.data.context or {})
-        context[CONTEXT_KEY] = {"jobId": job.job_id, "status": Status.DONE.value}
-        return attrs.evolve(
-            result,
-            slideId=job.slide_id,
-            applicationVersion=result.applicationVersion or self.application_version,
-            data=ResultData(context=context, result=result.data.result),
-            id=None,
-            versionId=None,
-        )
+        return final_result(result, job.job_id, job.slide_id, self.application_version)
 
     # --- serialisation ----------------------------------------------------------------
 
