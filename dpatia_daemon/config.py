@@ -17,6 +17,7 @@ import enum
 import functools
 import os
 import re
+import shlex
 import stat
 import typing
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ from twisted.python.filepath import FilePath
 
 from . import sections
 from .analyses.demo import DemoSettings
+from .analyses.loader import AnalysisLoadError, find_analysis
 from .analyses.tissue.settings import TissueSettings
 from .frontdoor.notifications import NotificationRules
 from .models import InputType
@@ -45,7 +47,7 @@ from .sections import (
     not_negative,
     to_strings,
 )
-from .sps.tokens import Credentials
+from .sps.tokens import CLIENT_ID_ENV, CLIENT_SECRET_ENV, Credentials
 
 
 class ConfigError(Exception):
@@ -215,8 +217,9 @@ class AppConfig:
         "tissue",
         nonempty,
         matches(
-            r"[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?",
-            "must be a short name (demo, tissue) or package.module:callable",
+            r"[A-Za-z_][\w.-]*|[A-Za-z_][\w.]*:[A-Za-z_]\w*",
+            "must be a short name (demo, tissue, an installed plugin) or "
+            "package.module:callable",
         ),
     )
     include_phi: bool = key(False)
@@ -232,9 +235,61 @@ class SpoolConfig:
     retention_days: float = key(30.0, not_negative)
 
 
+def _executable(text: str) -> str | None:
+    """``[workers] python`` from the file: an absolute path to an executable, or None."""
+    text = text.strip()
+    if not text:
+        return None
+    if not os.path.isabs(text):
+        raise ValueError(f"{text!r} is not an absolute path")
+    if not os.path.isfile(text) or not os.access(text, os.X_OK):
+        raise ValueError(f"{text!r} is not an executable file")
+    return text
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _environment(text: str) -> tuple[tuple[str, str], ...]:
+    """``[workers] environment`` from the file: ``NAME=value`` words (shell quoting, one
+    or more a line), in order."""
+    try:
+        words = shlex.split(text, comments=False)
+    except ValueError as e:
+        raise ValueError(f"cannot split into NAME=value words ({e})") from None
+    pairs = []
+    for word in words:
+        name, sep, value = word.partition("=")
+        if not sep or not _ENV_NAME.match(name):
+            raise ValueError(f"{word!r} is not NAME=value")
+        pairs.append((name, value))
+    return tuple(pairs)
+
+
+#: The variable that tells a worker its slot number (1-based), for an analysis that
+#: wants to know which of its kind it is (a port, a cache folder of its own).
+SLOT_ENV = "DPATIA_WORKER_SLOT"
+
+#: Variables [workers] environment may not set: the daemon sets them itself (the slot
+#: number; the SPS client credentials, from [sps]).
+_RESERVED_ENV = (SLOT_ENV, CLIENT_ID_ENV, CLIENT_SECRET_ENV)
+
+_DEVICE_GROUP = re.compile(r"[A-Za-z0-9-]+(\+[A-Za-z0-9-]+)*\Z")
+
+
+def _device_groups(instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for group in value:
+        if not _DEVICE_GROUP.match(group):
+            raise BadValue(
+                attribute.name,
+                f"{group!r} is not a GPU index or UUID (join a worker's GPUs with +: 0+1)",
+            )
+
+
 @frozen
 class WorkersConfig:
-    """How analyses run: worker processes, retries, deadlines (etc/dpatia.ini [workers])."""
+    """How analyses run: worker processes, retries, deadlines, and the workers' Python,
+    environment and GPUs (etc/dpatia.ini [workers])."""
 
     count: int = key(2, not_negative)
     work_directory: FilePath = key(factory=lambda: FilePath("var/work"))
@@ -246,6 +301,32 @@ class WorkersConfig:
     shutdown_grace: float = key(30.0, not_negative)
     max_jobs_per_worker: int = key(0, not_negative)
     restart_backoff_cap: float = key(60.0, greater_than(0))
+    #: Another interpreter for the workers (the analysis's own virtualenv); None: ours.
+    python: str | None = key(None, parse=_executable)
+    #: Extra variables for the workers, in order: ``(name, value)`` pairs.
+    environment: tuple[tuple[str, str], ...] = key((), parse=_environment)
+    #: GPUs, one group per worker slot, round-robin: slot n sees group (n-1) % len.
+    gpus: tuple[str, ...] = key((), _device_groups)
+
+    def __attrs_post_init__(self) -> None:
+        names = [name for name, _ in self.environment]
+        for name in names:
+            if name in _RESERVED_ENV or (name == "CUDA_VISIBLE_DEVICES" and self.gpus):
+                setter = "[workers] gpus" if name == "CUDA_VISIBLE_DEVICES" else "the daemon"
+                raise BadValue("environment", f"{name} is set by {setter}")
+        if self.gpus and 0 < self.count < len(self.gpus):
+            raise BadValue(
+                "gpus",
+                f"{len(self.gpus)} GPU groups but count is {self.count}: each slot takes "
+                "one group, so some would never be used (raise count or list fewer)",
+            )
+
+    def devices(self, slot: int) -> str | None:
+        """``CUDA_VISIBLE_DEVICES`` of worker slot ``slot`` (1-based), None without
+        ``gpus``: the same for every worker that slot ever runs."""
+        if not self.gpus:
+            return None
+        return ",".join(self.gpus[(slot - 1) % len(self.gpus)].split("+"))
 
 
 class LogFormat(enum.Enum):
@@ -466,6 +547,23 @@ def _check_consistency(config: Config) -> None:
             "must list at least one URL prefix (the daemon calls only these SPS addresses)",
         )
     _check_credentials(config)
+    _check_analysis(config)
+
+
+def _check_analysis(config: Config) -> None:
+    """A short ``[app] analysis`` name must be a built-in or an installed plugin.
+
+    Only metadata is read (no analysis code is imported).  With ``[workers] python``
+    the workers' interpreter is asked instead, when the service is built
+    (:func:`dpatia_daemon.workers.interpreter.check_workers_python`); with no workers
+    here, other daemons run the jobs.
+    """
+    if config.workers.python is not None or not config.workers.count:
+        return
+    try:
+        find_analysis(config.app.analysis)
+    except AnalysisLoadError as e:
+        raise ConfigError(config.source, "app", "analysis", str(e)) from None
 
 
 def _check_credentials(config: Config) -> None:

@@ -47,6 +47,7 @@ from .sps.writer import ResultWriter
 from .twistedcompat import raise_synchronously
 from .workers.cancels import PushCancels
 from .workers.folders import WorkFolders
+from .workers.interpreter import check_workers_python
 from .workers.supervisor import Supervisor
 
 log = Logger()
@@ -76,6 +77,7 @@ def build_service(
     """
     if front_door is None:
         check_processes(config)
+        check_workers_python(config)
     root = OrderedRoot()
     notifier = None
     if systemd is not None and systemd.notify_socket and front_door is None:

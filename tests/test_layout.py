@@ -10,7 +10,7 @@ Layers, lowest first (README "Layout" says the same in prose):
    ``lifecycle`` (the service tree's ordered stop, "ready" line, stop-only services),
    ``ops/`` (systemd notifications, the log observer: they read the other parts);
 5. the wiring: ``service``, ``tap``;
-6. separate programs nothing in the daemon imports: ``simulator/``, ``demo``.
+6. separate programs nothing in the daemon imports: ``simulator/``, ``demo``, ``cli``.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ LAYERS: dict[str, int] = {
     "tap": 5,
     "simulator": 6,
     "demo": 6,
+    "cli": 6,
 }
 
 #: Modules that sit below their package's layer, and why.
@@ -148,7 +149,7 @@ def test_there_are_no_import_cycles() -> None:
     assert cycles == []
 
 
-@pytest.mark.parametrize("module", ["simulator", "demo"])
+@pytest.mark.parametrize("module", ["simulator", "demo", "cli"])
 def test_nothing_in_the_daemon_imports_the_separate_programs(module: str) -> None:
     """The simulator and the demo are programs of their own, not parts of the daemon."""
     users = [m for m, p in _modules().items()

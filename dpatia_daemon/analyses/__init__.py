@@ -230,6 +230,18 @@ class PatchCollection:
 Analysis = Callable[[AnalysisJob], AnalysisResult | Result]
 
 
+def as_result(answer: object, slide_id: str) -> tuple[Result, str | None]:
+    """What an analysis returned, as the SPS result for ``slide_id`` and its
+    quality-control verdict; TypeError for anything but an AnalysisResult or Result."""
+    if isinstance(answer, AnalysisResult):
+        return answer.to_result(slide_id), answer.quality_control
+    if isinstance(answer, Result):
+        return answer, None
+    raise TypeError(
+        f"the analysis returned {type(answer).__name__}, not an AnalysisResult or Result"
+    )
+
+
 __all__ = [
     "Analysis",
     "AnalysisCancelled",
@@ -239,6 +251,7 @@ __all__ = [
     "Patch",
     "PatchCollection",
     "QC_VERDICTS",
+    "as_result",
     "item",
     "label",
     "rectangle",

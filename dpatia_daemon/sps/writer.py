@@ -75,6 +75,31 @@ class Superseded(Exception):
         self.current = current
 
 
+def final_result(
+    result: Result,
+    job_id: str,
+    slide_id: str,
+    application_version: str = __version__,
+    *,
+    key: str | None = None,
+) -> Result:
+    """An analysis's result as it is stored at the SPS for job ``job_id``: slide,
+    version and bookkeeping set (also what ``dpatia analyse`` writes).  ``key``, the
+    job's key, lets a region app find each region's own result again."""
+    context = dict(result.data.context or {})
+    context[CONTEXT_KEY] = {"jobId": job_id, "status": Status.DONE.value}
+    if key is not None:
+        context[CONTEXT_KEY]["key"] = key
+    return attrs.evolve(
+        result,
+        slideId=slide_id,
+        applicationVersion=result.applicationVersion or application_version,
+        data=ResultData(context=context, result=result.data.result),
+        id=None,
+        versionId=None,
+    )
+
+
 @define
 class ResultWriter:
     """Writes a job's result at the SPS: finds or creates it, frames, final answers.
@@ -127,15 +152,8 @@ class ResultWriter:
 
     def final(self, job: Job, result: Result) -> Result:
         """An analysis's result made ready to store: slide, version and bookkeeping set."""
-        context = dict(result.data.context or {})
-        context[CONTEXT_KEY] = {"jobId": job.job_id, "key": job.key, "status": Status.DONE.value}
-        return attrs.evolve(
-            result,
-            slideId=job.slide_id,
-            applicationVersion=result.applicationVersion or self.application_version,
-            data=ResultData(context=context, result=result.data.result),
-            id=None,
-            versionId=None,
+        return final_result(
+            result, job.job_id, job.slide_id, self.application_version, key=job.key
         )
 
     # --- serialisation ----------------------------------------------------------------

@@ -1,5 +1,8 @@
 """The worker process: ``python -m dpatia_daemon.workers.child --analysis SPEC [...]``.
 
+(With ``--check`` it only loads the analysis and prints what :func:`check` says: the
+daemon's start-time check of ``[workers] python``.)
+
 The daemon's supervisor spawns it with AMP on child fds
 :data:`~dpatia_daemon.workers.commands.WORKER_AMP_IN` / :data:`~dpatia_daemon.workers.commands.WORKER_AMP_OUT`
 and stdout/stderr as log streams.  The worker:
@@ -53,11 +56,11 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from .._version import __version__
-from ..analyses import Analysis, AnalysisCancelled, AnalysisJob, AnalysisResult
+from ..analyses import Analysis, AnalysisCancelled, AnalysisJob, as_result
 from ..analyses.loader import AnalysisLoadError, load_analysis
 from ..durable import write_atomically
 from ..jobs import Callback, Job
-from ..models import Result, unstructure
+from ..models import unstructure
 from ..pipeline.download import DownloadError
 from ..pipeline.prepare import PipelineSettings, Prepared, analysis_progress, prepare
 from ..sps.client import SPSClient, SPSError, make_http_client
@@ -330,16 +333,10 @@ class WorkerProtocol(AMP):
         answer = analysis(analysis_job)
         if running.cancel.is_set():
             raise AnalysisCancelled(job.job_id)
-        verdict: str | None = None
-        if isinstance(answer, AnalysisResult):
-            result = answer.to_result(job.slide_id)
-            verdict = answer.quality_control
-        elif isinstance(answer, Result):
-            result = answer
-        else:
-            raise AnalysisFailed(
-                f"the analysis returned {type(answer).__name__}, not an AnalysisResult or Result"
-            )
+        try:
+            result, verdict = as_result(answer, job.slide_id)
+        except TypeError as e:
+            raise AnalysisFailed(str(e)) from None
         record: dict[str, Any] = {"jobId": job.job_id, "result": unstructure(result)}
         reply: dict[str, Any] = {}
         if verdict is not None:
@@ -479,6 +476,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fetch the slide first (metadata, thumbnail, label, WSI) with these settings",
     )
     parser.add_argument(
+        "--check",
+        action="store_true",
+        help="load the analysis, print one JSON line (version, interpreter, error) and exit",
+    )
+    parser.add_argument(
         "--setting",
         action="append",
         type=_setting,
@@ -489,9 +491,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check(spec: str) -> dict[str, str]:
+    """What ``--check`` prints: this interpreter, dpatia's version here, and whether
+    the analysis loads (``error`` empty) — the daemon's start-time check of
+    ``[workers] python``."""
+    error = ""
+    try:
+        load_analysis(spec)
+    except AnalysisLoadError as e:
+        error = str(e)
+    return {
+        "version": __version__,
+        "executable": sys.executable,
+        "python": sys.version.split()[0],
+        "error": error,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     """Load the analysis, speak AMP on fds 3/4 until the daemon closes them, exit."""
     options = parse_args(argv)
+    if options.check:
+        answer = json.dumps(check(options.analysis))
+        # Whatever the analysis printed while importing went first: ours is the last line.
+        sys.stdout.write("\n" + answer + "\n")
+        sys.stdout.flush()
+        os._exit(0)
     # First: out of the environment before anything (the analysis) can start a process.
     credentials = Credentials.take_from_environ(os.environ)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

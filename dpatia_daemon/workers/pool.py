@@ -46,7 +46,7 @@ from zope.interface import implementer
 import dpatia_daemon
 
 from ..backoff import Backoff
-from ..config import WorkersConfig
+from ..config import SLOT_ENV, WorkersConfig
 from .commands import WORKER_AMP_IN, WORKER_AMP_OUT, Hello, Ping, Progress
 from .events import Observers
 from .linelog import LineLog
@@ -281,8 +281,9 @@ class WorkerPool:
 
     Collaborators: the ``reactor`` (``IReactorProcess`` + ``IReactorTime``: it spawns
     the processes, and all time is its time), the frozen ``[workers]`` ``config``, the
-    worker's command line ``argv`` (``argv[0]`` the executable) and environment
-    ``env``, the shared ``events``, and the owner's callbacks.  The rest are tunables
+    worker's command line ``argv`` (``argv[0]`` the executable) and the environment
+    ``env`` every worker starts from (each slot adds its own: :func:`slot_environ`),
+    the shared ``events``, and the owner's callbacks.  The rest are tunables
     with production defaults that tests shorten.
     """
 
@@ -378,6 +379,7 @@ class WorkerPool:
                     "job": job_of(worker) if worker else None,
                     "jobs": worker.jobs if worker else 0,
                     "restart_delay": slot.backoff.delay,
+                    "gpus": self.config.devices(slot.number),
                 }
             )
         return out
@@ -431,13 +433,14 @@ class WorkerPool:
         worker.stdout = LineLog(lambda text: self.on_output(worker, "stdout", text), self.reactor)
         worker.stderr = LineLog(lambda text: self.on_output(worker, "stderr", text), self.reactor)
         slot.worker = worker
+        devices = self.config.devices(slot.number)
         executable = self.argv[0]
         try:
             self.reactor.spawnProcess(
                 _WorkerProcess(self, worker),
                 executable,
                 list(self.argv),
-                env=dict(self.env),
+                env=slot_environ(self.env, self.config, slot.number),
                 childFDs=CHILD_FDS,
             )
         except Exception:
@@ -446,7 +449,12 @@ class WorkerPool:
             return
         if worker.state is WorkerState.STARTING:
             worker.pid = getattr(worker.transport, "pid", None)
-            log.info("worker {worker} spawned (pid {pid})", worker=name, pid=worker.pid)
+            log.info(
+                "worker {worker} spawned (pid {pid}{gpus})",
+                worker=name,
+                pid=worker.pid,
+                gpus="" if devices is None else f", GPUs {devices}",
+            )
             self.events.emit("worker-spawned", name, pid=worker.pid)
 
     def _connected(self, worker: Worker) -> None:
@@ -621,13 +629,43 @@ def worker_argv(
     return argv
 
 
-def child_environ(base: Mapping[str, str] | None) -> dict[str, str]:
-    """A child's environment: ``base`` (default: ours), unbuffered output, and this
-    checkout first on its PYTHONPATH."""
+def child_environ(base: Mapping[str, str] | None, *, own_code: bool = True) -> dict[str, str]:
+    """A child's environment: ``base`` (default: ours), unbuffered output, and (with
+    ``own_code``) this checkout first on its PYTHONPATH."""
     env = dict(os.environ if base is None else base)
     env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
+    if own_code:
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p
+        )
     return env
+
+
+def workers_environ(config: WorkersConfig, base: Mapping[str, str] | None) -> dict[str, str]:
+    """What every worker's environment starts from: ``base`` (default: ours) with
+    ``[workers] environment`` on top, unbuffered output, and our code first on the
+    PYTHONPATH unless the workers run ``[workers] python``: that interpreter has dpatia
+    installed, and our site-packages must not mix with its own."""
+    env = dict(os.environ if base is None else base)
+    env.update(config.environment)
+    return child_environ(env, own_code=config.python is None)
+
+
+def slot_environ(env: Mapping[str, str], config: WorkersConfig, slot: int) -> dict[str, str]:
+    """The environment of a worker in slot ``slot``: ``env``, the slot number and, with
+    ``[workers] gpus``, the slot's own ``CUDA_VISIBLE_DEVICES`` (the same for every
+    worker the slot ever runs, so a restarted worker gets its GPU back).
+
+    ``CUDA_DEVICE_ORDER`` defaults to ``PCI_BUS_ID`` so the indices mean what
+    ``nvidia-smi`` shows (CUDA's own default order puts the fastest GPU first).
+    """
+    out = dict(env)
+    out[SLOT_ENV] = str(slot)
+    devices = config.devices(slot)
+    if devices is not None:
+        out["CUDA_VISIBLE_DEVICES"] = devices
+        out.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    return out
 
 
 __all__ = [
@@ -642,5 +680,7 @@ __all__ = [
     "WorkerState",
     "child_environ",
     "describe_exit",
+    "slot_environ",
     "worker_argv",
+    "workers_environ",
 ]

@@ -49,7 +49,7 @@ from ..sps.writer import ResultWriter
 from .dispatcher import Dispatcher
 from .events import Observers, SupervisorEvent
 from .folders import WorkFolders
-from .pool import Worker, WorkerPool, child_environ, worker_argv
+from .pool import Worker, WorkerPool, worker_argv, workers_environ
 
 log = Logger()
 
@@ -66,7 +66,8 @@ class Supervisor(Service):
     is its time), the ``spool`` jobs are claimed from, the ``writer`` for SPS
     results, the frozen ``[workers]`` ``config``, the ``analysis`` spec and its
     ``settings`` (passed to workers), the job ``folders``, and the workers' ``env``
-    (default: this process's environment).  ``python`` runs the workers.  ``tokens``
+    (default: this process's environment, with ``[workers] environment`` added).
+    ``[workers] python`` runs the workers, or else ``python`` (ours).  ``tokens``
     tells running jobs of newer callback tokens for their slide; ``credentials`` (the
     SPS client credentials) reach workers through their environment, never their
     command line (which every local user can read).  The rest are tunables with
@@ -115,7 +116,7 @@ class Supervisor(Service):
         return self._dispatcher
 
     def _environ(self) -> dict[str, str]:
-        env = child_environ(self.env)
+        env = workers_environ(self.config, self.env)
         without_credentials(env)
         if self.credentials is not None:
             env.update(self.credentials.to_environ())
@@ -126,7 +127,7 @@ class Supervisor(Service):
             reactor=self.reactor,
             config=self.config,
             argv=worker_argv(
-                self.python,
+                self.config.python or self.python,
                 self.analysis,
                 self.settings,
                 self.pipeline.to_json() if self.pipeline is not None else None,

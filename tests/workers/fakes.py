@@ -115,7 +115,8 @@ class FakeWorker(AMP):
 
 
 class FakeProcess:
-    """A spawned 'process': records signals and pipe closes; the test ends it.
+    """A spawned 'process': records its executable and environment, signals and pipe
+    closes; the test ends it.
 
     With a :attr:`worker`, AMP written to fd 3 reaches it; closing fd 3 (EOF) makes
     the process exit on the next reactor turn, as a real worker does.
@@ -129,6 +130,9 @@ class FakeProcess:
         self.closed: list[int] = []
         self.written = b""
         self.alive = True
+        #: What it was spawned with (set by :meth:`ProcessClock.spawnProcess`).
+        self.executable: str = ""
+        self.env: dict[str, str] = {}
         self.worker: FakeWorker | None = None
         if amp:
             self.worker = FakeWorker(pid)
@@ -182,6 +186,8 @@ class ProcessClock(MemoryReactorClock):
         childFDs: Any = None,
     ) -> FakeProcess:
         process = FakeProcess(self, proto, 1000 + len(self.spawned), self.amp)
+        process.executable = executable
+        process.env = dict(env or {})
         self.spawned.append((self.seconds(), process, list(args), dict(childFDs or {})))
         proto.makeConnection(process)
         return process
