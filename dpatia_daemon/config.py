@@ -198,7 +198,12 @@ class ServerConfig:
         _not_info_route,
     )
     public_url: str | None = key(None, _absolute_url, converter=_without_trailing_slash)
+    #: Image notifications, creates and cancels.
     max_body_bytes: int = key(1024 * 1024, at_least(1))
+    #: Modify and delete, which carry a whole stored result (at least max_body_bytes).
+    max_result_body_bytes: int = key(64 * 1024 * 1024, at_least(1))
+    max_json_depth: int = key(64, at_least(2), at_most(500))
+    max_json_string: int = key(1024 * 1024, at_least(1))
     api_version: str = key("1.5", matches(r"\d+\.\d+", "must look like 1.5"))
     access_log: AccessLog = key(AccessLog.ERRORS)
     processes: int = key(1, at_least(1), at_most(16))
@@ -233,6 +238,10 @@ class SpoolConfig:
     sweep_interval: float = key(30.0, greater_than(0))
     keep_wsi: bool = key(False)
     retention_days: float = key(30.0, not_negative)
+    #: New jobs are refused (503) with less free space than this on the spool's disk.
+    min_free_bytes: int = key(100 * 1024 * 1024, not_negative)
+    #: New jobs are refused (503) with this many queued; 0: no limit.
+    max_queued: int = key(0, not_negative)
 
 
 def _executable(text: str) -> str | None:

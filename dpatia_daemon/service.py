@@ -172,6 +172,8 @@ def build_service(
             clock=reactor,
         ),
         tokens=tokens,
+        # Large bodies (a modify carrying a big result) are parsed off the reactor thread.
+        run_blocking=partial(in_thread, reactor),
     )
     api_service = Stopper(api.background.close)
     api_service.setName("api")

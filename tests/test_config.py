@@ -26,6 +26,9 @@ def test_shipped_config_loads_with_documented_defaults() -> None:
     assert config.server.route == "/dpatia"
     assert config.server.public_url is None
     assert config.server.max_body_bytes == 1024 * 1024
+    assert config.server.max_result_body_bytes == 64 * 1024 * 1024
+    assert (config.server.max_json_depth, config.server.max_json_string) == (64, 1024 * 1024)
+    assert (config.spool.min_free_bytes, config.spool.max_queued) == (100 * 1024 * 1024, 0)
     assert config.server.access_log is AccessLog.ERRORS
     assert config.app.input_type is InputType.WHOLE_SLIDE
     assert config.app.analysis == "tissue"
@@ -100,6 +103,11 @@ def test_overrides_beat_the_file(tmp_path: Path) -> None:
             {},
             "[notifications] enabled: must be true or false",
         ),
+        ("[server]\nmax_json_depth = 1\n" + MINIMAL, {}, "[server] max_json_depth: must be at"),
+        ("[server]\nmax_json_depth = 501\n" + MINIMAL, {}, "max_json_depth: must be at most 500"),
+        ("[server]\nmax_result_body_bytes = 0\n" + MINIMAL, {}, "max_result_body_bytes: must be"),
+        ("[spool]\nmin_free_bytes = -1\n" + MINIMAL, {}, "[spool] min_free_bytes: must not"),
+        ("[spool]\nmax_queued = lots\n" + MINIMAL, {}, "[spool] max_queued: 'lots' is not"),
         ("garbage\n", {}, "not a valid INI file"),
         (MINIMAL, {"workers": "x"}, "command line --workers: [workers] count: 'x' is not a number"),
     ],

@@ -2,4 +2,5 @@
 the Klein routes of the IA-API (``routes``), the site around them and the one mapping of
 errors to HTTP (``site``), where and how it listens (``listening``), the background SPS
 writes that follow an acknowledgement (``background``), the notification rules
-(``notifications``), and the extra front-door processes (``processes``)."""
+(``notifications``), whether the spool has room for new jobs (``capacity``), and the
+extra front-door processes (``processes``)."""

@@ -10,10 +10,13 @@ Routes (``{route}`` is ``[server] route``, default ``/dpatia``):
 
 Order of work for a request, so that nothing accepted is lost and nothing rejected is
 written: parse and validate everything (body size, content type, JSON, shape,
-application id, callback URL allowlist) → commit the job to the spool (durable) →
-only then talk to the SPS or answer.  A client disconnect cancels a Klein route, so
-nothing long hangs on the request: notifications answer at once and store their
-in-progress frame in the background.
+application id, callback URL allowlist) → ask the spool's :class:`~.capacity.AcceptGate`
+(free space, queue length: 503 with Retry-After) → commit the job to the spool
+(durable) → only then talk to the SPS or answer.  A body larger than
+:data:`INLINE_PARSE_BYTES` (a modify or delete carrying a big stored result) is parsed
+in a thread (``run_blocking``), so the other requests are answered meanwhile.  A
+client disconnect cancels a Klein route, so nothing long hangs on the request:
+notifications answer at once and store their in-progress frame in the background.
 
 The HTTP around the routes (the request and site, JSON answers, the mapping of errors
 to HTTP) is :mod:`dpatia_daemon.frontdoor.site`.
@@ -21,7 +24,7 @@ to HTTP) is :mod:`dpatia_daemon.frontdoor.site`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -29,6 +32,7 @@ from typing import Any
 import attrs
 from attrs import Factory, define, field
 from klein import Klein
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -39,6 +43,7 @@ from ..config import Config
 from ..jobs import REGION_INPUT_TYPES, Callback, Job, JobKind, JobState
 from ..models import (
     Action,
+    AnalysisInput,
     ImageNotification,
     InputTemplate,
     InputType,
@@ -57,10 +62,23 @@ from ..sps.results import Status, image_size_of
 from ..sps.tokens import TokenBook
 from ..sps.writer import ResultGone, ResultWriter
 from .background import BackgroundQueue
+from .capacity import NO_ROOM, AcceptGate
 from .notifications import NotificationCounts
-from .site import CallbackNotAllowed, handle_errors, json_answer, read_json
+from .site import (
+    BodyLimits,
+    CallbackNotAllowed,
+    handle_errors,
+    json_answer,
+    parse_json,
+    read_body,
+    too_large,
+)
 
 log = Logger()
+
+
+#: Bodies up to this size are parsed at once; larger ones in ``run_blocking``'s thread.
+INLINE_PARSE_BYTES = 64 * 1024
 
 
 class _NotQueued(Exception):
@@ -74,7 +92,9 @@ class IAAPI:
     Collaborators: the frozen ``config``, the ``spool`` jobs are committed to, the
     ``sps`` client for in-progress frames, and the ``clock`` that stamps jobs.  Every
     accepted request's callback goes into ``tokens``: the newest token for its slide is
-    what running jobs write with.
+    what running jobs write with.  ``run_blocking(f, *args)`` runs the parse of a large
+    body off the reactor thread (the reactor's thread pool in the daemon; at once by
+    default), and ``gate`` refuses new jobs while the spool has no room.
     """
 
     config: Config
@@ -89,6 +109,18 @@ class IAAPI:
         default=Factory(lambda self: BackgroundQueue(clock=self.clock), takes_self=True)
     )
     tokens: TokenBook = field(factory=TokenBook)
+    run_blocking: Callable[..., Deferred[Any]] = maybeDeferred
+    gate: AcceptGate = field(
+        default=Factory(
+            lambda self: AcceptGate(
+                self.spool,
+                self.clock,
+                min_free_bytes=self.config.spool.min_free_bytes,
+                max_queued=self.config.spool.max_queued,
+            ),
+            takes_self=True,
+        )
+    )
     app: Klein = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -154,8 +186,11 @@ class IAAPI:
             return await self._invoke(request)
 
     async def _invoke(self, request: IRequest) -> bytes:
-        data = read_json(request, self.config.server.max_body_bytes)
-        invocation, parsed = parse_invocation(data)
+        limits = BodyLimits.of(self.config)
+        raw = read_body(
+            request, limits.max_result_body_bytes, "modify and delete", "max_result_body_bytes"
+        )
+        invocation, parsed = await self._parsed(raw, _parse_invocation, limits)
         self._check_invocation(invocation)
         if invocation.action is Action.CREATE:
             return await self._create(request, invocation, parsed)
@@ -170,6 +205,14 @@ class IAAPI:
         with self._answering_request():
             return await self._image_notification(request)
 
+    async def _parsed(
+        self, raw: bytes, parse: Callable[[bytes, BodyLimits], Any], limits: BodyLimits
+    ) -> Any:
+        """``parse(raw, limits)``: at once for a small body, in a thread for a large one."""
+        if len(raw) <= INLINE_PARSE_BYTES:
+            return parse(raw, limits)
+        return await self.run_blocking(parse, raw, limits)
+
     @contextmanager
     def _answering_request(self) -> Iterator[None]:
         self._answering += 1
@@ -181,7 +224,9 @@ class IAAPI:
                 self.background.wake()
 
     async def _image_notification(self, request: IRequest) -> bytes:
-        data = read_json(request, self.config.server.max_body_bytes)
+        limits = BodyLimits.of(self.config)
+        body = read_body(request, limits.max_body_bytes, "image notifications", "max_body_bytes")
+        data = await self._parsed(body, parse_json, limits)
         notification: ImageNotification = parse(ImageNotification, data)
         self._check_invocation(notification)
         if notification.input is not None:
@@ -257,13 +302,14 @@ class IAAPI:
             cancellation_token=call.cancellationToken,
             **fields,
         )
+        await self.gate.check()
         # Before the commit: a job of this slide may be running (then this request
         # queues behind it) and its writes should use the new token from now on.  A
         # failed commit does not make the token any less new.
         self.tokens.record(
             incoming.application_id, incoming.slide_id, incoming.callback, incoming.created
         )
-        job = await self.spool.add(incoming)
+        job = await self.gate.commit(self.spool.add(incoming))
         log.info(
             "job {job_id} accepted: {what} for slide {slide_id}",
             job_id=job.job_id,
@@ -394,6 +440,17 @@ class IAAPI:
             except JobMoved:
                 # Claimed (or merged) meanwhile: the worker finds the result itself.
                 pass
+            except OSError as e:
+                if e.errno not in NO_ROOM:
+                    raise
+                # The job is safe on disk; only its note of the result is not, and the
+                # worker finds the result itself.  The answer need not fail for it.
+                log.warn(
+                    "job {job_id}: could not note result {result_id} in the spool ({error})",
+                    job_id=job.job_id,
+                    result_id=stored.id,
+                    error=e.strerror or str(e),
+                )
         return stored
 
     async def _write_final_frame(self, job: Job, status: Status, text: str) -> None:
@@ -435,6 +492,21 @@ class IAAPI:
         host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
         scheme = "https" if request.isSecure() else "http"
         return f"{scheme}://{host}{route}"
+
+
+def _parse_invocation(
+    raw: bytes, limits: BodyLimits
+) -> tuple[Invocation, AnalysisInput | Result | None]:
+    """``POST {route}``'s body parsed; only a modify or delete may be over
+    ``max_body_bytes`` (up to ``max_result_body_bytes``)."""
+    data = parse_json(raw, limits)
+    if len(raw) > limits.max_body_bytes:
+        action = data.get("action") if isinstance(data, dict) else None
+        if action not in (Action.MODIFY.value, Action.DELETE.value):
+            known = action in {a.value for a in Action}
+            what = f"{action} requests" if known else "this request"
+            raise too_large(what, len(raw), limits.max_body_bytes, "max_body_bytes")
+    return parse_invocation(data)
 
 
 def _could_not(job: Job, what: str, error: Exception, then: str = "") -> None:

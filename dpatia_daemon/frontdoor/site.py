@@ -5,14 +5,22 @@ The Klein routes (:mod:`dpatia_daemon.frontdoor.routes`) raise; this module answ
 Every response, errors included, is JSON and carries ``X-Sectra-ApiVersion`` and
 ``X-Sectra-SoftwareVersion`` (:class:`IARequest`); an error's body is
 ``{"error": ..., "field": ...}`` (:func:`handle_errors`), never a traceback.
+
+Bodies have two limits (:class:`BodyLimits`): ``[server] max_body_bytes`` for image
+notifications, creates and cancels, ``[server] max_result_body_bytes`` for the modify
+and delete that carry a whole stored result.  :func:`parse_json` bounds the shape too
+(nesting depth, string length, number literals; no NaN or Infinity, which no JSON
+writer may send back), so hostile JSON is a 400 naming the problem, never a 500.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from functools import partial
 from typing import Any
 
+from attrs import frozen
 from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -55,19 +63,33 @@ class UnsupportedMediaType(APIError):
     status = 415
 
 
+class Unavailable(APIError):
+    """503 with ``Retry-After``: the request was fine, but cannot be taken now."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after: int, field: str | None = None) -> None:
+        super().__init__(message, field)
+        self.retry_after = retry_after
+
+
 # --- the request and site -------------------------------------------------------------
 
 
 class IARequest(Request):
-    """A request that stops buffering its body past ``max_body_bytes``.
+    """A request that stops buffering its body past its limit.
 
     Twisted's Site reads the whole body before a route runs; counting here keeps
-    memory bounded whatever a client sends, and lets the route answer 413.
-    :func:`make_site` passes the configured limit and API version to each request.
+    memory bounded whatever a client sends, and lets the route answer 413.  The limit
+    is ``max_large_body_bytes`` for a path in ``large_paths`` (the route that takes
+    modify and delete, whose action is only known once the body is parsed: the route
+    applies the small limit to the others) and ``max_body_bytes`` elsewhere.
+    :func:`make_site` passes the configured limits and API version to each request.
     """
 
     body_too_large = False
-    _received = 0
+    #: The body's length so far (all of it, even past the limit).
+    received = 0
 
     def __init__(
         self,
@@ -75,22 +97,33 @@ class IARequest(Request):
         queued: object = None,
         *,
         max_body_bytes: int = 1024 * 1024,
+        max_large_body_bytes: int | None = None,
+        large_paths: frozenset[bytes] = frozenset(),
         api_version: str = "1.5",
     ) -> None:
         super().__init__(channel)
         self.max_body_bytes = max_body_bytes
+        self.max_large_body_bytes = max(max_body_bytes, max_large_body_bytes or 0)
+        self.large_paths = large_paths
         self.api_version = api_version
+        self.body_limit = self.max_body_bytes
 
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.max_body_bytes:
+        # The request line is parsed, but ``self.path`` is only set once the body is in:
+        # the channel has the path already.
+        path = getattr(self.channel, "_path", None)
+        if not isinstance(path, bytes) or path.split(b"?", 1)[0] in self.large_paths:
+            self.body_limit = self.max_large_body_bytes
+        if length is not None and length > self.body_limit:
             self.body_too_large = True
+            self.received = length
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.body_too_large:
             return
-        self._received += len(data)
-        if self._received > self.max_body_bytes:
+        self.received += len(data)
+        if self.received > self.body_limit:
             self.body_too_large = True
             if self.content is not None:
                 self.content.seek(0)
@@ -134,6 +167,8 @@ def make_site(resource: IResource, config: Config) -> Site:
     requests = partial(
         IARequest,
         max_body_bytes=config.server.max_body_bytes,
+        max_large_body_bytes=config.server.max_result_body_bytes,
+        large_paths=frozenset({config.server.route.encode("ascii")}),
         api_version=config.server.api_version,
     )
     # The IA-API speaks JSON only: without this, Twisted parses the Content-Type of every
@@ -162,11 +197,47 @@ def json_answer(request: IRequest, body: Any, status: int = 200) -> bytes:
     return data
 
 
-def read_json(request: IRequest, max_body_bytes: int) -> Any:
-    """The request's JSON body; refuses a body over the limit, another content type,
-    or text that is not JSON."""
+@frozen
+class BodyLimits:
+    """The bounds of a request body (``[server]``): its size, and its JSON's shape."""
+
+    #: Image notifications, creates and cancels.
+    max_body_bytes: int = 1024 * 1024
+    #: Modify and delete, which carry a whole stored result.
+    max_result_body_bytes: int = 64 * 1024 * 1024
+    max_depth: int = 64
+    max_string: int = 1024 * 1024
+
+    @classmethod
+    def of(cls, config: Config) -> BodyLimits:
+        """The limits ``config``'s ``[server]`` section sets."""
+        server = config.server
+        return cls(
+            max_body_bytes=server.max_body_bytes,
+            max_result_body_bytes=max(server.max_body_bytes, server.max_result_body_bytes),
+            max_depth=server.max_json_depth,
+            max_string=server.max_json_string,
+        )
+
+
+#: A number literal longer than this is refused (no coordinate or id needs more).
+MAX_NUMBER_CHARS = 100
+
+
+def too_large(what: str, size: int, limit: int, key: str) -> BodyTooLarge:
+    """The 413 for a body of ``size`` bytes over ``limit`` (``[server] key``)."""
+    return BodyTooLarge(
+        f"the request body ({size} bytes) is larger than {limit} bytes, "
+        f"the limit for {what} ([server] {key})"
+    )
+
+
+def read_body(request: IRequest, limit: int, what: str, key: str) -> bytes:
+    """The request's JSON body as bytes; refuses a body over ``limit``
+    (``[server] key``, the limit for ``what``) or another content type."""
+    size = getattr(request, "received", 0)
     if getattr(request, "body_too_large", False):
-        raise BodyTooLarge(f"the request body is larger than max_body_bytes ({max_body_bytes})")
+        raise too_large(what, size, min(limit, getattr(request, "body_limit", limit)), key)
     ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
     if ctype != JSON_TYPE and not (ctype.startswith(b"application/") and ctype.endswith(b"+json")):
         raise UnsupportedMediaType(
@@ -175,10 +246,105 @@ def read_json(request: IRequest, max_body_bytes: int) -> Any:
             "Content-Type",
         )
     raw = request.content.read() if request.content is not None else b""
+    if len(raw) > limit:
+        raise too_large(what, len(raw), limit, key)
+    return raw
+
+
+def parse_json(raw: bytes, limits: BodyLimits) -> Any:
+    """``raw`` as JSON within ``limits``' depth and string length; plain blocking work.
+
+    Refuses (:class:`InvalidInput`, a 400 naming the problem) text that is not JSON,
+    NaN and Infinity, numbers that overflow a float or have more than
+    :data:`MAX_NUMBER_CHARS` characters, nesting deeper than ``max_depth`` and strings
+    longer than ``max_string``.  The number hooks are Python calls, so a parse in a
+    thread lets the reactor's thread take the GIL between them.
+    """
     try:
-        return json.loads(raw)
+        data = json.loads(
+            raw,
+            parse_int=_bounded_int,
+            parse_float=_finite_float,
+            parse_constant=_no_constant,
+        )
+    except RecursionError:
+        raise _too_deep(limits) from None
+    except InvalidInput:
+        raise
     except (UnicodeDecodeError, ValueError) as e:
         raise InvalidInput(f"the request body is not valid JSON ({e})", "$") from None
+    # Cheap tests in C first: most bodies cannot break either bound.
+    if len(raw) > limits.max_string or raw.count(b"[") + raw.count(b"{") > limits.max_depth:
+        _check_shape(data, limits)
+    return data
+
+
+def _short_number(text: str, unit: str) -> str:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise InvalidInput(
+            f"the request body has a number of {len(text)} {unit} "
+            f"(at most {MAX_NUMBER_CHARS} are accepted)",
+            "$",
+        )
+    return text
+
+
+def _bounded_int(text: str) -> int:
+    return int(_short_number(text, "digits"))
+
+
+def _finite_float(text: str) -> float:
+    value = float(_short_number(text, "characters"))
+    if not math.isfinite(value):
+        raise InvalidInput(f"the request body has a number out of range ({text})", "$")
+    return value
+
+
+def _no_constant(text: str) -> Any:
+    raise InvalidInput(f"the request body has {text}, which is not a JSON number", "$")
+
+
+def _too_deep(limits: BodyLimits) -> InvalidInput:
+    return InvalidInput(
+        f"the request body is nested deeper than {limits.max_depth} levels "
+        "([server] max_json_depth)",
+        "$",
+    )
+
+
+def _check_shape(data: Any, limits: BodyLimits) -> None:
+    """Refuse ``data`` nested deeper than ``max_depth`` or with a longer string than
+    ``max_string`` (keys included); iterative, so no depth can overflow a stack."""
+    longest, deepest = limits.max_string, limits.max_depth
+    if isinstance(data, str) and len(data) > longest:
+        raise _too_long(data, limits)
+    containers: list[tuple[Any, int]] = [(data, 1)]
+    while containers:
+        value, depth = containers.pop()
+        if isinstance(value, dict):
+            for name in value:
+                if len(name) > longest:
+                    raise _too_long(name, limits)
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > deepest:
+            raise _too_deep(limits)
+        for child in children:
+            if isinstance(child, (dict, list)):
+                containers.append((child, depth + 1))
+            elif isinstance(child, str) and len(child) > longest:
+                raise _too_long(child, limits)
+
+
+def _too_long(text: str, limits: BodyLimits) -> InvalidInput:
+    return InvalidInput(
+        f"the request body has a string of {len(text)} characters, longer than "
+        f"{limits.max_string} ([server] max_json_string)",
+        "$",
+    )
 
 
 # --- errors: the one place that maps them to HTTP -------------------------------------
@@ -201,6 +367,8 @@ def _error(request: IRequest, message: str, field: str | None, status: int) -> b
 
 def _api_error(request: IRequest, failure: Failure) -> bytes:
     e: APIError = failure.value  # type: ignore[assignment]
+    if isinstance(e, Unavailable):
+        request.setHeader(b"Retry-After", b"%d" % e.retry_after)
     return _error(request, e.message, e.field, e.status)
 
 

@@ -107,7 +107,15 @@ made durable by ONE fsync of ``queued/``.
 from __future__ import annotations
 
 from .directory import DirectorySpool, ISpoolReactor
-from .interface import ISpool, JobChanged, JobMoved, NotHeld, SpoolError, SpoolNotRunning
+from .interface import (
+    ISpool,
+    JobChanged,
+    JobMoved,
+    NotHeld,
+    SpoolError,
+    SpoolNotRunning,
+    SpoolRoom,
+)
 from .locks import host_tag as _host_tag  # noqa: F401  (imported by name from here)
 from .memory import MemorySpool
 from .store import SpoolStore
@@ -123,4 +131,5 @@ __all__ = [
     "JobChanged",
     "NotHeld",
     "SpoolNotRunning",
+    "SpoolRoom",
 ]

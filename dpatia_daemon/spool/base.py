@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 
 from ..jobs import Job, JobState
-from .interface import ACTIVE, check_id, check_job
+from .interface import ACTIVE, SpoolRoom, check_id, check_job
 from .transitions import JobFilter
 
 log = Logger()
@@ -69,6 +69,8 @@ class SpoolCore(Protocol):
     def queued(self) -> list[Job]: ...
 
     def counts(self) -> dict[JobState, int]: ...
+
+    def room(self, count_queued: bool = False) -> SpoolRoom: ...
 
     def update(self, job: Job) -> Job: ...
 
@@ -144,6 +146,10 @@ class SpoolService(Service):
     def counts(self) -> Deferred[dict[JobState, int]]:
         """Return the number of jobs in each state."""
         return self._call(self._core().counts)
+
+    def room(self, count_queued: bool = False) -> Deferred[SpoolRoom]:
+        """Return the free space (and, with ``count_queued``, the queued records)."""
+        return self._call(self._core().room, count_queued)
 
     def update(self, job: Job) -> Deferred[Job]:
         """Rewrite a QUEUED or RUNNING job's record durably."""

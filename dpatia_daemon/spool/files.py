@@ -28,7 +28,7 @@ from twisted.python.filepath import FilePath
 
 from ..durable import fsync_directory, write_new_file
 from ..jobs import Job, JobState
-from .interface import ACTIVE, FORWARD, TERMINAL, SpoolError, check_id, check_job
+from .interface import ACTIVE, FORWARD, TERMINAL, SpoolError, SpoolRoom, check_id, check_job
 from .locks import (
     FILE_MODE,
     LockTable,
@@ -369,6 +369,15 @@ class SpoolFiles:
             pattern = ACTIVE_NAME if state in ACTIVE else _HISTORY_NAME
             out[state] = sum(1 for n in self._names(state) if pattern.match(n))
         return out
+
+    def room(self, count_queued: bool = False) -> SpoolRoom:
+        """The free space of the spool's filesystem (one ``statvfs``) and, with
+        ``count_queued``, the QUEUED records (one listing of ``queued/``, no reads)."""
+        st = os.statvfs(self.directory.path)
+        queued = None
+        if count_queued:
+            queued = sum(1 for n in self._names(JobState.QUEUED) if ACTIVE_NAME.match(n))
+        return SpoolRoom(st.f_bavail * st.f_frsize, queued)
 
     def get(self, job_id: str) -> Job | None:
         """Return the job with ``job_id`` in any state, or None."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from attrs import frozen
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
@@ -63,6 +64,16 @@ def check_job(job: Job) -> None:
     """Validate the parts of ``job`` that become path segments."""
     check_id(job.job_id)
     check_id(job.key, "job key")
+
+
+@frozen
+class SpoolRoom:
+    """How much room the spool has for new jobs (what the front door checks first)."""
+
+    #: Bytes free to this (unprivileged) process on the spool's filesystem.
+    free_bytes: int
+    #: QUEUED records (one per key: a merge adds none); None when not counted.
+    queued: int | None = None
 
 
 # --- the interface --------------------------------------------------------------------
@@ -134,3 +145,6 @@ class ISpool(Interface):
 
     def counts() -> Deferred[dict[JobState, int]]:
         """Return the number of jobs in each state."""
+
+    def room(count_queued: bool = False) -> Deferred[SpoolRoom]:
+        """Return the free space (and, with ``count_queued``, the queued records)."""

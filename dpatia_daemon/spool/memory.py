@@ -19,7 +19,16 @@ from zope.interface import implementer
 
 from ..jobs import Job, JobState
 from .base import SpoolService
-from .interface import ACTIVE, ISpool, JobChanged, JobMoved, NotHeld, check_id, check_job
+from .interface import (
+    ACTIVE,
+    ISpool,
+    JobChanged,
+    JobMoved,
+    NotHeld,
+    SpoolRoom,
+    check_id,
+    check_job,
+)
 from .transitions import JobFilter, conflicts, merge_added, merge_released_into, requeued
 
 
@@ -36,6 +45,8 @@ class _MemoryRecords:
     history: dict[str, Job] = field(factory=dict)  # job_id → job
     markers: dict[str, str] = field(factory=dict)  # job_id → key
     held: set[str] = field(factory=set)
+    #: What :meth:`room` reports as free (tests set it to play a full disk).
+    free_bytes: int = 2**62
 
     def _all(self) -> Iterator[Job]:
         yield from self.queued_jobs.values()
@@ -75,6 +86,9 @@ class _MemoryRecords:
         for job in self._all():
             out[job.state] += 1
         return out
+
+    def room(self, count_queued: bool = False) -> SpoolRoom:
+        return SpoolRoom(self.free_bytes, len(self.queued_jobs) if count_queued else None)
 
     def update(self, job: Job) -> Job:
         check_job(job)

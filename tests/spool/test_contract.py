@@ -476,3 +476,15 @@ async def test_memory_recover_after_abandon() -> None:
     )
 
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_room_counts_queued_records_on_request(spool: Any) -> None:
+    """room(): the free space, and with count_queued one per queued key (a merge adds
+    none); without it the queue is not counted."""
+    await spool.add(make_job("slide-1"))
+    await spool.add(make_job("slide-1", token="token-2", created=150.0))
+    await spool.add(make_job("slide-2"))
+    room = await spool.room(count_queued=True)
+    assert room.free_bytes > 0 and room.queued == 2
+    assert (await spool.room()).queued is None

@@ -470,3 +470,50 @@ async def test_notice_announces_a_job_another_process_queued(tmp_path: Path, rea
             await spool.notice("../x", theirs.key)
     finally:
         await spool.stopService()
+
+
+def _full_after(allowed: int) -> Any:
+    """An fsync whose file fsyncs fail with ENOSPC after the first ``allowed``."""
+    count = [0]
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            count[0] += 1
+            if count[0] > allowed:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        os.fsync(fd)
+
+    return fsync
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and p.parent.name != "locks"
+    }
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["new-key", "merge"])
+@pytest_twisted.ensureDeferred
+async def test_a_full_disk_at_commit_leaves_nothing_behind(
+    dspool: DirectorySpool, tmp_path: Path, merge: bool
+) -> None:
+    """ENOSPC while adding (a new key, or the rewrite of a merge): the add fails with
+    ENOSPC, no temp file stays, the queued job already there is unchanged; with space
+    back, the same add succeeds."""
+    root = tmp_path / "spool"
+    first = await dspool.add(make_job("slide-1"))
+    before = _files(root)
+    again = make_job("slide-1" if merge else "slide-2", token="token-2", created=150.0)
+    # The merge writes the new request's temp file, then the merged record.
+    dspool.store.fsync = _full_after(1 if merge else 0)
+    with pytest.raises(OSError) as raised:
+        await dspool.add(again)
+    assert raised.value.errno == errno.ENOSPC
+    assert _files(root) == before
+    assert list((root / "tmp").iterdir()) == []
+    dspool.store.fsync = os.fsync
+    stored = await dspool.add(again)
+    assert (stored.job_id == first.job_id) is merge
+    assert len(await dspool.queued()) == (1 if merge else 2)
