@@ -246,6 +246,15 @@ class WorkersConfig:
     shutdown_grace: float = key(30.0, not_negative)
     max_jobs_per_worker: int = key(0, not_negative)
     restart_backoff_cap: float = key(60.0, greater_than(0))
+    #: Deferred jobs (Postfix's minimal/maximal_backoff_time, maximal_queue_lifetime):
+    #: the first and the longest wait before a job's next try, and how long transient
+    #: faults may defer a job before it fails for good.
+    min_backoff: float = key(30.0, greater_than(0))
+    max_backoff: float = key(600.0, greater_than(0))
+    max_deferral_age: float = key(3 * 86400.0, greater_than(0))
+    #: Seconds between probes of an SPS that is failing (deferred jobs resume at the
+    #: first success).
+    sps_probe_interval: float = key(10.0, greater_than(0))
 
 
 def _prefixes(text: str) -> tuple[URLPrefix, ...]:
