@@ -528,6 +528,9 @@ async def test_an_sps_outage_defers_jobs_and_each_slide_gets_one_final_result(
     SPS is back, not computed again), and every slide ends with exactly one final
     result and no failure frame."""
     record = rig.tmp / "completed.txt"
+    # The SPS client's own retry cycle is short here (Retry-After capped at 0.3 s), so
+    # the outage outlasts it: the jobs' fates decide, not the client's patience.
+    rig.writer = attrs.evolve(rig.writer, sps=attrs.evolve(rig.writer.sps, backoff_cap=0.3))
     rig.start(count=2, max_attempts=3, sps_probe_interval=0.5, min_backoff=0.2, max_backoff=2.0)
     jobs = [
         await rig.add(f"slide-out-{i}", {"seconds": 0.3, "record": str(record)}) for i in range(4)
@@ -536,6 +539,8 @@ async def test_an_sps_outage_defers_jobs_and_each_slide_gets_one_final_result(
     rig.fake.faults.go_down(rig.reactor.seconds(), 4.0)
     finals = [await rig.ended(job, timeout=30) for job in jobs]
     assert [(job.state, job.attempts) for job in finals] == [(JobState.DONE, 0)] * 4
+    # The outage did hit them: the records keep when their first deferral was.
+    assert any(job.deferred_since is not None for job in finals)
     assert sorted(record.read_text().split()) == sorted(job.job_id for job in jobs)
     for job in jobs:
         result = only_result(rig, job.slide_id)
