@@ -317,6 +317,16 @@ class WorkersConfig:
     #: GPUs, one group per worker slot, round-robin: slot n sees group (n-1) % len.
     gpus: tuple[str, ...] = key((), _device_groups)
 
+    #: Deferred jobs (Postfix's minimal/maximal_backoff_time, maximal_queue_lifetime):
+    #: the first and the longest wait before a job's next try, and how long transient
+    #: faults may defer a job before it fails for good.
+    min_backoff: float = key(30.0, greater_than(0))
+    max_backoff: float = key(600.0, greater_than(0))
+    max_deferral_age: float = key(3 * 86400.0, greater_than(0))
+    #: Seconds between probes of an SPS that is failing (deferred jobs resume at the
+    #: first success).
+    sps_probe_interval: float = key(10.0, greater_than(0))
+
     def __attrs_post_init__(self) -> None:
         names = [name for name, _ in self.environment]
         for name in names:

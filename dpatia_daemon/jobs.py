@@ -40,8 +40,23 @@ class JobState(StrEnum):
         return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 
+class DeferralKind(StrEnum):
+    """Why a queued job waits: its SPS failed, this host did (a full disk), or its
+    last attempt failed (a permanent fault's retry waits too)."""
+
+    SPS = "sps"
+    HOST = "host"
+    ERROR = "error"
+
+    @property
+    def transient(self) -> bool:
+        """Not the job's fault: no attempt was spent on it."""
+        return self is not DeferralKind.ERROR
+
+
 register_enum(JobKind)
 register_enum(JobState)
+register_enum(DeferralKind)
 
 
 @frozen(repr=False)
@@ -56,6 +71,21 @@ class Callback:
 
     def __repr__(self) -> str:
         return f"Callback(url={self.url!r}, token=<redacted>)"
+
+
+@frozen
+class Deferral:
+    """Why and until when a job released to the queue waits before its next try.
+
+    ``kind``: whose fault it was (a transient kind spent no attempt; a job waiting for
+    its SPS resumes as soon as the SPS answers again); ``since``: when the first
+    transient fault of the job happened (None for a permanent failure's retry).
+    """
+
+    not_before: float
+    reason: str
+    kind: DeferralKind
+    since: float | None = None
 
 
 def _job_id() -> str:
@@ -124,6 +154,14 @@ class Job:
     #: Cancellation tokens of earlier requests merged into this job (oldest first): a
     #: cancel carrying one of them is for this job too.
     merged_tokens: tuple[str, ...] = ()
+    #: A deferred job is not claimed before this (reactor) time; None: at once.
+    not_before: float | None = None
+    #: Why it waits (for the log and the admin tools); None when it does not.
+    deferred_reason: str | None = None
+    #: Whose fault the wait is (:class:`DeferralKind`); None when it does not wait.
+    deferral_kind: DeferralKind | None = None
+    #: When its first transient fault happened (its deferral age counts from here).
+    deferred_since: float | None = None
 
     @key.default
     def _key_default(self) -> str:
@@ -176,6 +214,10 @@ class Job:
             result_id=newer.result_id if newer.result_id is not None else self.result_id,
             updated=max(self.updated, newer.updated),
         )
+
+    def ready(self, now: float) -> bool:
+        """Whether the job may be claimed at ``now`` (it waits for no deferral)."""
+        return self.not_before is None or self.not_before <= now
 
     def without_secret(self) -> Job:
         """This job with its callback token removed, for history records: a finished

@@ -81,6 +81,7 @@ from .downloadfolder import (
     save_manifest,
     slide_key,
 )
+from .failures import DownloadError, disk_full
 from .filenames import NameAllocator, UnsafePath, contained_child, extension_for, fallback_name
 from .multipart import (
     Event,
@@ -118,20 +119,6 @@ _CONTENT_RANGE: Final = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+)\s*$", re.IGNO
 
 #: ``progress(bytes_received, total_or_None)``.
 Progress = Callable[[int, "int | None"], None]
-
-
-class DownloadError(Exception):
-    """A WSI download failed; the message names the slide and what went wrong.
-
-    Files completed before the failure stay (and are recorded in the manifest); the
-    file being written stays as ``<name>.part`` for the next attempt.
-    """
-
-    def __init__(self, slide_id: str, message: str) -> None:
-        """Keep the slide id and the problem (never a token or a URL)."""
-        super().__init__(f"download of slide {slide_id!r} failed: {message}")
-        self.slide_id = slide_id
-        self.message = message
 
 
 # --- the body protocol --------------------------------------------------------------------
@@ -210,7 +197,8 @@ class _Body(Protocol):
         self._fail(
             self.run.error(
                 f"the connection closed after {self.run.received_bytes} body bytes, "
-                f"before the end ({_why(reason)})"
+                f"before the end ({_why(reason)})",
+                transient=True,
             )
         )
 
@@ -241,7 +229,7 @@ class _Body(Protocol):
         except DownloadError as e:
             self._fail(e)
         except (OSError, UnsafePath) as e:
-            self._fail(self.run.error(f"cannot write the file: {e}"))
+            self._fail(self.run.error(f"cannot write the file: {e}", disk=disk_full(e)))
 
     def _wait(self, wait: Deferred[None]) -> None:
         """Pause the transport until ``wait`` fires, then carry on."""
@@ -265,7 +253,9 @@ class _Body(Protocol):
                 self._fail(failure.value)  # type: ignore[arg-type]
             else:
                 why = failure.getErrorMessage() or type(failure.value).__name__
-                self._fail(self.run.error(f"cannot write the file: {why}"))
+                self._fail(
+                    self.run.error(f"cannot write the file: {why}", disk=disk_full(failure.value))
+                )
 
         wait.addCallbacks(resumed, failed)
 
@@ -334,7 +324,8 @@ class _Body(Protocol):
         if quiet >= self.run.idle_timeout:
             self._fail(
                 self.run.error(
-                    f"no data for {self.run.idle_timeout:g} s after {self.run.received_bytes} bytes"
+                    f"no data for {self.run.idle_timeout:g} s after {self.run.received_bytes} bytes",
+                    transient=True,
                 )
             )
             return
@@ -383,9 +374,9 @@ class _Run:
     received_bytes: int = 0
     _last_progress: float | None = None
 
-    def error(self, message: str) -> DownloadError:
+    def error(self, message: str, *, transient: bool = False, disk: bool = False) -> DownloadError:
         """A :class:`DownloadError` for this slide."""
-        return DownloadError(self.slide_id, message)
+        return DownloadError(self.slide_id, message, transient=transient, disk=disk)
 
     def note(self, event: str, **fields: object) -> None:
         """Log ``event`` (a format string, after ``slide {slide_id}: ``) at info level."""
@@ -521,7 +512,7 @@ class _Run:
                 error = (
                     result.value
                     if isinstance(result.value, DownloadError)
-                    else self.error(f"cannot write the file: {why}")
+                    else self.error(f"cannot write the file: {why}", disk=disk_full(result.value))
                 )
                 self.fail(error)
             return None
@@ -620,7 +611,7 @@ async def _download(run: _Run) -> list[FilePath[str]]:
             prepare, run.folder.path, slide_key(run.slide_id)
         )
     except OSError as e:
-        raise run.error(f"cannot use the download folder: {e}") from None
+        raise run.error(f"cannot use the download folder: {e}", disk=disk_full(e)) from None
     run.manifest = prepared.manifest
     run.present = prepared.present
     manifest = prepared.manifest
@@ -646,7 +637,10 @@ async def _receive(run: _Run, response: IResponse, prepared: Prepared) -> list[F
     manifest = run.manifest
     expected = 206 if run.offset else 200
     if response.code != expected:
-        raise run.error(f"unexpected answer HTTP {response.code} (expected {expected})")
+        raise run.error(
+            f"unexpected answer HTTP {response.code} (expected {expected})",
+            transient=response.code == 429 or response.code >= 500,
+        )
     headers = response.headers
     content_type = (headers.getRawHeaders(b"content-type") or [b""])[0].decode("latin-1")
     length = None if response.length is UNKNOWN_LENGTH else int(response.length)
@@ -692,7 +686,7 @@ async def _receive(run: _Run, response: IResponse, prepared: Prepared) -> list[F
             try:
                 await run.run_blocking(save_manifest, run.folder.path, manifest.to_bytes())
             except OSError as e:
-                raise run.error(f"cannot write the manifest: {e}") from None
+                raise run.error(f"cannot write the manifest: {e}", disk=disk_full(e)) from None
         part_headers = PartHeaders(
             (("content-type", content_type),)
             + ((("content-length", str(run.total)),) if run.total is not None else ())
@@ -723,7 +717,7 @@ async def _close_manifest(run: _Run, total: int) -> list[FilePath[str]]:
     try:
         await run.run_blocking(save_manifest, run.folder.path, run.manifest.to_bytes())
     except OSError as e:
-        raise run.error(f"cannot write the manifest: {e}") from None
+        raise run.error(f"cannot write the manifest: {e}", disk=disk_full(e)) from None
     run._report(total, total)
     return run.files()
 
@@ -775,5 +769,6 @@ async def download_files(
     except TimeoutError:
         raise run.error(
             f"not finished within the deadline of {deadline:g} s "
-            f"({run.offset + run.received_bytes} bytes received)"
+            f"({run.offset + run.received_bytes} bytes received)",
+            transient=True,
         ) from None

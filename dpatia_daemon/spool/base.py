@@ -19,7 +19,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 
-from ..jobs import Job, JobState
+from ..jobs import Deferral, Job, JobState
 from .interface import ACTIVE, SpoolRoom, check_id, check_job
 from .transitions import JobFilter
 
@@ -74,11 +74,18 @@ class SpoolCore(Protocol):
 
     def update(self, job: Job) -> Job: ...
 
-    def claim(self, job_id: str) -> Job | None: ...
+    def claim(self, job_id: str, now: float | None = None) -> Job | None: ...
 
     def finish(self, job_id: str, state: JobState, error: str | None = None) -> Job: ...
 
-    def release(self, job_id: str, *, count_attempt: bool, error: str | None = None) -> Job: ...
+    def release(
+        self,
+        job_id: str,
+        *,
+        count_attempt: bool,
+        error: str | None = None,
+        deferral: Deferral | None = None,
+    ) -> Job: ...
 
     def cancel(self, job_id: str, reason: str = "cancelled") -> Job | None: ...
 
@@ -159,19 +166,32 @@ class SpoolService(Service):
             return fail()
         return self._call(self._core().update, job)
 
-    def claim(self, job_id: str) -> Deferred[Job | None]:
-        """Move a QUEUED job to RUNNING, held by this spool; None if not possible."""
-        return self._checked(job_id, self._core().claim)
+    def claim(self, job_id: str, now: float | None = None) -> Deferred[Job | None]:
+        """Move a QUEUED job to RUNNING, held by this spool; None if not possible
+        (with ``now``: also while the job is deferred past it)."""
+        return self._checked(job_id, self._core().claim, now)
 
     def finish(self, job_id: str, state: JobState, error: str | None = None) -> Deferred[Job]:
         """End a held RUNNING job as DONE, FAILED or CANCELLED."""
         return self._checked(job_id, self._core().finish, state, error)
 
     def release(
-        self, job_id: str, *, count_attempt: bool, error: str | None = None
+        self,
+        job_id: str,
+        *,
+        count_attempt: bool,
+        error: str | None = None,
+        deferral: Deferral | None = None,
     ) -> Deferred[Job]:
-        """Put a held RUNNING job back to QUEUED (or CANCELLED if that was requested)."""
-        d = self._checked(job_id, self._core().release, count_attempt=count_attempt, error=error)
+        """Put a held RUNNING job back to QUEUED (or CANCELLED if that was requested),
+        waiting until ``deferral.not_before`` when given."""
+        d = self._checked(
+            job_id,
+            self._core().release,
+            count_attempt=count_attempt,
+            error=error,
+            deferral=deferral,
+        )
         return d.addCallback(lambda job: self._announce_all([job])[0])
 
     def cancel(self, job_id: str, reason: str = "cancelled") -> Deferred[Job | None]:

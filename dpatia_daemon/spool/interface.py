@@ -15,7 +15,7 @@ from attrs import frozen
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
-from ..jobs import Job, JobState
+from ..jobs import Deferral, Job, JobState
 
 #: The states ``find`` looks at unless told otherwise: the jobs still to be done.
 ACTIVE: frozenset[JobState] = frozenset({JobState.QUEUED, JobState.RUNNING})
@@ -112,20 +112,29 @@ class ISpool(Interface):
         :class:`NotHeld` for a RUNNING job this spool does not hold.
         """
 
-    def claim(job_id: str) -> Deferred[Job | None]:
+    def claim(job_id: str, now: float | None = None) -> Deferred[Job | None]:
         """Move a QUEUED job to RUNNING, held by this spool; None if not possible.
 
         None if the job is gone, claimed by someone else, or another job with the same
-        key is running.
+        key is running; with ``now``, also if the job is deferred past ``now`` (its
+        ``not_before``: every daemon on the spool passes its clock).
         """
 
     def finish(job_id: str, state: JobState, error: str | None = None) -> Deferred[Job]:
         """End a held RUNNING job as DONE, FAILED or CANCELLED with ``last_error``."""
 
-    def release(job_id: str, *, count_attempt: bool, error: str | None = None) -> Deferred[Job]:
+    def release(
+        job_id: str,
+        *,
+        count_attempt: bool,
+        error: str | None = None,
+        deferral: Deferral | None = None,
+    ) -> Deferred[Job]:
         """Put a held RUNNING job back to QUEUED (merging with a newer queued job).
 
-        A job whose cancellation was requested is CANCELLED instead.
+        With a ``deferral`` the queued job waits until its ``not_before`` (the record
+        keeps it, see :func:`~.transitions.requeued`).  A job whose cancellation was
+        requested is CANCELLED instead.
         """
 
     def cancel(job_id: str, reason: str = "cancelled") -> Deferred[Job | None]:

@@ -17,7 +17,7 @@ from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from ..jobs import Job, JobState
+from ..jobs import Deferral, Job, JobState
 from .base import SpoolService
 from .interface import (
     ACTIVE,
@@ -106,9 +106,11 @@ class _MemoryRecords:
         table[job.key] = job
         return job
 
-    def claim(self, job_id: str) -> Job | None:
+    def claim(self, job_id: str, now: float | None = None) -> Job | None:
         job = self._find_active(job_id)
         if job is None or job.state is not JobState.QUEUED or job.key in self.running:
+            return None
+        if now is not None and not job.ready(now):
             return None
         del self.queued_jobs[job.key]
         running = self.running[job.key] = attrs.evolve(job, state=JobState.RUNNING)
@@ -134,17 +136,29 @@ class _MemoryRecords:
             raise ValueError(f"finish needs a terminal state, not {state.value}")
         return self._end(self._held_job(job_id), state, error)
 
-    def _requeue(self, job: Job, *, count_attempt: bool, error: str | None) -> Job:
+    def _requeue(
+        self, job: Job, *, count_attempt: bool, error: str | None, deferral: Deferral | None = None
+    ) -> Job:
         if job.job_id in self.markers:
             return self._end(job, JobState.CANCELLED, error or "cancelled while it was running")
         del self.running[job.key]
         self.held.discard(job.job_id)
         return self._enqueue(
-            requeued(job, count_attempt=count_attempt, error=error), merge_released_into
+            requeued(job, count_attempt=count_attempt, error=error, deferral=deferral),
+            merge_released_into,
         )
 
-    def release(self, job_id: str, *, count_attempt: bool, error: str | None = None) -> Job:
-        return self._requeue(self._held_job(job_id), count_attempt=count_attempt, error=error)
+    def release(
+        self,
+        job_id: str,
+        *,
+        count_attempt: bool,
+        error: str | None = None,
+        deferral: Deferral | None = None,
+    ) -> Job:
+        return self._requeue(
+            self._held_job(job_id), count_attempt=count_attempt, error=error, deferral=deferral
+        )
 
     def cancel(self, job_id: str, reason: str = "cancelled") -> Job | None:
         job = self._find_active(job_id)

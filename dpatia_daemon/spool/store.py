@@ -17,7 +17,7 @@ from attrs import define, field
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
-from ..jobs import Job, JobState
+from ..jobs import Deferral, Job, JobState
 from .files import ACTIVE_NAME, SpoolFiles
 from .interface import ACTIVE, HEX_ID, JobChanged, JobMoved, NotHeld, check_id, check_job
 from .transitions import conflicts, merge_added, merge_released_into, requeued
@@ -142,8 +142,9 @@ class SpoolStore(SpoolFiles):
 
     # -- transitions -----------------------------------------------------------------
 
-    def claim(self, job_id: str) -> Job | None:
-        """Move a QUEUED job to RUNNING, held by this store; None if not possible."""
+    def claim(self, job_id: str, now: float | None = None) -> Job | None:
+        """Move a QUEUED job to RUNNING, held by this store; None if not possible
+        (with ``now``: also while the job is deferred past it)."""
         check_id(job_id)
         key = self._key_of(job_id, JobState.QUEUED)
         if key is None:
@@ -154,6 +155,8 @@ class SpoolStore(SpoolFiles):
             job = self._read(queued, JobState.QUEUED)
             if job is None or job.job_id != job_id:
                 return None
+            if now is not None and not job.ready(now):
+                return None  # deferred: not before its not_before
             if os.path.lexists(running.path):
                 return None  # one analysis per key at a time
             # The run lock first, so nobody ever sees an unheld running job.  It also
@@ -231,13 +234,22 @@ class SpoolStore(SpoolFiles):
         log.info("job {job_id} {state}", job_id=job_id, key=key, state=state.value, error=error)
         return final
 
-    def release(self, job_id: str, *, count_attempt: bool, error: str | None = None) -> Job:
+    def release(
+        self,
+        job_id: str,
+        *,
+        count_attempt: bool,
+        error: str | None = None,
+        deferral: Deferral | None = None,
+    ) -> Job:
         """Put a held RUNNING job back to QUEUED (or CANCELLED if that was requested)."""
         key = self._held_key(job_id)
         with self._locked([key]):
             job = self._held_record(job_id, key)
             try:
-                result = self._requeue_locked(job, count_attempt=count_attempt, error=error)
+                result = self._requeue_locked(
+                    job, count_attempt=count_attempt, error=error, deferral=deferral
+                )
             finally:
                 if not os.path.lexists(self._active_path(JobState.RUNNING, key).path):
                     self._forget(job_id, key)
@@ -251,14 +263,18 @@ class SpoolStore(SpoolFiles):
         )
         return result
 
-    def _requeue_locked(self, job: Job, *, count_attempt: bool, error: str | None) -> Job:
+    def _requeue_locked(
+        self, job: Job, *, count_attempt: bool, error: str | None, deferral: Deferral | None = None
+    ) -> Job:
         """Move the running ``job`` (run and key lock held) back to the queue."""
         if os.path.lexists(self._marker_path(job.job_id).path):
             return self._end_running(
                 job, JobState.CANCELLED, error or "cancelled while it was running"
             )
         stored = self._enqueue(
-            requeued(job, count_attempt=count_attempt, error=error), None, merge_released_into
+            requeued(job, count_attempt=count_attempt, error=error, deferral=deferral),
+            None,
+            merge_released_into,
         )
         self._fsync_dir(self._sub("queued"))
         # A crash here leaves both records; recover() then sees the queued copy and

@@ -11,18 +11,37 @@ from __future__ import annotations
 import attrs
 from attrs import frozen
 
-from ..jobs import Job, JobState
+from ..jobs import Deferral, Job, JobState
 from .interface import ACTIVE
 
 
-def requeued(job: Job, *, count_attempt: bool, error: str | None) -> Job:
-    """Return ``job`` back in the queue, one attempt more if ``count_attempt``."""
+def requeued(
+    job: Job, *, count_attempt: bool, error: str | None, deferral: Deferral | None = None
+) -> Job:
+    """Return ``job`` back in the queue, one attempt more if ``count_attempt``.
+
+    With a ``deferral`` the job waits until its ``not_before``; without one it may run
+    at once (its deferral is cleared, its ``deferred_since`` kept).
+    """
     return attrs.evolve(
         job,
         state=JobState.QUEUED,
         attempts=job.attempts + (1 if count_attempt else 0),
         last_error=error if error is not None else job.last_error,
+        not_before=deferral.not_before if deferral is not None else None,
+        deferred_reason=deferral.reason if deferral is not None else None,
+        deferral_kind=deferral.kind if deferral is not None else None,
+        deferred_since=(
+            deferral.since
+            if deferral is not None and deferral.since is not None
+            else job.deferred_since
+        ),
     )
+
+
+def resumed(job: Job) -> Job:
+    """``job`` with its deferral cleared: its SPS answers again, it may run now."""
+    return attrs.evolve(job, not_before=None, deferred_reason=None, deferral_kind=None)
 
 
 def merge_added(existing: Job, incoming: Job) -> Job:

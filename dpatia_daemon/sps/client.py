@@ -690,6 +690,7 @@ class SPSClient:
             spec.secrets,
             conflict_aware=spec.conflict_aware,
             attempts=attempts,
+            retry_after=retry_after(answer.response.headers, self.clock.seconds()),
         )
 
     @staticmethod

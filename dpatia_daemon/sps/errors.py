@@ -5,6 +5,11 @@ went wrong below (a refused connection, a deadline, a 5xx, a malformed answer); 
 catch these and nothing else.  An error names the endpoint *template*
 (``GET slides/{id}/info``), never a URL, and keeps at most a short excerpt of the answer
 with every secret of the call redacted (:func:`excerpt`).
+
+Transient or permanent (Postfix's distinction): :func:`is_transient` says whether a
+failed call is worth trying again later unchanged (the SPS unreachable, a deadline, a
+5xx, 429) or not (any other 4xx, an answer that breaks the IA-API).  The workers
+defer a job on a transient failure and spend an attempt on a permanent one.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ __all__ = [
     "SPSUnavailable",
     "error_for_status",
     "excerpt",
+    "is_transient",
     "protocol_error",
     "redact",
 ]
@@ -49,13 +55,16 @@ class SPSError(Exception):
         endpoint: str,
         status: int | None = None,
         body_excerpt: str = "",
+        retry_after: float | None = None,
     ) -> None:
-        """Keep the message, endpoint template, status and redacted excerpt."""
+        """Keep the message, endpoint template, status, redacted excerpt and the
+        answer's ``Retry-After`` (seconds, when it sent one)."""
         super().__init__(message)
         self.message = message
         self.endpoint = endpoint
         self.status = status
         self.body_excerpt = body_excerpt
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         text = f"{self.endpoint}: {self.message}"
@@ -96,6 +105,19 @@ class SPSProtocolError(SPSError):
     """The SPS answered 2xx with something that is not what the IA-API promises."""
 
 
+def is_transient(error: SPSError) -> bool:
+    """Whether ``error`` is worth trying again later, unchanged (Postfix's 4xx).
+
+    Transient: the SPS could not be reached, a deadline passed, 5xx, 429 (all
+    :class:`SPSUnavailable`), and a 503 or 429 answer that any caller wrapped.
+    Permanent: every other 4xx, a redirect, a malformed answer.  404 is the caller's
+    to judge (a deleted result, or an SPS not itself yet after a restart).
+    """
+    if isinstance(error, SPSUnavailable):
+        return True
+    return error.status is not None and (error.status == 429 or error.status >= 500)
+
+
 def redact(text: str, secrets: Iterable[str]) -> str:
     """Replace every occurrence of every secret."""
     for secret in secrets:
@@ -123,17 +145,19 @@ def error_for_status(
     *,
     conflict_aware: bool,
     attempts: int | None,
+    retry_after: float | None = None,
 ) -> SPSError:
     """The :class:`SPSError` subclass for a non-2xx answer.
 
     ``conflict_aware``: the call sends a ``versionId``, so a 4xx that mentions it is a
     conflict; ``attempts``: how many attempts a retryable status was given (None: it
-    was not retried).
+    was not retried); ``retry_after``: the answer's ``Retry-After`` in seconds.
     """
     kwargs: dict[str, Any] = {
         "endpoint": endpoint,
         "status": code,
         "body_excerpt": excerpt(body, secrets),
+        "retry_after": retry_after,
     }
     if code in (401, 403):
         return SPSUnauthorized("token rejected", **kwargs)

@@ -77,8 +77,10 @@ from .commands import (
     Ping,
     Progress,
     RunJob,
+    TransientFailure,
     WorkerBusy,
 )
+from .faults import classify
 from .workfolder import JOB_FILE, RESULT_FILE, SLIDE_INFO_FILE
 
 log = Logger()
@@ -96,6 +98,8 @@ class _Running:
     scheduled: bool = False
     in_flight: bool = False
     preparing: Deferred[Any] | None = None
+    #: The job failed or was deferred before (a 404 may then be transient).
+    retrying: bool = False
 
 
 class WorkerProtocol(AMP):
@@ -189,6 +193,7 @@ class WorkerProtocol(AMP):
         job = Job.from_json(folder.child(JOB_FILE).getContent())
         if job.job_id != running.job_id:
             raise AnalysisFailed(f"{JOB_FILE} in {work_dir} is for job {job.job_id}")
+        running.retrying = job.attempts > 0 or job.deferred_since is not None
         sps = self._sps_client(settings)
         self._callbacks.follow(job)
         try:
@@ -208,10 +213,27 @@ class WorkerProtocol(AMP):
 
     def _prepare_failed(self, running: _Running, failure: Failure) -> None:
         running.preparing = None
+        error = failure.value if failure.value is not None else Exception(failure.getErrorMessage())
+        fault = classify(error, retrying=running.retrying)
         if running.cancel.is_set() or failure.check(CancelledError, JobCancelled):
             outcome = Failure(JobCancelled(f"job {running.job_id} cancelled"))
         elif failure.check(AnalysisFailed):
             outcome = failure
+        elif fault.transient:
+            # An outage or a full disk, not the job's fault: the daemon defers it.
+            log.warn(
+                "job {job_id}: fetching the slide failed, transiently: {error}",
+                job_id=running.job_id,
+                error=fault.reason,
+                retry_after=fault.retry_after,
+            )
+            outcome = Failure(
+                TransientFailure(
+                    bounded(f"fetching the slide failed: {fault.reason}"),
+                    fault.retry_after,
+                    sps=fault.sps,
+                )
+            )
         elif failure.check(DownloadError, SPSError):
             # Expected trouble (the SPS, the network): the message says it all.
             log.warn(

@@ -48,6 +48,44 @@ class AnalysisFailed(_MessageError):
     """The analysis raised (or could not be loaded); the message says why."""
 
 
+class TransientFailure(_MessageError):
+    """The job could not run for a reason that should pass (the SPS down, a full disk):
+    the daemon defers the job and spends no attempt.
+
+    ``sps``: the SPS failed (its health view hears of it), not the worker's disk;
+    ``retry_after``: the SPS's ``Retry-After`` in seconds.  Both ride in the text as a
+    ``[transient sps retry-after=N] `` header, since an AMP error carries only a
+    description.
+    """
+
+    _HEAD = "[transient"
+
+    def __init__(
+        self, message: str | bytes = "", retry_after: float | None = None, sps: bool = True
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.sps = sps
+        if self.message.startswith(self._HEAD + " ") and "] " in self.message:
+            # As received over AMP (bytes or text, by Twisted version): read the header.
+            head, _, rest = self.message.partition("] ")
+            words = head[len(self._HEAD) :].split()
+            self.sps = "sps" in words
+            for word in words:
+                if word.startswith("retry-after="):
+                    try:
+                        self.retry_after = float(word.partition("=")[2])
+                    except ValueError:
+                        pass
+            self.message = rest
+
+    def __str__(self) -> str:
+        words = [self._HEAD, *(["sps"] if self.sps else ["local"])]
+        if self.retry_after is not None:
+            words.append(f"retry-after={self.retry_after:g}")
+        return " ".join(words) + "] " + self.message
+
+
 class JobCancelled(_MessageError):
     """The analysis stopped because the job was cancelled."""
 
@@ -78,6 +116,10 @@ class Hello(Command):
 class RunJob(Command):
     """Run the analysis for ``job_id``, whose ``job.json`` is in ``work_dir``.
 
+    Fails with ``AnalysisFailed`` (permanent: an attempt is spent) or
+    ``TransientFailure`` (fetching the slide hit an outage or a full disk: the job
+    is deferred; :func:`~.faults.classify` decides which).
+
     Answers once the analysis returned, with the path of ``result.json`` (in
     ``work_dir``) and, when the analysis gave a quality-control verdict, that
     ``quality_control`` status and the ``qc_version`` (the ``versionId`` of the slide's
@@ -93,6 +135,7 @@ class RunJob(Command):
     ]
     errors = {
         AnalysisFailed: b"ANALYSIS_FAILED",
+        TransientFailure: b"TRANSIENT_FAILURE",
         JobCancelled: b"JOB_CANCELLED",
         WorkerBusy: b"WORKER_BUSY",
     }
@@ -157,5 +200,6 @@ __all__ = [
     "Ping",
     "Progress",
     "RunJob",
+    "TransientFailure",
     "WorkerBusy",
 ]

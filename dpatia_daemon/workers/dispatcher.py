@@ -19,8 +19,15 @@ spool's durable marker, polled every second and on every progress report for
 cancellations made through another process on the spool) sends ``CancelJob`` and stops
 the worker if the analysis has not stopped ``kill_grace`` later.
 
+Deferred jobs and a failing SPS.  Before claiming, every candidate passes the
+:class:`~.waiting.WaitingRoom`: a job deferred past now, or whose SPS the shared
+:class:`~.health.SPSHealth` knows to be failing, waits there (one of them at a time
+goes through as the SPS's probe), and claims pass the clock so that the spool refuses
+a deferred job on every daemon.  When the SPS answers again its jobs resume at once.
+
 Fates.  How the analysis ended decides how the job ends: a result is stored, an error
-is a failed attempt, a cancellation cancels; a worker that died decides by why
+is a failed attempt (retried after a backoff), a transient fault defers the job (no
+attempt spent, :mod:`.faults`), a cancellation cancels; a worker that died decides by why
 (:meth:`Dispatcher._after_crash`): the daemon stopping puts the job back without an
 attempt counted, a deadline or missed heartbeats fail the attempt with that reason.
 """
@@ -44,12 +51,23 @@ from ..spool import ISpool
 from ..sps.tokens import TokenBook
 from ..sps.writer import ResultWriter
 from .candidates import Candidates
-from .commands import AnalysisFailed, CancelJob, JobCancelled, NewCallback, RunJob, WorkerBusy
+from .commands import (
+    AnalysisFailed,
+    CancelJob,
+    JobCancelled,
+    NewCallback,
+    RunJob,
+    TransientFailure,
+    WorkerBusy,
+)
 from .events import Observers
+from .faults import classify
 from .folders import UnusableResult, Verdict, WorkFolders
+from .health import SPSHealth
 from .pool import StopCause, Worker, WorkerPool, WorkerState, describe_exit
 from .run import JobRun, StopReason, observe
 from .timers import cancel_call, every
+from .waiting import WaitingRoom
 
 log = Logger()
 
@@ -70,8 +88,9 @@ class Dispatcher:
     Collaborators: the ``reactor`` (``IReactorTime``: deadlines, polls, the sweep), the
     ``spool`` jobs are claimed from, the ``writer`` for SPS results, the frozen
     ``[workers]`` ``config``, the job ``folders``, the ``pool`` its workers come from,
-    the shared ``events``, and the ``tokens`` book (newer callback tokens of running
-    jobs go to their worker).
+    the shared ``events``, the ``tokens`` book (newer callback tokens of running
+    jobs go to their worker), and the shared ``health`` view of the SPSes (one is
+    made if none is given).
     """
 
     reactor: Any
@@ -84,24 +103,36 @@ class Dispatcher:
     tokens: TokenBook | None = None
     sweep_interval: float = 30.0
     cancel_poll_interval: float = 1.0
+    health: SPSHealth | None = None
+    _sps: SPSHealth = field(init=False)
+    _waiting: WaitingRoom = field(init=False)
+    _unhealth: Callable[[], None] | None = field(default=None, init=False)
     _candidates: Candidates = field(factory=Candidates, init=False)
     _runs: dict[str, JobRun] = field(factory=dict, init=False)
     _on: dict[Worker, _Assignment] = field(factory=dict, init=False)
     _parked: dict[str, Job] = field(factory=dict, init=False)
     _accepting: bool = field(default=False, init=False)
     _need_refresh: bool = field(default=True, init=False)
+    _pumping: bool = field(default=False, init=False)
+    _pump_again: bool = field(default=False, init=False)
     _refreshing: bool = field(default=False, init=False)
     _unwatch: Callable[[], None] | None = field(default=None, init=False)
     _untoken: Callable[[], None] | None = field(default=None, init=False)
     _loops: list[LoopingCall] = field(factory=list, init=False)
 
+    def __attrs_post_init__(self) -> None:
+        self._sps = self.health or SPSHealth(self.reactor, self.config.sps_probe_interval)
+        self._waiting = WaitingRoom(self.reactor, self.spool, self._sps, self._on_queued)
+
     # --- lifecycle --------------------------------------------------------------------
 
     def start(self) -> None:
-        """Subscribe to the spool (and the token book); start the polls and the sweep."""
+        """Subscribe to the spool (and the token book, and the SPS health view); start
+        the polls and the sweep."""
         self._accepting = True
         self._need_refresh = True
         self._unwatch = self.spool.watch(self._on_queued)
+        self._unhealth = self._sps.subscribe(self._sps_recovered)
         if self.tokens is not None:
             self._untoken = self.tokens.subscribe(self._new_callback)
         self._loops = [
@@ -112,10 +143,11 @@ class Dispatcher:
     def close(self) -> None:
         """Take no new jobs (running ones go on)."""
         self._accepting = False
-        for unsubscribe in (self._unwatch, self._untoken):
+        for unsubscribe in (self._unwatch, self._untoken, self._unhealth):
             if unsubscribe is not None:
                 unsubscribe()
-        self._unwatch = self._untoken = None
+        self._unwatch = self._untoken = self._unhealth = None
+        self._waiting.close()
         for loop in self._loops:
             if loop.running:
                 loop.stop()
@@ -167,15 +199,46 @@ class Dispatcher:
         self._pump()
 
     def _pump(self) -> None:
-        """Hand the best candidates to idle workers."""
+        """Hand the best candidates to idle workers.
+
+        Re-entered (a claim, a resumed job or an SPS's recovery can ask for a pump while
+        one runs), it runs once more after the current one instead of inside it.
+        """
         if not self._accepting:
             return
+        if self._pumping:
+            self._pump_again = True
+            return
+        self._pumping = True
+        try:
+            self._pump_again = True
+            while self._pump_again and self._accepting:
+                self._pump_again = False
+                self._pump_once()
+        finally:
+            self._pumping = False
+
+    def _pump_once(self) -> None:
         for worker in self.pool.idle():
+            if worker.state is not WorkerState.IDLE:
+                continue
             job = self._candidates.pop()
+            while job is not None and not self._waiting.admit(job):
+                job = self._candidates.pop()
             if job is None:
                 self._refresh()
                 return
             self._claim(worker, job)
+
+    def _sps_recovered(self, sps: str) -> None:
+        """The health view: a failing SPS answers again; its waiting jobs resume."""
+        self._waiting.sps_recovered(sps)
+        self._pump()
+
+    @property
+    def waiting(self) -> WaitingRoom:
+        """The jobs held back (deferred, or waiting for their SPS)."""
+        return self._waiting
 
     def _refresh(self) -> None:
         """Refill the candidates from ``spool.queued()`` (when dry; once per need)."""
@@ -203,7 +266,7 @@ class Dispatcher:
         def failed(f: Failure) -> None:
             log.failure("claiming job {job_id} failed", f, job_id=job_id)
 
-        d = self.spool.claim(job_id)
+        d = self.spool.claim(job_id, now=self.reactor.seconds())
         d.addErrback(failed)
         d.addCallback(lambda job: self._claimed(worker, candidate, job))
         d.addErrback(lambda f: log.failure("dispatching job {job_id} failed", f, job_id=job_id))
@@ -211,6 +274,7 @@ class Dispatcher:
     def _claimed(self, worker: Worker, candidate: Job, job: Job | None) -> None:
         job_id = candidate.job_id
         if job is None:
+            self._sps.probe_ended(candidate.callback.url, job_id)
             # Gone, merged, held elsewhere, or its key is running.  If we run that key,
             # the job waits until our run ends (the spool will not announce it again).
             if any(run.job.key == candidate.key for run in self._runs.values()):
@@ -241,6 +305,8 @@ class Dispatcher:
             progress_interval=self.config.progress_interval,
             on_result_gone=self._result_gone,
             worker=worker.name,
+            retry=self.config,
+            health=self._sps,
         )
         self._runs[job.job_id] = run
         self._on[worker] = _Assignment(worker, run)
@@ -251,6 +317,7 @@ class Dispatcher:
     def _run_ended(self, final: Job | None, run: JobRun) -> Job | None:
         if self._runs.get(run.job_id) is run:
             del self._runs[run.job_id]
+        self._sps.probe_ended(run.job.callback.url, run.job_id)
         state = final.state.value if final is not None else None
         self.events.emit("job-ended", None, run.job_id, state=state, ran_on=run.worker)
         parked = self._parked.pop(run.job.key, None)
@@ -320,7 +387,7 @@ class Dispatcher:
         answer.addTimeout(self.config.job_timeout, self.reactor)
         try:
             outcome = await answer
-        except (AnalysisFailed, JobCancelled) as e:
+        except (AnalysisFailed, JobCancelled, TransientFailure) as e:
             outcome = e
         except TimeoutError as e:
             self._overdue(
@@ -334,7 +401,7 @@ class Dispatcher:
             cancel_call(assignment.cancel_timer)
 
         if isinstance(outcome, Exception) and not isinstance(
-            outcome, AnalysisFailed | JobCancelled
+            outcome, AnalysisFailed | JobCancelled | TransientFailure
         ):
             if worker.state is not WorkerState.DEAD:
                 if isinstance(outcome, WorkerBusy):
@@ -353,6 +420,8 @@ class Dispatcher:
         elif isinstance(outcome, JobCancelled):
             run.cancel_reason = "stopped by the analysis"
             await run.cancel()
+        elif isinstance(outcome, TransientFailure):
+            await run.defer(classify(outcome))
         elif isinstance(outcome, AnalysisFailed):
             await run.fail(outcome.message)
         else:

@@ -4,8 +4,11 @@ A :class:`JobRun` owns every SPS write of the job (the daemon writes results, ne
 worker): it finds or creates the job's result, throttles progress frames to one per
 ``progress_interval`` (plus the final write), guarantees that no progress frame is
 written after the final one, and ends the job in the spool: done, failed (after
-``max_attempts``, with a failure frame), retried, cancelled or put back unharmed at
-shutdown.  Its :class:`RunState` says which of those it may still do.  It knows
+``max_attempts``, with a failure frame), retried after a backoff, deferred (a
+transient fault, :mod:`.faults`: no attempt spent, and a result already computed stays
+in the work folder to be stored when the SPS answers again), cancelled or put back
+unharmed at shutdown.  It tells the shared :class:`~.health.SPSHealth` how each call
+to the job's SPS went.  Its :class:`RunState` says which of those it may still do.  It knows
 nothing about processes: the dispatcher (:mod:`.dispatcher`) tells it how the analysis
 ended.
 """
@@ -23,14 +26,17 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..jobs import Callback, Job, JobState
+from ..config import WorkersConfig
+from ..jobs import Callback, Deferral, Job, JobState
 from ..models import Result
 from ..spool import ISpool, SpoolError
 from ..sps.client import SPSError
 from ..sps.results import CONTEXT_KEY, Status
 from ..sps.writer import ResultGone, ResultWriter, Superseded, is_final
 from ..text import bounded
+from .faults import Fault, classify, next_try, too_old
 from .folders import Outcome, Verdict, WorkFolders
+from .health import SPSHealth
 from .timers import cancel_call
 
 log = Logger()
@@ -107,6 +113,9 @@ class JobRun:
     progress_interval: float = 2.0
     on_result_gone: Callable[[JobRun], None] = _noop
     worker: str = ""
+    #: The backoff settings (``min_backoff``, ``max_backoff``, ``max_deferral_age``).
+    retry: WorkersConfig = field(factory=WorkersConfig)
+    health: SPSHealth | None = None
     stored: Result | None = field(default=None, init=False)
     result_gone: bool = field(default=False, init=False)
     cancel_reason: str | None = field(default=None, init=False)
@@ -169,6 +178,7 @@ class JobRun:
         except CancelledError:
             return
         except SPSError as e:
+            self._sps_failed(e)
             log.warn(
                 "job {job_id}: cannot find or create its result at the SPS ({error}); "
                 "no progress will be shown, the final write will try again",
@@ -176,6 +186,7 @@ class JobRun:
                 error=str(e),
             )
             return
+        self.sps_answered()
         await self._remember_result_id()
 
     async def _remember_result_id(self) -> None:
@@ -192,6 +203,23 @@ class JobRun:
                 result_id=stored.id,
                 error=str(e),
             )
+
+    def sps_answered(self) -> None:
+        """A call to the job's SPS succeeded: tell the shared health view."""
+        if self.health is not None:
+            self.health.succeeded(self.job.callback.url)
+
+    def _sps_failed(self, error: SPSError) -> Fault:
+        """A call to the job's SPS failed: judge it, and tell the health view if the
+        SPS is failing."""
+        fault = classify(error, retrying=self._retrying)
+        if fault.sps and self.health is not None:
+            self.health.failed(self.job.callback.url, fault.reason, fault.retry_after)
+        return fault
+
+    @property
+    def _retrying(self) -> bool:
+        return self.job.attempts > 0 or self.job.deferred_since is not None
 
     def _gone(self) -> None:
         if not self.result_gone:
@@ -332,8 +360,15 @@ class JobRun:
             )
             return
         except SPSError as e:
-            await self._failed_attempt(f"could not store the result at the SPS: {e}")
+            fault = self._sps_failed(e)
+            reason = f"could not store the result at the SPS: {e}"
+            if fault.transient:
+                # result.json stays in the work folder: stored, never recomputed, later.
+                await self._deferred(attrs.evolve(fault, reason=reason))
+            else:
+                await self._failed_attempt(reason)
             return
+        self.sps_answered()
         log.info(
             "job {job_id}: result {result_id} stored", job_id=self.job_id, result_id=self.stored.id
         )
@@ -364,6 +399,39 @@ class JobRun:
         """The attempt failed (analysis error, crash, timeout): retry or give up."""
         await self._quiesce("fail")
         await self._failed_attempt(error)
+
+    async def defer(self, fault: Fault) -> None:
+        """The attempt hit a transient ``fault`` (the worker's fetch, say): back to the
+        queue after a backoff, no attempt spent."""
+        await self._quiesce("defer")
+        if fault.sps and self.health is not None:
+            self.health.failed(self.job.callback.url, fault.reason, fault.retry_after)
+        await self._deferred(fault)
+
+    async def _deferred(self, fault: Fault) -> None:
+        """Defer the job after ``fault``, or fail it for good past ``max_deferral_age``.
+
+        No frame is written: the SPS is most likely what failed, and the job's result
+        keeps showing what it showed (queued or in progress) until the job runs again.
+        """
+        now = self.clock.seconds()
+        later = next_try(self.retry, self.job, fault, now)
+        if later is None:
+            error = too_old(self.retry, self.job, fault)
+            log.warn("job {job_id}: {error}; failed for good", job_id=self.job_id, error=error)
+            await self._frame(Status.FAILED, f"failed ({_label(error)})", error=error)
+            await self._end(JobState.FAILED, error)
+            return
+        log.info(
+            "job {job_id}: deferred for {delay:.0f} s, no attempt spent ({reason})",
+            job_id=self.job_id,
+            delay=later.not_before - now,
+            not_before=later.not_before,
+            reason=fault.reason,
+            kind=later.kind.value,
+            deferred_since=later.since,
+        )
+        await self._release(count_attempt=False, error=fault.reason, deferral=later)
 
     async def cancel(self) -> None:
         """The job was cancelled (or its result deleted): mark the result, end it."""
@@ -403,12 +471,24 @@ class JobRun:
             await self._frame(Status.FAILED, f"failed ({_label(error)})", error=error)
             await self._end(JobState.FAILED, error)
         else:
+            now = self.clock.seconds()
+            later = next_try(self.retry, self.job, Fault(False, error), now)
+            assert later is not None  # a permanent fault always gets its retry
+            log.info(
+                "job {job_id}: attempt {attempt} retried in {delay:.0f} s",
+                job_id=self.job_id,
+                attempt=attempts + 1,
+                delay=later.not_before - now,
+                not_before=later.not_before,
+                reason=error,
+                kind=later.kind.value,
+            )
             await self._frame(
                 Status.QUEUED,
                 f"retrying after an error (attempt {attempts + 1} of {self.max_attempts})",
                 error=error,
             )
-            await self._release(count_attempt=True, error=error)
+            await self._release(count_attempt=True, error=error, deferral=later)
 
     async def _frame(
         self, status: Status, text: str, *, error: str | None = None, create: bool = True
@@ -458,9 +538,13 @@ class JobRun:
         self._remove_folder()
         self._ended(job)
 
-    async def _release(self, *, count_attempt: bool, error: str) -> None:
+    async def _release(
+        self, *, count_attempt: bool, error: str, deferral: Deferral | None = None
+    ) -> None:
         try:
-            job = await self.spool.release(self.job_id, count_attempt=count_attempt, error=error)
+            job = await self.spool.release(
+                self.job_id, count_attempt=count_attempt, error=error, deferral=deferral
+            )
         except Exception:
             log.failure("job {job_id}: the spool refused to release it", job_id=self.job_id)
             self._ended(None)

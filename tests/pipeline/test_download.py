@@ -956,3 +956,43 @@ async def test_simulator_cut_download_resumes_with_range(reactor: Any, tmp_path:
     last = fake.requests[-1]
     assert last.header("range").startswith("bytes=")
     assert int(last.header("range")[6:-1]) >= 900_000
+
+
+# --- transient or permanent -------------------------------------------------------------
+
+
+def test_a_full_disk_is_a_transient_fault_of_this_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC while writing a file: a DownloadError marked transient and ``disk`` (the
+    worker defers the job, no attempt spent, and the SPS is not blamed)."""
+
+    def full(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(downloadfolder, "write_all", full)
+    env = make_env(tmp_path, FileServer([("scan.svs", data_of(10_000))]))
+    error = failure_result_of(env.download(), DownloadError).value
+    assert (error.transient, error.disk) == (True, True)
+    assert "No space left" in str(error)
+
+
+def test_an_idle_answer_is_transient_and_a_refused_write_is_not(tmp_path: Path) -> None:
+    """No byte for idle_timeout: transient (the SPS may answer later).  A .part that is
+    a planted symlink: a write refused for good, permanent."""
+    server = FileServer([("scan.svs", data_of(100_000))], stall_after=10_000)
+    env = make_env(tmp_path, server)
+    d = env.download(idle_timeout=30.0)
+    env.clock.advance(30.0)
+    idle = failure_result_of(d, DownloadError).value
+    assert (idle.transient, idle.disk) == (True, False)
+
+    other = tmp_path / "other"
+    other.mkdir()
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"keep")
+    env = make_env(other, FileServer([("scan.svs", b"payload")]))
+    env.folder.makedirs()
+    os.symlink(str(outside), env.folder.child("scan.svs.part").path)
+    refused = failure_result_of(env.download(), DownloadError).value
+    assert (refused.transient, refused.disk) == (False, False)

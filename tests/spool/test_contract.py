@@ -17,7 +17,7 @@ import pytest_twisted
 from spool_helpers import make_job, start_directory_spool
 from twisted.logger import globalLogPublisher
 
-from dpatia_daemon.jobs import Job, JobKind, JobState
+from dpatia_daemon.jobs import Deferral, DeferralKind, Job, JobKind, JobState
 from dpatia_daemon.spool import (
     DirectorySpool,
     ISpool,
@@ -26,6 +26,7 @@ from dpatia_daemon.spool import (
     MemorySpool,
     NotHeld,
 )
+from dpatia_daemon.spool.transitions import resumed
 
 
 @pytest_twisted.async_yield_fixture(params=["memory", "directory"])
@@ -488,3 +489,82 @@ async def test_room_counts_queued_records_on_request(spool: Any) -> None:
     room = await spool.room(count_queued=True)
     assert room.free_bytes > 0 and room.queued == 2
     assert (await spool.room()).queued is None
+
+
+# --- deferral -------------------------------------------------------------------------
+
+
+def _deferral(not_before: float, kind: DeferralKind = DeferralKind.SPS) -> Deferral:
+    return Deferral(not_before, "SPS unavailable (HTTP 503)", kind, since=150.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_release_with_a_deferral_keeps_it_on_the_record(spool: Any) -> None:
+    """release(deferral=...) queues the job with not_before, the reason, the kind and
+    since; no attempt is counted when the caller says so."""
+    job = await spool.add(make_job())
+    await spool.claim(job.job_id)
+    released = await spool.release(
+        job.job_id, count_attempt=False, error="SPS down", deferral=_deferral(500.0)
+    )
+    assert (released.state, released.attempts) == (JobState.QUEUED, 0)
+    assert (released.not_before, released.deferred_reason) == (500.0, "SPS unavailable (HTTP 503)")
+    assert (released.deferral_kind, released.deferred_since) == (DeferralKind.SPS, 150.0)
+    assert await spool.get(job.job_id) == released
+    assert await spool.queued() == [released]
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_with_a_clock_refuses_a_deferred_job_until_not_before(spool: Any) -> None:
+    """claim(now=...) refuses a job deferred past now (it stays queued) and takes it
+    from not_before on."""
+    job = await spool.add(make_job())
+    await spool.claim(job.job_id)
+    await spool.release(job.job_id, count_attempt=False, deferral=_deferral(500.0))
+    assert await spool.claim(job.job_id, now=499.0) is None
+    assert (await spool.get(job.job_id)).state is JobState.QUEUED
+    claimed = await spool.claim(job.job_id, now=500.0)
+    assert claimed is not None and claimed.state is JobState.RUNNING
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_plain_release_clears_the_deferral_but_keeps_its_age(spool: Any) -> None:
+    """A release without a deferral may run at once; deferred_since (the deferral's
+    age) stays for max_deferral_age."""
+    job = await spool.add(make_job())
+    await spool.claim(job.job_id)
+    await spool.release(job.job_id, count_attempt=False, deferral=_deferral(500.0))
+    await spool.claim(job.job_id, now=600.0)
+    again = await spool.release(job.job_id, count_attempt=False)
+    assert (again.not_before, again.deferred_reason, again.deferral_kind) == (None, None, None)
+    assert again.deferred_since == 150.0
+    assert await spool.claim(job.job_id, now=0.0) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_resuming_a_deferred_job_is_an_update(spool: Any) -> None:
+    """update(resumed(job)) clears the deferral of a queued job: claimable at once."""
+    job = await spool.add(make_job())
+    await spool.claim(job.job_id)
+    deferred = await spool.release(job.job_id, count_attempt=False, deferral=_deferral(500.0))
+    stored = await spool.update(resumed(deferred))
+    assert stored.not_before is None
+    assert await spool.claim(job.job_id, now=200.0) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_merged_request_keeps_the_deferral(spool: Any) -> None:
+    """A newer request for a deferred job's slide brings its token, and the job keeps
+    waiting (its SPS is what failed); a release into a newer queued job keeps the
+    released job's deferral."""
+    job = await spool.add(make_job(token="old"))
+    await spool.claim(job.job_id)
+    await spool.release(job.job_id, count_attempt=False, deferral=_deferral(500.0))
+    merged = await spool.add(make_job(token="new", created=300.0))
+    assert (merged.job_id, merged.callback.token, merged.not_before) == (job.job_id, "new", 500.0)
+
+    running = await spool.claim(job.job_id, now=500.0)
+    newer = await spool.add(make_job(token="newest", created=600.0))
+    released = await spool.release(running.job_id, count_attempt=False, deferral=_deferral(900.0))
+    assert (released.job_id, released.callback.token) == (newer.job_id, "newest")
+    assert released.not_before == 900.0

@@ -25,7 +25,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.filepath import FilePath
 
-from dpatia_daemon.jobs import Job, JobState
+from dpatia_daemon.jobs import Deferral, DeferralKind, Job, JobState
 from dpatia_daemon.spool import DirectorySpool, NotHeld, SpoolNotRunning, _host_tag
 
 CLAIMER = str(Path(__file__).with_name("spool_claimer.py"))
@@ -517,3 +517,38 @@ async def test_a_full_disk_at_commit_leaves_nothing_behind(
     stored = await dspool.add(again)
     assert (stored.job_id == first.job_id) is merge
     assert len(await dspool.queued()) == (1 if merge else 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deferral_survives_a_restart_and_binds_every_daemon(
+    tmp_path: Path, reactor: Any
+) -> None:
+    """A deferred job's not_before is on disk: after a restart the job is still deferred,
+    and another daemon's store refuses to claim it before not_before too."""
+    first = start_directory_spool(tmp_path / "spool", reactor)
+    job = await first.add(make_job())
+    await first.claim(job.job_id)
+    await first.release(
+        job.job_id,
+        count_attempt=False,
+        error="SPS down",
+        deferral=Deferral(500.0, "SPS unavailable", DeferralKind.SPS, since=120.0),
+    )
+    await first.stopService()
+    second = start_directory_spool(tmp_path / "spool", reactor)
+    try:
+        await second.sweep()
+        stored = await second.get(job.job_id)
+        assert stored is not None
+        assert (stored.not_before, stored.deferral_kind, stored.deferred_since) == (
+            500.0,
+            DeferralKind.SPS,
+            120.0,
+        )
+        assert stored.attempts == 0
+        assert await second.claim(job.job_id, now=499.0) is None
+        with other_store(tmp_path / "spool") as store:
+            assert store.claim(job.job_id, now=499.0) is None
+        assert await second.claim(job.job_id, now=500.0) is not None
+    finally:
+        await second.stopService()

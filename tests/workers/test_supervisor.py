@@ -69,6 +69,9 @@ class Rig:
             "heartbeat_interval": 1.0,
             "progress_interval": 0.1,
             "shutdown_grace": 5.0,
+            # Retries after a failed attempt wait a backoff: short here (real time).
+            "min_backoff": 0.05,
+            "max_backoff": 0.2,
             **config,
         }
         supervisor = self.supervisor = Supervisor(
@@ -512,3 +515,34 @@ async def test_stopping_puts_a_running_job_back_unharmed(rig: Rig) -> None:
     assert (queued.state, queued.attempts) == (JobState.QUEUED, 0)
     assert [s["state"] for s in supervisor.snapshot()] == ["dead"]
     assert rig.of("worker-exited")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_sps_outage_defers_jobs_and_each_slide_gets_one_final_result(
+    rig: Rig,
+) -> None:
+    """The fake SPS answers 503 (with Retry-After) to every call for 4 s, while four
+    jobs run or wait on two workers (the old retry cycle, three attempts at once,
+    failed them all in well under a second): no job fails or spends an attempt, each
+    analysis ran exactly once (a result computed during the outage is stored when the
+    SPS is back, not computed again), and every slide ends with exactly one final
+    result and no failure frame."""
+    record = rig.tmp / "completed.txt"
+    # The SPS client's own retry cycle is short here (Retry-After capped at 0.3 s), so
+    # the outage outlasts it: the jobs' fates decide, not the client's patience.
+    rig.writer = attrs.evolve(rig.writer, sps=attrs.evolve(rig.writer.sps, backoff_cap=0.3))
+    rig.start(count=2, max_attempts=3, sps_probe_interval=0.5, min_backoff=0.2, max_backoff=2.0)
+    jobs = [
+        await rig.add(f"slide-out-{i}", {"seconds": 0.3, "record": str(record)}) for i in range(4)
+    ]
+    await rig.wait("job-started", jobs[0].job_id)
+    rig.fake.faults.go_down(rig.reactor.seconds(), 4.0)
+    finals = [await rig.ended(job, timeout=30) for job in jobs]
+    assert [(job.state, job.attempts) for job in finals] == [(JobState.DONE, 0)] * 4
+    # The outage did hit them: the records keep when their first deferral was.
+    assert any(job.deferred_since is not None for job in finals)
+    assert sorted(record.read_text().split()) == sorted(job.job_id for job in jobs)
+    for job in jobs:
+        result = only_result(rig, job.slide_id)
+        assert result.displayResult == "test answer"
+        assert frame_status(result) is not Status.FAILED
