@@ -18,6 +18,8 @@ from plugin_helpers import install_plugin
 from dpatia_daemon import __version__
 from dpatia_daemon.analyses import AnalysisJob, AnalysisResult, item, rectangle
 from dpatia_daemon.cli import main
+from dpatia_daemon.config import AppConfig
+from dpatia_daemon.jobs import job_key
 from dpatia_daemon.simulator.slides import SlideSpec, generate_slide
 from dpatia_daemon.sps.results import CONTEXT_KEY
 
@@ -91,7 +93,11 @@ def test_analyse_builds_the_job_a_worker_would_and_writes_result_and_overlay(
     stored = json.loads((tmp_path / "cli-1.result.json").read_text())
     assert stored["slideId"] == "cli-1"
     assert stored["applicationVersion"] == __version__
-    assert stored["data"]["context"][CONTEXT_KEY] == {"jobId": "local-cli-1", "status": "Done"}
+    # The key is the one the daemon gives a whole-slide job of this slide.
+    key = job_key(AppConfig().application_id, "cli-1", {"type": "wholeSlide"})
+    assert stored["data"]["context"][CONTEXT_KEY] == {
+        "jobId": "local-cli-1", "key": key, "status": "Done"
+    }
     props = stored["displayProperties"]
     assert json.loads(props["Input"]) == {"type": "wholeSlide"}
     assert json.loads(props["Size"]) == [2400, 1600] == json.loads(props["Level0"])
