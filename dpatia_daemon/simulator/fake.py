@@ -249,7 +249,9 @@ class FakeSPS:
 
     State: ``slides``, ``results`` (integer ids; ``result_apps`` names each one's
     application), accepted Bearer ``tokens`` with optional ``token_expiry`` against
-    ``clock``, and ``requests``, every request received.  Knobs: ``fail_next`` (answer
+    ``clock``, and ``requests``, the requests received (the newest ``max_requests``; the
+count of older ones dropped is ``requests_dropped``, so a simulator left running for
+days does not grow without bound).  Knobs: ``fail_next`` (answer
     the next requests with these statuses; 429/503 carry ``Retry-After: retry_after``
     when set), ``hang_next`` (never answer that many requests), ``version`` (``GET
     /info``), ``client_credentials`` (client id → secret for ``POST /token``), and
@@ -274,6 +276,8 @@ class FakeSPS:
     tokens: set[str] = field(factory=set)
     token_expiry: dict[str, float] = field(factory=dict)
     requests: list[RecordedRequest] = field(factory=list)
+    max_requests: int = 10_000
+    requests_dropped: int = 0
     #: Result ids per slide, oldest first, so a listing does not scan every result
     #: (a benchmark stores thousands).  Entries of deleted results are skipped.
     _slide_results: dict[str, list[int]] = field(factory=dict, init=False)
@@ -294,6 +298,16 @@ class FakeSPS:
     _stored: Watchers[Result] = field(factory=lambda: Watchers[Result](), init=False, repr=False)
 
     # --- helpers for tests -------------------------------------------------------------
+
+    def _record(self, recorded: RecordedRequest) -> None:
+        """Keep ``recorded``; past ``max_requests``, drop the oldest tenth at once (one
+        list copy per many requests, not one per request)."""
+        self.requests.append(recorded)
+        excess = len(self.requests) - self.max_requests
+        if excess > 0:
+            drop = max(excess, self.max_requests // 10)
+            del self.requests[:drop]
+            self.requests_dropped += drop
 
     def resource(self) -> IResource:
         """The ``IResource`` to mount at the root of a ``Site`` (or hand to StubTreq)."""
@@ -379,7 +393,7 @@ class FakeSPS:
             },
             body=body,
         )
-        self.requests.append(recorded)
+        self._record(recorded)
         if self.hang_next > 0:
             self.hang_next -= 1
             raise _Hang()

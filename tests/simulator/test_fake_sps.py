@@ -67,6 +67,19 @@ def store(fake: FakeSPS, **kwargs: Any) -> Result:
     return fake.store_result(APP, Result(slideId=SLIDE, **kwargs))
 
 
+def test_the_request_log_keeps_the_newest_max_requests(fake: FakeSPS, token: str) -> None:
+    """Past max_requests the oldest records are dropped (and counted), never the newest:
+    a simulator left running does not grow without bound."""
+    fake.max_requests = 20
+    for n in range(45):
+        call(fake, "GET", f"/slides/{SLIDE}/info?n={n}", token=token)
+    assert len(fake.requests) <= 20
+    assert fake.requests_dropped + len(fake.requests) == 45
+    assert fake.requests[-1].query == {"n": ["44"]}
+    kept = [int(r.query["n"][0]) for r in fake.requests]
+    assert kept == list(range(45 - len(kept), 45))
+
+
 # --- tokens -----------------------------------------------------------------------------
 
 
