@@ -40,12 +40,11 @@ from .frontdoor.routes import IAAPI
 from .frontdoor.site import make_site
 from .lifecycle import OrderedRoot, Ready, Stopper, in_thread
 from .ops.systemd import Notifier, Readiness, SystemdEnvironment, Watchdog
-from .spool import DirectorySpool, ISpool
+from .spool import DirectorySpool
 from .sps.client import SPSClient, make_http_client
 from .sps.tokens import TokenBook, callback_auth
 from .sps.writer import ResultWriter
 from .twistedcompat import raise_synchronously
-from .workers.cancels import PushCancels
 from .workers.folders import WorkFolders
 from .workers.interpreter import check_workers_python
 from .workers.supervisor import Supervisor
@@ -131,9 +130,8 @@ def build_service(
     writer = ResultWriter(
         sps=sps, clock=reactor, display_name=config.app.display_name, tokens=tokens
     )
-    # The spool as the front door sees it: with workers here, their running jobs hear
-    # of a cancellation at once (see workers/cancels.py).
-    api_spool: ISpool = spool
+    # With workers here, a cancellation reaches their running job at once.
+    cancel_running = None
     if config.workers.count and front_door is None:
         workers = Supervisor(
             reactor=reactor,
@@ -155,14 +153,15 @@ def build_service(
         )
         workers.setName("workers")
         workers.setServiceParent(root)
-        api_spool = PushCancels(spool, workers.cancel)
+        cancel_running = workers.cancel
     elif front_door is None:
         # A front door only: it accepts and spools jobs; daemons sharing the spool run them.
         log.info("no workers ([workers] count = 0): jobs are accepted, others run them")
 
     api = IAAPI(
         config=config,
-        spool=api_spool,
+        spool=spool,
+        cancel_running=cancel_running,
         sps=sps,
         clock=reactor,
         writer=writer,

@@ -81,6 +81,10 @@ log = Logger()
 INLINE_PARSE_BYTES = 64 * 1024
 
 
+#: The reason a running job of this daemon is stopped with (the same as the poll's).
+CANCEL_REQUESTED = "cancellation requested"
+
+
 class _NotQueued(Exception):
     """The job left the queue before its "queued" frame was written: skip the frame."""
 
@@ -95,6 +99,9 @@ class IAAPI:
     what running jobs write with.  ``run_blocking(f, *args)`` runs the parse of a large
     body off the reactor thread (the reactor's thread pool in the daemon; at once by
     default), and ``gate`` refuses new jobs while the spool has no room.
+    ``cancel_running(job_id, reason)``, where this daemon has workers, stops a running
+    job of its own at once after its cancellation is durable (the spool's cancel marker
+    still reaches jobs held by other processes, which poll for it).
     """
 
     config: Config
@@ -110,6 +117,7 @@ class IAAPI:
     )
     tokens: TokenBook = field(factory=TokenBook)
     run_blocking: Callable[..., Deferred[Any]] = maybeDeferred
+    cancel_running: Callable[[str, str], object] | None = None
     gate: AcceptGate = field(
         default=Factory(
             lambda self: AcceptGate(
@@ -393,6 +401,8 @@ class IAAPI:
             job = await self.spool.get(job.job_id) or job
         if job.state is JobState.RUNNING:
             await self.spool.request_cancel(job.job_id)
+            if self.cancel_running is not None:
+                self.cancel_running(job.job_id, CANCEL_REQUESTED)
             log.info(
                 "job {job_id} is running; cancellation requested: {reason}",
                 job_id=job.job_id,

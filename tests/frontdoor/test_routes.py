@@ -508,6 +508,28 @@ async def test_delete_of_a_running_job_requests_its_cancellation(stack: Stack) -
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_running_jobs_cancellation_is_pushed_to_this_daemons_workers(
+    stack: Stack,
+) -> None:
+    """With cancel_running set (workers in this daemon), a cancel of a running job is
+    pushed at once, after the durable request; a queued job is cancelled in the spool
+    and nothing is pushed."""
+    pushed: list[tuple[str, str]] = []
+    stack.api.cancel_running = lambda job_id, reason: pushed.append((job_id, reason))
+    await stack.post("/dpatia", stack.invocation())
+    (job,) = await stack.spool.queued()
+    assert await stack.spool.claim(job.job_id) is not None
+    await stack.post("/dpatia", stack.invocation("cancel"))
+    assert await stack.spool.cancel_requested(job.job_id)
+    assert pushed == [(job.job_id, "cancellation requested")]
+    await stack.spool.release(job.job_id, count_attempt=False)
+
+    await stack.post("/dpatia", stack.invocation(slideId="slide-5"))
+    await stack.post("/dpatia", stack.invocation("cancel", slideId="slide-5"))
+    assert len(pushed) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_modify_stores_the_users_change(stack: Stack) -> None:
     """modify: the user's change is stored (with its versionId) and returned."""
     _, created, _ = await stack.post("/dpatia", stack.invocation())
