@@ -115,20 +115,21 @@ def test_token_expires_with_the_clock(fake: FakeSPS) -> None:
     assert json.loads(body) == {"error": "token expired"}
 
 
+def post_token(
+    fake: FakeSPS, secret: str, grant: str, *, form: bool = False
+) -> tuple[int, dict[str, list[str]], bytes]:
+    """POST /token as client "svc" (whose real secret is "pw") with ``secret``."""
+    fake.client_credentials["svc"] = "pw"
+    headers = {"Authorization": "Basic " + base64.b64encode(f"svc:{secret}".encode()).decode()}
+    if form:
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    body = f"grant_type={grant}".encode()
+    return call(fake, "POST", "/token?applicationId=app-1", body=body, headers=headers)
+
+
 def test_token_endpoint_issues_a_usable_token(fake: FakeSPS) -> None:
     """POST /token with the right client credentials returns a Bearer token that works."""
-    fake.client_credentials["svc"] = "pw"
-    basic = base64.b64encode(b"svc:pw").decode()
-    status, _, body = call(
-        fake,
-        "POST",
-        "/token?applicationId=app-1",
-        body=b"grant_type=client_credentials",
-        headers={
-            "Authorization": f"Basic {basic}",
-            "Content-Type": "application/x-www-form-urlencoded",
-        },
-    )
+    status, _, body = post_token(fake, "pw", "client_credentials", form=True)
     answer = json.loads(body)
     assert status == 200
     assert answer["token_type"] == "Bearer" and answer["expires_in"] == 3600.0
@@ -137,29 +138,13 @@ def test_token_endpoint_issues_a_usable_token(fake: FakeSPS) -> None:
 
 def test_token_endpoint_rejects_wrong_secret(fake: FakeSPS) -> None:
     """POST /token with a wrong secret is a 401."""
-    fake.client_credentials["svc"] = "pw"
-    basic = base64.b64encode(b"svc:nope").decode()
-    status, _, _ = call(
-        fake,
-        "POST",
-        "/token?applicationId=app-1",
-        body=b"grant_type=client_credentials",
-        headers={"Authorization": f"Basic {basic}"},
-    )
+    status, _, _ = post_token(fake, "nope", "client_credentials")
     assert status == 401
 
 
 def test_token_endpoint_requires_client_credentials_grant(fake: FakeSPS) -> None:
     """POST /token with another grant type is a 400."""
-    fake.client_credentials["svc"] = "pw"
-    basic = base64.b64encode(b"svc:pw").decode()
-    status, _, body = call(
-        fake,
-        "POST",
-        "/token?applicationId=app-1",
-        body=b"grant_type=password",
-        headers={"Authorization": f"Basic {basic}"},
-    )
+    status, _, body = post_token(fake, "pw", "password")
     assert status == 400
     assert json.loads(body) == {"error": "unsupported_grant_type"}
 
