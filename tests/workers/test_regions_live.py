@@ -35,7 +35,6 @@ from dpatia_daemon.sps.client import SPSClient, make_http_client
 from dpatia_daemon.sps.results import Status, frame_status, result_key
 from dpatia_daemon.sps.tokens import TokenBook
 from dpatia_daemon.sps.writer import ResultWriter
-from dpatia_daemon.workers.cancels import PushCancels
 from dpatia_daemon.workers.supervisor import Supervisor, SupervisorEvent
 
 pytestmark = pytest.mark.integration
@@ -155,7 +154,8 @@ async def daemon(reactor: Any, tmp_path: Path) -> Any:
     )
     api = IAAPI(
         config=config,
-        spool=PushCancels(spool, supervisor.cancel),  # type: ignore[arg-type]
+        spool=spool,
+        cancel_running=supervisor.cancel,
         sps=sps,
         clock=reactor,
         writer=writer,

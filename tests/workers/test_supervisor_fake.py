@@ -18,11 +18,11 @@ from fakes import FakeProcess, FakeWorker, FakeWriter, ProcessClock, make_job
 from twisted.python.filepath import FilePath
 
 from dpatia_daemon.config import WorkersConfig
+from dpatia_daemon.frontdoor.routes import CANCEL_REQUESTED
 from dpatia_daemon.jobs import Callback, Job, JobState
 from dpatia_daemon.spool import MemorySpool
 from dpatia_daemon.sps.results import Status
 from dpatia_daemon.sps.tokens import TokenBook
-from dpatia_daemon.workers.cancels import PushCancels
 from dpatia_daemon.workers.commands import JobCancelled
 from dpatia_daemon.workers.events import SupervisorEvent
 from dpatia_daemon.workers.folders import WorkFolders
@@ -159,11 +159,12 @@ def test_an_analysis_past_job_timeout_is_stopped_and_its_attempt_fails(rig: Rig)
 
 
 def test_a_cancellation_through_this_daemon_reaches_the_worker_at_once(rig: Rig) -> None:
-    """The front door's request_cancel (through PushCancels) sends CancelJob before any
-    clock tick; the analysis stops and the job ends CANCELLED with a Cancelled frame."""
+    """What the front door does for a running job of its own daemon (the durable
+    request, then its cancel_running hook) sends CancelJob before any clock tick; the
+    analysis stops and the job ends CANCELLED with a Cancelled frame."""
     job = rig.add()
-    front_door_spool = PushCancels(rig.spool, rig.supervisor.cancel)
-    success_result_of(front_door_spool.request_cancel(job.job_id))
+    success_result_of(rig.spool.request_cancel(job.job_id))
+    assert rig.supervisor.cancel(job.job_id, CANCEL_REQUESTED)
     assert rig.worker.cancels == [job.job_id]
     rig.worker.jobs[job.job_id].errback(JobCancelled("stopped"))
     final = rig.get(job)
