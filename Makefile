@@ -29,8 +29,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check dpatia_daemon tests bench twisted
 	$(BIN)/mypy
 
+# Two pytest-xdist workers: the suite is mostly waiting on subprocesses and sockets,
+# so two processes halve its wall time on a 2-core machine.  PYTEST_ARGS adds options.
+PYTEST_WORKERS ?= 2
 unit: $(STAMP) browser systemd-analyze
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # The simulator's page is tested in Debian's headless Chromium.  Install it when this
 # machine lets us (root with apt-get, as in CI); elsewhere that one test is skipped and
