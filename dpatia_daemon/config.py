@@ -15,6 +15,7 @@ from __future__ import annotations
 import configparser
 import enum
 import functools
+import ipaddress
 import os
 import re
 import shlex
@@ -169,6 +170,20 @@ def _listen(text: str) -> str:
     return text
 
 
+def _networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``[server] allowed_clients`` from the file: networks (CIDR) or addresses, split
+    on spaces or commas; a network with host bits set is refused, as likely a typo."""
+    networks = []
+    for item in re.split(r"[\s,]+", text.strip()):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=True))
+        except ValueError as e:
+            raise ValueError(f"{item!r} is not an IPv4 or IPv6 network ({e})") from None
+    return tuple(networks)
+
+
 def _not_info_route(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
     if value.endswith(("/info", "/imagenotification")):
         raise BadValue(attribute.name, "must not end in /info or /imagenotification")
@@ -207,6 +222,12 @@ class ServerConfig:
     api_version: str = key("1.5", matches(r"\d+\.\d+", "must look like 1.5"))
     access_log: AccessLog = key(AccessLog.ERRORS)
     processes: int = key(1, at_least(1), at_most(16))
+    #: Networks the IA-API answers; empty: any client (see frontdoor/clients.py).
+    allowed_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = key(
+        (), parse=_networks
+    )
+    #: A PEM bundle of the CAs whose client certificates an ssl: listener requires.
+    client_ca_file: FilePath | None = key(None, parse=lambda text: _readable_file(text))
 
 
 @frozen
