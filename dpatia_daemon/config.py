@@ -70,6 +70,8 @@ class ConfigError(Exception):
 # --- callback URL allowlist -----------------------------------------------------------
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+#: Whitespace and control characters: never part of a callback URL.
+_HIDDEN = re.compile(r"[\x00-\x20\x7f-\x9f]")
 
 
 @frozen
@@ -109,13 +111,24 @@ class URLPrefix:
         )
 
     def matches(self, url: str) -> bool:
-        """True when ``url`` is under this prefix (path compared segment by segment)."""
+        """True when ``url`` is under this prefix (path compared segment by segment).
+
+        Refused whatever the prefix: whitespace or control characters anywhere
+        (``urlsplit`` silently drops some, the HTTP client would not), any userinfo
+        (even an empty ``@``), a query or fragment (a base URL has none: the client
+        appends paths to it), and dot segments in the path, also percent-encoded
+        once or twice or written with backslashes.
+        """
+        if _HIDDEN.search(url):
+            return False
         try:
             parts = urlsplit(url)
             port = parts.port
         except ValueError:
             return False
-        if parts.username or parts.password or not parts.hostname:
+        if "@" in parts.netloc or not parts.hostname or parts.query or parts.fragment:
+            return False
+        if "?" in url or "#" in url:
             return False
         if parts.scheme != self.scheme or parts.hostname.lower() != self.host:
             return False
@@ -126,7 +139,10 @@ class URLPrefix:
         path = parts.path
         # A dot segment (also percent-encoded, or with backslashes) could climb out of
         # the allowed prefix on the server side.
-        segments = unquote(path).replace("\\", "/").split("/")
+        decoded = path
+        for _ in range(3):  # a server may decode more than once
+            decoded = unquote(decoded)
+        segments = decoded.replace("\\", "/").split("/")
         if any(seg in (".", "..") for seg in segments):
             return False
         return path == self.path or path.startswith(self.path + "/") or self.path == ""

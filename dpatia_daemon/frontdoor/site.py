@@ -151,7 +151,7 @@ class IARequest(Request):
         refusal = (403, self.refused) if self.refused is not None else _unroutable(self)
         if refusal is not None:
             # No route runs: nothing is read, written or asked of the SPS.
-            self.site = self.channel.site
+            self.site = getattr(self.channel, "site", None)
             status, message = refusal
             self.write(json_answer(self, {"error": message, "field": None}, status))
             self.finish()

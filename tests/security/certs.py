@@ -26,7 +26,9 @@ def _name(common: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
-def _write(folder: Path, stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> Issued:
+def _write(
+    folder: Path, stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate
+) -> Issued:
     key_path, cert_path = folder / f"{stem}.key.pem", folder / f"{stem}.pem"
     key_path.write_bytes(
         key.private_bytes(
@@ -46,12 +48,14 @@ class Authority:
 
     folder: Path
     name: str = "dpatia test CA"
-    key: ec.EllipticCurvePrivateKey = attrs.field(factory=lambda: ec.generate_private_key(ec.SECP256R1()))
+    key: ec.EllipticCurvePrivateKey = attrs.field(
+        factory=lambda: ec.generate_private_key(ec.SECP256R1())
+    )
     issued: Issued | None = None
 
     def __attrs_post_init__(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         cert = (
             x509.CertificateBuilder()
             .subject_name(_name(self.name))
@@ -63,9 +67,15 @@ class Authority:
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -84,7 +94,7 @@ class Authority:
     def issue(self, stem: str, *, server: bool) -> Issued:
         """A certificate for 127.0.0.1 (``server``) or a client one named ``stem``."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         ca_cert = x509.load_pem_x509_certificate(self.cert.read_bytes())
         builder = (

@@ -250,9 +250,7 @@ async def start_front_door(reactor: Any, root: Path, **server: Any) -> FrontDoor
         server=attrs.evolve(defaults.server, max_body_bytes=8192, **server),
         spool=attrs.evolve(defaults.spool, directory=FilePath(str(spool_dir)), min_free_bytes=0),
         workers=attrs.evolve(defaults.workers, work_directory=FilePath(str(work_dir))),
-        sps=SPSConfig(
-            allowed_callback_urls=(URLPrefix.parse(callback),), timeout=5.0, retries=0
-        ),
+        sps=SPSConfig(allowed_callback_urls=(URLPrefix.parse(callback),), timeout=5.0, retries=0),
     )
     spool = DirectorySpool(
         directory=FilePath(str(spool_dir)), reactor=reactor, owner="test", sweep_interval=3600

@@ -139,8 +139,26 @@ async def test_any_body_to_any_route(
 
 
 segment = st.sampled_from(
-    [b"dpatia", b"info", b"imagenotification", b"..", b".", b"", b"%2e%2e", b"%00", b"%2F",
-     b"%ff", b"\xc3\xa9", b"%c0%ae", b"~", b";x=1", b"?a=1", b"#f", b"..%5c", b"*"]
+    [
+        b"dpatia",
+        b"info",
+        b"imagenotification",
+        b"..",
+        b".",
+        b"",
+        b"%2e%2e",
+        b"%00",
+        b"%2F",
+        b"%ff",
+        b"\xc3\xa9",
+        b"%c0%ae",
+        b"~",
+        b";x=1",
+        b"?a=1",
+        b"#f",
+        b"..%5c",
+        b"*",
+    ]
 ) | st.binary(min_size=1, max_size=8).filter(lambda b: not set(b) & set(b" \r\n\t\x0b\x0c"))
 
 
@@ -151,7 +169,9 @@ segment = st.sampled_from(
     absolute=st.booleans(),
 )
 @pytest_twisted.ensureDeferred
-async def test_any_path(door: FrontDoor, method: bytes, segments: list[bytes], absolute: bool) -> None:
+async def test_any_path(
+    door: FrontDoor, method: bytes, segments: list[bytes], absolute: bool
+) -> None:
     """Dot segments, encoded NULs and slashes, raw bytes, queries: never a 5xx, and no
     path ever leads to a file outside the spool."""
     path = b"/".join(segments)
@@ -180,8 +200,16 @@ header_value = st.binary(max_size=200).map(
         st.tuples(
             header_name.map(str.encode)
             | st.sampled_from(
-                [b"Host", b"Content-Type", b"X-Forwarded-For", b"Accept", b"Authorization",
-                 b"X-Sectra-ApiVersion", b"Content-Encoding", b"Cookie"]
+                [
+                    b"Host",
+                    b"Content-Type",
+                    b"X-Forwarded-For",
+                    b"Accept",
+                    b"Authorization",
+                    b"X-Sectra-ApiVersion",
+                    b"Content-Encoding",
+                    b"Cookie",
+                ]
             ),
             header_value,
         ),
@@ -243,8 +271,12 @@ def _valid_bodies(door: FrontDoor) -> list[tuple[bytes, dict[str, Any]]]:
     }
     return [
         (b"/dpatia", door.invocation()),
-        (b"/dpatia", door.invocation(input={"type": "multiArea", "content": {"polygons": [
-            {"points": points}]}})),
+        (
+            b"/dpatia",
+            door.invocation(
+                input={"type": "multiArea", "content": {"polygons": [{"points": points}]}}
+            ),
+        ),
         (b"/dpatia", door.invocation("modify", input=stored)),
         (b"/dpatia", door.invocation("delete", input=stored)),
         (b"/dpatia", door.invocation("cancel")),

@@ -99,7 +99,9 @@ async def test_the_ia_api_answers_over_tls_verified_against_the_test_ca(
         code, body = await _call(reactor, client, url + "/dpatia")
         assert code == 200
         assert body["url"].startswith("https://")
-        code, _ = await _call(reactor, client, url + "/dpatia/imagenotification", door.notification())
+        code, _ = await _call(
+            reactor, client, url + "/dpatia/imagenotification", door.notification()
+        )
         assert code == 200
     finally:
         await port.stopListening()
@@ -150,7 +152,9 @@ async def test_client_certificates_are_required_with_client_ca_file(
         good = clients_ca.issue("sps", server=False)
         mine = PrivateCertificate.loadPEM(good.cert.read_bytes() + good.key.read_bytes())
         code, _ = await _call(
-            reactor, _client(reactor, _ClientPolicy(trust, mine)), url + "/dpatia/imagenotification",
+            reactor,
+            _client(reactor, _ClientPolicy(trust, mine)),
+            url + "/dpatia/imagenotification",
             door.notification(slideId="slide-mtls"),
         )
         assert code == 200
@@ -162,9 +166,7 @@ async def test_client_certificates_are_required_with_client_ca_file(
 def test_client_ca_file_needs_an_ssl_listener(tmp_path: Path) -> None:
     """``client_ca_file`` with a tcp: listener stops the start, naming the key."""
     ca = Authority(tmp_path)
-    server = attrs.evolve(
-        Config().server, listen="tcp:0", client_ca_file=FilePath(str(ca.cert))
-    )
+    server = attrs.evolve(Config().server, listen="tcp:0", client_ca_file=FilePath(str(ca.cert)))
     with pytest.raises(ConfigError, match=r"\[server\] client_ca_file: needs an ssl: listener"):
         endpoint(MemoryReactorClock(), attrs.evolve(Config(), server=server))
 
@@ -172,9 +174,7 @@ def test_client_ca_file_needs_an_ssl_listener(tmp_path: Path) -> None:
 def _warnings_of_a_start(tmp_path: Path, verify_tls: str) -> list[str]:
     from conftest import write_config
 
-    path = write_config(
-        tmp_path, {"sps": {"verify_tls": verify_tls}, "workers": {"count": 0}}
-    )
+    path = write_config(tmp_path, {"sps": {"verify_tls": verify_tls}, "workers": {"count": 0}})
     seen: list[str] = []
 
     def observe(event: dict[str, Any]) -> None:
