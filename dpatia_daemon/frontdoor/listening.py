@@ -49,6 +49,14 @@ def check_processes(config: Config) -> None:
     (the extra processes read it)."""
     if config.server.processes == 1:
         return
+    if config.server.client_ca_file is not None:
+        raise ConfigError(
+            config.source,
+            "server",
+            "client_ca_file",
+            "client certificates need an ssl: listener, and more than one process a "
+            "tcp: one; terminate TLS in front of dpatia, or set processes = 1",
+        )
     try:
         reuseport_address(config.server.listen)
     except ValueError:

@@ -171,6 +171,20 @@ def test_client_ca_file_needs_an_ssl_listener(tmp_path: Path) -> None:
         endpoint(MemoryReactorClock(), attrs.evolve(Config(), server=server))
 
 
+def test_client_ca_file_is_refused_with_several_processes(tmp_path: Path) -> None:
+    """The extra front-door processes listen on plain tcp:, so client certificates
+    could not be required there: the start stops instead of ignoring the key."""
+    from conftest import write_config
+
+    ca = Authority(tmp_path)
+    path = write_config(
+        tmp_path,
+        {"server": {"processes": 2, "listen": "tcp:0", "client_ca_file": str(ca.cert)}},
+    )
+    with pytest.raises(ConfigError, match=r"\[server\] client_ca_file: client certificates"):
+        build_service(load_config(path), MemoryReactorClock())
+
+
 def _warnings_of_a_start(tmp_path: Path, verify_tls: str) -> list[str]:
     from conftest import write_config
 
