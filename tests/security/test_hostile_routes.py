@@ -396,3 +396,23 @@ async def test_strings_that_were_a_500_or_an_escape_are_refused(
     answer = await _exchange(door, request(b"POST", b"/dpatia", json.dumps(body).encode()))
     assert answer.status == 400
     assert problem in answer.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "problem"),
+    [
+        (b"/dpatia/%ff", [], "the request path is not UTF-8"),
+        (b"/%c0%ae%c0%ae/x", [], "the request path is not UTF-8"),
+        (b"/dpatia", [(b"Host", b"\xff.example")], "the Host header is not UTF-8"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_path_or_host_that_is_not_utf8_is_a_json_400(
+    door: FrontDoor, path: bytes, headers: list[tuple[bytes, bytes]], problem: str
+) -> None:
+    """Regression: Klein logged a traceback and answered in plain text; now a JSON
+    400 naming the problem, before any route runs."""
+    raw = request(b"GET", path, content_type=None, headers=headers)
+    answer = await _exchange(door, raw.replace(b"Host: dpatia.test\r\n", b"") if headers else raw)
+    assert answer.status == 400
+    assert answer.json()["error"].startswith(problem)
