@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from ..config import Config, ConfigError
 from ..spool import DirectorySpool
 from ..sps.tokens import TokenBook
+from .clients import require_client_certificates
 from .processes import reuseport_address
 
 
@@ -35,6 +36,11 @@ def endpoint(reactor: object, config: Config) -> IStreamServerEndpoint:
         ) from None
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise ConfigError(config.source, "server", "listen", str(e)) from None
+    if config.server.client_ca_file is not None:
+        try:
+            found = require_client_certificates(found, config.server.client_ca_file.path)
+        except (ValueError, OSError) as e:
+            raise ConfigError(config.source, "server", "client_ca_file", str(e)) from None
     return found
 
 
@@ -43,6 +49,14 @@ def check_processes(config: Config) -> None:
     (the extra processes read it)."""
     if config.server.processes == 1:
         return
+    if config.server.client_ca_file is not None:
+        raise ConfigError(
+            config.source,
+            "server",
+            "client_ca_file",
+            "client certificates need an ssl: listener, and more than one process a "
+            "tcp: one; terminate TLS in front of dpatia, or set processes = 1",
+        )
     try:
         reuseport_address(config.server.listen)
     except ValueError:

@@ -24,6 +24,7 @@ to HTTP) is :mod:`dpatia_daemon.frontdoor.site`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -80,6 +81,9 @@ log = Logger()
 #: Bodies up to this size are parsed at once; larger ones in ``run_blocking``'s thread.
 INLINE_PARSE_BYTES = 64 * 1024
 
+
+#: What a callback token may hold: it is sent as ``Authorization: Bearer <token>``.
+_BEARER_TOKEN = re.compile(r"[\x21-\x7e]*")
 
 #: The reason a running job of this daemon is stopped with (the same as the poll's).
 CANCEL_REQUESTED = "cancellation requested"
@@ -484,6 +488,17 @@ class IAAPI:
             )
         if not invocation.slideId:
             raise InvalidInput("slideId must not be empty", "$.slideId")
+        if invocation.slideId in (".", ".."):
+            # It becomes a path segment of every SPS call (slides/{id}/...), where a
+            # dot segment would name another resource.
+            raise InvalidInput("slideId must not be . or ..", "$.slideId")
+        token = invocation.callbackInfo.token
+        if not _BEARER_TOKEN.fullmatch(token):
+            # It goes out in an Authorization header: no controls, no line breaks.
+            raise InvalidInput(
+                "callbackInfo.token must be printable ASCII without spaces (a Bearer token)",
+                "$.callbackInfo.token",
+            )
         url = invocation.callbackInfo.url
         if not self.config.sps.allows(url):
             log.warn(

@@ -19,6 +19,7 @@ import json
 import math
 from functools import partial
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from attrs import frozen
 from klein import Klein
@@ -34,6 +35,7 @@ from .._version import __version__
 from ..config import AccessLog, Config
 from ..models import InvalidInput
 from ..sps.client import SPSError
+from .clients import ClientCheck
 
 log = Logger()
 
@@ -84,10 +86,14 @@ class IARequest(Request):
     is ``max_large_body_bytes`` for a path in ``large_paths`` (the route that takes
     modify and delete, whose action is only known once the body is parsed: the route
     applies the small limit to the others) and ``max_body_bytes`` elsewhere.
-    :func:`make_site` passes the configured limits and API version to each request.
+    :func:`make_site` passes the configured limits and API version to each request,
+    and the ``clients`` check (``[server] allowed_clients``): a refused peer's body is
+    dropped unread and its answer is 403, before any route runs.
     """
 
     body_too_large = False
+    #: Why the peer may not call (``[server] allowed_clients``), or None.
+    refused: str | None = None
     #: The body's length so far (all of it, even past the limit).
     received = 0
 
@@ -100,8 +106,10 @@ class IARequest(Request):
         max_large_body_bytes: int | None = None,
         large_paths: frozenset[bytes] = frozenset(),
         api_version: str = "1.5",
+        clients: ClientCheck | None = None,
     ) -> None:
         super().__init__(channel)
+        self.clients = clients
         self.max_body_bytes = max_body_bytes
         self.max_large_body_bytes = max(max_body_bytes, max_large_body_bytes or 0)
         self.large_paths = large_paths
@@ -109,6 +117,9 @@ class IARequest(Request):
         self.body_limit = self.max_body_bytes
 
     def gotLength(self, length: int | None) -> None:
+        # The headers are in: refuse a peer that may not call before its body arrives.
+        if self.clients is not None:
+            self.refused = self.clients.refusal(self.client)
         # The request line is parsed, but ``self.path`` is only set once the body is in:
         # the channel has the path already.
         path = getattr(self.channel, "_path", None)
@@ -120,7 +131,7 @@ class IARequest(Request):
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self.body_too_large:
+        if self.body_too_large or self.refused is not None:
             return
         self.received += len(data)
         if self.received > self.body_limit:
@@ -137,7 +148,30 @@ class IARequest(Request):
         self.setHeader(b"X-Sectra-SoftwareVersion", __version__.encode("ascii"))
         self.setHeader(b"Content-Type", JSON_TYPE)
         self.setHeader(b"Cache-Control", b"no-store")
+        refusal = (403, self.refused) if self.refused is not None else _unroutable(self)
+        if refusal is not None:
+            # No route runs: nothing is read, written or asked of the SPS.
+            self.site = getattr(self.channel, "site", None)
+            status, message = refusal
+            self.write(json_answer(self, {"error": message, "field": None}, status))
+            self.finish()
+            return
         super().process()
+
+
+def _unroutable(request: Request) -> tuple[int, str] | None:
+    """A 400 for a path or Host that is not UTF-8 once percent-decoded (Klein would
+    log a traceback and answer in plain text), else None."""
+    path = request.uri.split(b"?", 1)[0]
+    try:
+        unquote_to_bytes(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return 400, "the request path is not UTF-8 (once percent-decoded)"
+    try:
+        (request.getHeader(b"host") or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        return 400, "the Host header is not UTF-8"
+    return None
 
 
 class IASite(Site):
@@ -170,6 +204,7 @@ def make_site(resource: IResource, config: Config) -> Site:
         max_large_body_bytes=config.server.max_result_body_bytes,
         large_paths=frozenset({config.server.route.encode("ascii")}),
         api_version=config.server.api_version,
+        clients=ClientCheck(config.server.allowed_clients),
     )
     # The IA-API speaks JSON only: without this, Twisted parses the Content-Type of every
     # POST (through the email package: a fifth of an acknowledgement's CPU) to decode
@@ -273,10 +308,25 @@ def parse_json(raw: bytes, limits: BodyLimits) -> Any:
         raise
     except (UnicodeDecodeError, ValueError) as e:
         raise InvalidInput(f"the request body is not valid JSON ({e})", "$") from None
+    if b"\\ud" in raw or b"\\uD" in raw:
+        _check_text(data)
     # Cheap tests in C first: most bodies cannot break either bound.
     if len(raw) > limits.max_string or raw.count(b"[") + raw.count(b"{") > limits.max_depth:
         _check_shape(data, limits)
     return data
+
+
+def _check_text(data: Any) -> None:
+    """Refuse a lone surrogate (``"\\ud800"`` unpaired): valid JSON, but no text, and
+    a 500 in whatever later encodes it (a job key, a file, an SPS call)."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(
+            "the request body has a string with an unpaired surrogate escape (\\ud800-"
+            "\\udfff), which is not text",
+            "$",
+        ) from None
 
 
 def _short_number(text: str, unit: str) -> str:

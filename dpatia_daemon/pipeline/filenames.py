@@ -51,12 +51,19 @@ _MAX_EXTENSION_BYTES = 16
 #: copied anywhere.  ``/`` and ``\\`` never get here (they separate segments).
 _FORBIDDEN = re.compile(r'[<>:"|?*]')
 
-#: Device names Windows resolves whatever the extension (``CON.txt`` is the console).
+#: Device names Windows resolves whatever the extension (``CON.txt`` is the console),
+#: also with the superscript digits it counts as digits (``COM¹``) and with spaces or
+#: dots before the extension (``CON .txt``: see :func:`_is_device`).
 _WINDOWS_DEVICES = frozenset(
-    {"con", "prn", "aux", "nul"}
-    | {f"com{i}" for i in range(1, 10)}
-    | {f"lpt{i}" for i in range(1, 10)}
+    {"con", "prn", "aux", "nul", "conin$", "conout$"}
+    | {f"{kind}{n}" for kind in ("com", "lpt") for n in "0123456789\u00b9\u00b2\u00b3"}
 )
+
+
+def _is_device(name: str) -> bool:
+    """Whether Windows would open a device for ``name`` (its part before the first
+    dot, without trailing spaces and dots, is a device name)."""
+    return name.split(".")[0].rstrip(" .").casefold() in _WINDOWS_DEVICES
 
 
 class UnsafePath(ValueError):
@@ -134,10 +141,12 @@ def safe_name(raw: str | None, fallback: str) -> str:
         if name[:1] in (".", "-"):
             body = name.lstrip(".-")
             name = "_" + body if body else ""
-        if name and name.split(".")[0].lower() in _WINDOWS_DEVICES:
-            name = "_" + name
         if name:
-            return _truncate(name, MAX_NAME_BYTES)
+            # Truncation first: a cut that ends in spaces can leave "con.txt".
+            name = _truncate(name, MAX_NAME_BYTES)
+            if _is_device(name):
+                name = "_" + _truncate(name, MAX_NAME_BYTES - 1)
+            return name
     return fallback
 
 

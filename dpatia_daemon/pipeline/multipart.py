@@ -64,6 +64,8 @@ _WSP: Final = b" \t"
 _MAX_BOUNDARY: Final = 200
 #: How long the rest of a delimiter line (transport padding) may be.
 _MAX_PADDING: Final = 1024
+#: A part's Content-Length has at most this many digits (up to an exabyte).
+_MAX_LENGTH_DIGITS: Final = 18
 
 
 class MultipartError(ValueError):
@@ -273,6 +275,10 @@ class PartHeaders:
         length = headers.get("content-length")
         if length is not None and not (length.isascii() and length.isdigit()):
             raise MultipartError(f"part Content-Length is not a number: {length[:40]!r}")
+        if length is not None and len(length) > _MAX_LENGTH_DIGITS:
+            # int() of thousands of digits is a ValueError of its own (and no part
+            # is an exabyte).
+            raise MultipartError(f"part Content-Length is too large: {length[:40]}...")
         return headers
 
 

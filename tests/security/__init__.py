@@ -1,0 +1,1 @@
+"""Security tests: hostile input, the callback allowlist, who may call, TLS (ISSUE 11)."""
