@@ -61,31 +61,46 @@ def add_commands(subparsers: Any) -> None:
     def add(name: str, command: Command, help: str) -> argparse.ArgumentParser:
         sub: argparse.ArgumentParser = subparsers.add_parser(name, help=help, description=help)
         sub.add_argument(
-            "--config", metavar="PATH", default=DEFAULT_CONFIG,
+            "--config",
+            metavar="PATH",
+            default=DEFAULT_CONFIG,
             help=f"the daemon's configuration file (default: {DEFAULT_CONFIG})",
         )
         sub.add_argument("--json", action="store_true", help="JSON for scripts, not a table")
         sub.set_defaults(run=_guarded(name, command))
         return sub
 
-    add("status", commands.status, "the spool at a glance: jobs by state, deferred and "
-        "running jobs, recent failures, corrupt records")
+    add(
+        "status",
+        commands.status,
+        "the spool at a glance: jobs by state, deferred and "
+        "running jobs, recent failures, corrupt records",
+    )
     listing = add("jobs", commands.jobs, "list jobs (default: queued and running)")
     listing.add_argument(
-        "--state", choices=[s.value for s in JobState] + ["all"],
+        "--state",
+        choices=[s.value for s in JobState] + ["all"],
         help="only jobs in this state (all: every state, history included)",
     )
     listing.add_argument("--slide", metavar="ID", help="only the jobs of this slide")
     add("show", commands.show, "every field of one job").add_argument("job", metavar="JOB")
-    retry = add("retry", commands.retry, "put failed job(s) back in the queue, or lift a "
-                "deferred job's wait")
+    retry = add(
+        "retry",
+        commands.retry,
+        "put failed job(s) back in the queue, or lift a deferred job's wait",
+    )
     retry.add_argument("job", metavar="JOB", nargs="?")
-    retry.add_argument("--failed", action="store_true", help="every failed job (the newest of each slide)")
+    retry.add_argument(
+        "--failed", action="store_true", help="every failed job (the newest of each slide)"
+    )
     add("cancel", commands.cancel, "cancel a queued job, or stop a running one").add_argument(
         "job", metavar="JOB"
     )
-    purge = add("purge", commands.purge, "remove history records and ended jobs' work folders "
-                "(WSI files too) older than DAYS")
+    purge = add(
+        "purge",
+        commands.purge,
+        "remove history records and ended jobs' work folders (WSI files too) older than DAYS",
+    )
     purge.add_argument("--older-than", metavar="DAYS", type=float, required=True)
     add("check-config", check_config, "the daemon's start-time checks, without starting it")
 

@@ -102,7 +102,9 @@ def _room(config: Config) -> str | tuple[str, str]:
 def _tls(config: Config) -> str | tuple[str, str]:
     if not config.sps.verify_tls:
         return "warn", "[sps] verify_tls = false: SPS certificates are not checked"
-    return "SPS certificates verified" + (f" against {config.sps.ca_file.path}" if config.sps.ca_file else "")
+    return "SPS certificates verified" + (
+        f" against {config.sps.ca_file.path}" if config.sps.ca_file else ""
+    )
 
 
 def run_checks(path: str) -> list[Check]:
@@ -128,5 +130,9 @@ def check_config(options: argparse.Namespace, out: TextIO) -> int:
     if options.json:
         write_json(out, [{"check": c.name, "result": c.result, "detail": c.detail} for c in checks])
     else:
-        table(out, ("CHECK", "RESULT", "DETAIL"), [(c.name, c.result, clip(c.detail, 200)) for c in checks])
+        table(
+            out,
+            ("CHECK", "RESULT", "DETAIL"),
+            [(c.name, c.result, clip(c.detail, 200)) for c in checks],
+        )
     return FAILED if any(c.result == "fail" for c in checks) else OK

@@ -51,7 +51,14 @@ def _job_table(out: TextIO, jobs: list[Job], views: list[dict[str, Any]], now: f
         out,
         ("JOB", "STATE", "SLIDE", "ATTEMPTS", "UPDATED", "NOTE"),
         [
-            (j.job_id, j.state.value, clip(j.slide_id, 32), j.attempts, ago(j.updated, now), _note(v, now, j))
+            (
+                j.job_id,
+                j.state.value,
+                clip(j.slide_id, 32),
+                j.attempts,
+                ago(j.updated, now),
+                _note(v, now, j),
+            )
             for j, v in zip(jobs, views, strict=True)
         ],
     )
@@ -98,7 +105,11 @@ def status(options: argparse.Namespace, out: TextIO) -> int:
         write_json(out, report)
         return OK
     out.write(f"spool {report['spool']}: {size(free)} free")
-    out.write(" (below [spool] min_free_bytes: new jobs are refused)\n" if free < config.spool.min_free_bytes else "\n")
+    out.write(
+        " (below [spool] min_free_bytes: new jobs are refused)\n"
+        if free < config.spool.min_free_bytes
+        else "\n"
+    )
     rows: list[tuple[str, Any, str]] = []
     for state in JobState:
         note = ""
@@ -107,7 +118,9 @@ def status(options: argparse.Namespace, out: TextIO) -> int:
             if oldest is not None:
                 parts.append(f"oldest {ago(oldest, now)}")
             if deferred:
-                parts.append(f"{len(deferred)} deferred, next try {until(deferred[0].not_before, now)}")
+                parts.append(
+                    f"{len(deferred)} deferred, next try {until(deferred[0].not_before, now)}"
+                )
             note = ", ".join(parts)
         elif state.terminal:
             note = f"kept {config.spool.retention_days:g} days"
@@ -184,13 +197,19 @@ def _retry_one(store: SpoolStore, job_id: str) -> tuple[int, str]:
     if job.state is not JobState.FAILED and not (
         job.state is JobState.QUEUED and job.not_before is not None
     ):
-        return FAILED, f"job {job_id} is {job.state.value}: only failed and deferred jobs are retried"
+        return (
+            FAILED,
+            f"job {job_id} is {job.state.value}: only failed and deferred jobs are retried",
+        )
     outcome = store.retry(job_id)
     if outcome is None:
         return FAILED, f"job {job_id}: it changed meanwhile (see dpatia show {job_id})"
     queued, changed = outcome
     if not changed and queued.job_id != job_id:
-        return FAILED, f"job {job_id}: its slide already has a queued job ({queued.job_id}); left as it is"
+        return (
+            FAILED,
+            f"job {job_id}: its slide already has a queued job ({queued.job_id}); left as it is",
+        )
     if not changed:
         return OK, f"job {job_id}: already queued and not deferred"
     if job.state is JobState.QUEUED:
@@ -213,8 +232,10 @@ def retry(options: argparse.Namespace, out: TextIO) -> int:
                 store.find(_states(JobState.FAILED)), key=lambda j: j.updated, reverse=True
             )
             # The newest failure of each key: an older one of the same slide is history.
-            seen: set[str] = set()
-            ids = [j.job_id for j in failed if not (j.key in seen or seen.add(j.key))]
+            newest: dict[str, str] = {}
+            for failure in failed:
+                newest.setdefault(failure.key, failure.job_id)
+            ids = list(newest.values())
         else:
             ids = [_job_id(options.job)]
         for job_id in ids:
@@ -245,7 +266,10 @@ def _cancel_one(store: SpoolStore, job_id: str) -> tuple[int, str]:
         after = store.get(job_id)
         if after is not None and after.state is JobState.CANCELLED:
             return OK, f"job {job_id}: cancelled"
-        return OK, f"job {job_id}: running; cancellation requested, its daemon stops it within seconds"
+        return (
+            OK,
+            f"job {job_id}: running; cancellation requested, its daemon stops it within seconds",
+        )
     return FAILED, f"job {job_id} is {job.state.value}: nothing to cancel"
 
 

@@ -32,12 +32,12 @@ def span(seconds: float) -> str:
 
 
 def ago(then: float | None, now: float) -> str:
-    """"5 min ago" ("-" for None)."""
+    """ "5 min ago" ("-" for None)."""
     return "-" if then is None else f"{span(now - then)} ago"
 
 
 def until(then: float | None, now: float) -> str:
-    """"in 25 s", or "now" once passed ("-" for None)."""
+    """ "in 25 s", or "now" once passed ("-" for None)."""
     if then is None:
         return "-"
     return "now" if then <= now else f"in {span(then - now)}"

@@ -61,9 +61,7 @@ class PruneCounts:
     finished: bool = False
 
     def __add__(self, other: PruneCounts) -> PruneCounts:
-        return PruneCounts(
-            self.removed + other.removed, self.gone + other.gone, other.finished
-        )
+        return PruneCounts(self.removed + other.removed, self.gone + other.gone, other.finished)
 
 
 def corrupt_count(store: SpoolStore) -> int:
@@ -101,7 +99,7 @@ class HistoryPrune:
     batch: int = 500
     max_scan: int = 5000
     states: tuple[JobState, ...] = TERMINAL
-    _entries: Iterator[tuple[JobState, os.DirEntry[str]]] | None = field(init=False, default=None)
+    _entries: Iterator[os.DirEntry[str]] | None = field(init=False, default=None)
     _lock_fd: int | None = field(init=False, default=None)
 
     def begin(self) -> bool:
@@ -129,12 +127,11 @@ class HistoryPrune:
         if fd is not None:
             os.close(fd)  # closing drops the flock
 
-    def _scan(self) -> Iterator[tuple[JobState, os.DirEntry[str]]]:
+    def _scan(self) -> Iterator[os.DirEntry[str]]:
         for state in self.states:
             try:
                 with os.scandir(self.store.directory.child(state.value).path) as entries:
-                    for entry in entries:
-                        yield state, entry
+                    yield from entries
             except FileNotFoundError:
                 continue
 
@@ -143,7 +140,7 @@ class HistoryPrune:
         if self._entries is None:
             raise RuntimeError("HistoryPrune.step before begin")
         removed = lost = scanned = 0
-        for state, entry in self._entries:
+        for entry in self._entries:
             scanned += 1
             key = _history_key(entry.name)
             if key is not None:
@@ -233,7 +230,7 @@ class Retention(Service):
     #: Files in ``corrupt/`` at the last pass.
     corrupt: int = field(init=False, default=0)
     _loop: LoopingCall | None = field(init=False, default=None)
-    _pass: Deferred[None] | None = field(init=False, default=None)
+    _pass: Deferred[Any] | None = field(init=False, default=None)
     _stopping: bool = field(init=False, default=False)
 
     def startService(self) -> None:
@@ -257,7 +254,7 @@ class Retention(Service):
         self._pass.addBoth(lambda _: waiter.callback(None))
         return waiter
 
-    def _run_safely(self) -> Deferred[None]:
+    def _run_safely(self) -> Deferred[Any]:
         # A LoopingCall stops on its first error: log everything here.
         d = Deferred.fromCoroutine(self.run_pass())
         self._pass = d
@@ -265,7 +262,9 @@ class Retention(Service):
         def done(result: Any) -> None:
             self._pass = None
             if isinstance(result, Failure):
-                log.failure("history prune of {path} failed", result, path=self.store.directory.path)
+                log.failure(
+                    "history prune of {path} failed", result, path=self.store.directory.path
+                )
 
         d.addBoth(done)
         return d
@@ -283,7 +282,9 @@ class Retention(Service):
         cutoff = self.wall_clock() - self.retention_days * _DAY
         prune = HistoryPrune(self.store, cutoff, self.batch, self.max_scan)
         if not await self.run_blocking(prune.begin):
-            log.debug("history prune: another daemon is pruning {path}", path=self.store.directory.path)
+            log.debug(
+                "history prune: another daemon is pruning {path}", path=self.store.directory.path
+            )
             return None
         total = PruneCounts()
         try:

@@ -61,7 +61,9 @@ def spool_in_every_state(directory: Path) -> Iterator[Spool]:
             if name == "failed":
                 store.release(ids[name], count_attempt=True, error="first try failed")
                 assert store.claim(ids[name]) is not None
-            store.finish(ids[name], state, "the analysis raised ValueError" if name == "failed" else None)
+            store.finish(
+                ids[name], state, "the analysis raised ValueError" if name == "failed" else None
+            )
         assert store.claim(ids["deferred"]) is not None
         store.release(
             ids["deferred"],

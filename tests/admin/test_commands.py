@@ -84,7 +84,12 @@ def test_jobs_lists_the_queue_by_default_and_filters_by_state_and_slide(
     assert [v["job_id"] for v in views] == [spool.done]
     status, text = run("jobs", "--config", config)
     assert status == 0 and text.splitlines()[0].split() == [
-        "JOB", "STATE", "SLIDE", "ATTEMPTS", "UPDATED", "NOTE"
+        "JOB",
+        "STATE",
+        "SLIDE",
+        "ATTEMPTS",
+        "UPDATED",
+        "NOTE",
     ]
     assert "deferred, next try in 60 min: the SPS answered 503" in text
 
@@ -160,7 +165,9 @@ def test_cancel_a_queued_job_cancels_it_and_a_running_one_asks_its_holder(
     status, text = run("cancel", spool.queued, "--config", config)
     assert status == 0 and "cancelled" in text
     cancelled = record(tmp_path / "spool", "cancelled", spool.queued)
-    assert cancelled is not None and cancelled.last_error == "cancelled by an operator (dpatia cancel)"
+    assert (
+        cancelled is not None and cancelled.last_error == "cancelled by an operator (dpatia cancel)"
+    )
 
     status, text = run("cancel", spool.running, "--config", config)
     assert status == 0 and "cancellation requested" in text

@@ -54,14 +54,24 @@ def history(store: SpoolStore) -> set[str]:
 
 def retention(store: SpoolStore, clock: Clock, **kw: object) -> Retention:
     return Retention(
-        store=store, clock=clock, retention_days=30, wall_clock=lambda: NOW, **kw  # type: ignore[arg-type]
+        store=store,
+        clock=clock,
+        retention_days=30,
+        wall_clock=lambda: NOW,
+        **kw,  # type: ignore[arg-type]
     )
 
 
 def test_a_pass_removes_only_ended_records_older_than_retention_days(store: SpoolStore) -> None:
     """Old done, failed and cancelled records go; young ones and active jobs stay."""
-    old = {ended(store, f"old-{s.value}", s, 31) for s in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)}
-    young = {ended(store, f"new-{s.value}", s, 29) for s in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)}
+    old = {
+        ended(store, f"old-{s.value}", s, 31)
+        for s in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+    }
+    young = {
+        ended(store, f"new-{s.value}", s, 29)
+        for s in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+    }
     queued = store.add(make_job("waiting"))
     running = store.add(make_job("busy"))
     store.claim(running.job_id)
