@@ -3,7 +3,7 @@
 ``build_service(config, reactor)`` returns a shallow, named ``MultiService``:
 
 - ``spool``  the durable job spool (starts first, stops last);
-- ``retention`` the hourly prune of ended jobs' records (:mod:`.spool.retention`);
+- ``retention`` the periodic prune of ended jobs' records (:mod:`.spool.retention`);
 - ``sps``    the outgoing HTTP connection pool to the SPS (closed at stop);
 - ``workers`` the worker supervisor: runs the analyses, writes their results;
 - ``api``    waits, at stop, for in-progress frames still being written;
@@ -107,6 +107,7 @@ def build_service(
             retention_days=config.spool.retention_days,
             wall_clock=time.time,
             run_blocking=partial(in_thread, reactor),
+            interval=config.spool.prune_interval,
         )
         retention.setName("retention")
         retention.setServiceParent(root)
