@@ -12,7 +12,9 @@ the exit status is 1 if any failed.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 from collections.abc import Callable
 from typing import TextIO
 
@@ -69,9 +71,24 @@ def _listen(config: Config) -> str | tuple[str, str]:
     listen = config.server.listen
     if listen.startswith("systemd:") and not os.environ.get("LISTEN_FDS"):
         return f"{listen} (socket activation: systemd passes the socket; not checked here)"
-    endpoint(reactor, config)
+    found = endpoint(reactor, config)
     check_processes(config)
-    return f"{listen}, {config.server.processes} front-door process(es)"
+    detail = f"{listen}, {config.server.processes} front-door process(es)"
+    port, interface = getattr(found, "_port", None), getattr(found, "_interface", "")
+    if not isinstance(port, int) or port == 0:
+        return detail
+    family = socket.AF_INET6 if ":" in (interface or "") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((interface or "", port))
+        except PermissionError:
+            return "fail", f"{detail}: port {port} needs privileges this user lacks"
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return "warn", f"{detail}: port {port} is in use (by the running daemon?)"
+            raise
+    return detail
 
 
 def _analysis(config: Config) -> str | tuple[str, str]:

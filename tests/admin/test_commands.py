@@ -249,3 +249,23 @@ def test_check_config_passes_a_good_config_and_names_what_fails(tmp_path: Path) 
 
     status, text = run("check-config", "--config", str(tmp_path / "none.ini"))
     assert status == 1 and "no such file" in text
+
+
+def test_check_config_warns_when_the_port_is_taken(tmp_path: Path, reactor: object) -> None:
+    """A listen port already in use (the running daemon's, say) is a warning, not a failure."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        config = write_config(
+            tmp_path,
+            {
+                "app": {"analysis": "tests.analyses_for_tests:noop"},
+                "server": {"listen": f"tcp:{port}:interface=127.0.0.1"},
+            },
+        )
+        status, checks = run_json("check-config", "--config", config)
+    [listen] = [c for c in checks if c["check"] == "listen"]
+    assert status == 0 and listen["result"] == "warn" and "in use" in listen["detail"]
