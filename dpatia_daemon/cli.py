@@ -4,6 +4,8 @@
 
     dpatia analyses [--json]                 the analyses [app] analysis can name
     dpatia analyse SLIDE_FILE [options]      run an analysis on a local slide file
+    dpatia status|jobs|show|retry|cancel|purge|check-config   the operator's commands
+                                             (:mod:`dpatia_daemon.admin`)
 
 ``dpatia analyse`` is the vendor's short loop: no SPS, no daemon, no simulator.  It
 builds the same :class:`~dpatia_daemon.analyses.AnalysisJob` a worker gives the
@@ -36,6 +38,7 @@ import attrs
 from attrs import define, field, frozen
 
 from ._version import __version__
+from .admin import add_commands as add_admin_commands
 from .analyses import AnalysisCancelled, AnalysisJob, as_result
 from .analyses.loader import AnalysisLoadError, installed_analyses, load_analysis
 from .config import Config, ConfigError, load_config
@@ -397,6 +400,7 @@ def parser() -> argparse.ArgumentParser:
         "--out", metavar="DIR", default="dpatia-out", help="where to write (default: dpatia-out)"
     )
     run.set_defaults(run=_analyse)
+    add_admin_commands(commands)
     return top
 
 

@@ -275,6 +275,8 @@ class SpoolConfig:
     sweep_interval: float = key(30.0, greater_than(0))
     keep_wsi: bool = key(False)
     retention_days: float = key(30.0, not_negative)
+    #: Seconds between two prunes of the history (done/failed/cancelled records).
+    prune_interval: float = key(3600.0, greater_than(0))
     #: New jobs are refused (503) with less free space than this on the spool's disk.
     min_free_bytes: int = key(100 * 1024 * 1024, not_negative)
     #: New jobs are refused (503) with this many queued; 0: no limit.

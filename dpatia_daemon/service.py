@@ -3,6 +3,7 @@
 ``build_service(config, reactor)`` returns a shallow, named ``MultiService``:
 
 - ``spool``  the durable job spool (starts first, stops last);
+- ``retention`` the periodic prune of ended jobs' records (:mod:`.spool.retention`);
 - ``sps``    the outgoing HTTP connection pool to the SPS (closed at stop);
 - ``workers`` the worker supervisor: runs the analyses, writes their results;
 - ``api``    waits, at stop, for in-progress frames still being written;
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from functools import partial
 from typing import Any, cast
 
@@ -41,6 +43,7 @@ from .frontdoor.site import make_site
 from .lifecycle import OrderedRoot, Ready, Stopper, in_thread
 from .ops.systemd import Notifier, Readiness, SystemdEnvironment, Watchdog
 from .spool import DirectorySpool
+from .spool.retention import Retention
 from .sps.client import SPSClient, make_http_client
 from .sps.tokens import TokenBook, callback_auth
 from .sps.writer import ResultWriter
@@ -95,6 +98,19 @@ def build_service(
     )
     spool.setName("spool")
     spool.setServiceParent(root)
+    if front_door is None:
+        # Ended jobs' records go after [spool] retention_days (the extra doors leave it
+        # to the main process), in steps off the reactor thread.
+        retention = Retention(
+            store=spool.store,
+            clock=reactor,
+            retention_days=config.spool.retention_days,
+            wall_clock=time.time,
+            run_blocking=partial(in_thread, reactor),
+            interval=config.spool.prune_interval,
+        )
+        retention.setName("retention")
+        retention.setServiceParent(root)
 
     http = make_http_client(
         reactor,

@@ -10,7 +10,8 @@ Layers, lowest first (README "Layout" says the same in prose):
    ``lifecycle`` (the service tree's ordered stop, "ready" line, stop-only services),
    ``ops/`` (systemd notifications, the log observer: they read the other parts);
 5. the wiring: ``service``, ``tap``;
-6. separate programs nothing in the daemon imports: ``simulator/``, ``demo``, ``cli``.
+6. separate programs nothing in the daemon imports: ``simulator/``, ``demo``, ``cli``,
+   ``admin/`` (the operator's commands ``cli`` dispatches to).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ LAYERS: dict[str, int] = {
     "simulator": 6,
     "demo": 6,
     "cli": 6,
+    "admin": 6,
 }
 
 #: Modules that sit below their package's layer, and why.

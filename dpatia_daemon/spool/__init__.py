@@ -12,7 +12,8 @@ Modules, lowest first: ``interface`` (ISpool, the errors, the id checks),
 ``store`` (the blocking :class:`SpoolStore`: the directory's files, listings and
 temp-file cleanup, then the transitions), ``base`` (the ISpool surface both services
 share, over a synchronous core, and the watchers), ``directory``
-(:class:`DirectorySpool`), ``memory`` (:class:`MemorySpool`).
+(:class:`DirectorySpool`), ``memory`` (:class:`MemorySpool`); beside them
+``retention`` (history records pruned after ``[spool] retention_days``).
 
 Semantics worth knowing
 -----------------------
@@ -52,6 +53,7 @@ On-disk layout (``DirectorySpool``)
     done|failed|cancelled/<key>.<job_id>.json   history, several per key
     locks/<kk>.lock                 stripe lock for every key starting with hex <kk>
     locks/<key>.run                 held (flock LOCK_EX) by the claimer for the whole run
+    locks/prune.lock                held by the one history prune running (``retention``)
     cancel/<job_id>                 "please stop this running job"; contains its key
     tmp/<host>.<pid>.<rand>.tmp     temp files (same filesystem, so rename is atomic)
     corrupt/                        unparsable records moved aside (never deleted)

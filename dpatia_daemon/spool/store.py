@@ -20,7 +20,7 @@ from twisted.python.filepath import FilePath
 from ..jobs import Deferral, Job, JobState
 from .files import ACTIVE_NAME, SpoolFiles
 from .interface import ACTIVE, HEX_ID, JobChanged, JobMoved, NotHeld, check_id, check_job
-from .transitions import conflicts, merge_added, merge_released_into, requeued
+from .transitions import conflicts, merge_added, merge_released_into, requeued, resumed
 
 log = Logger()
 
@@ -308,6 +308,65 @@ class SpoolStore(SpoolFiles):
         self._fsync_dir(self._sub("cancelled"))
         self._fsync_dir(self._sub("queued"))
         return final
+
+    def retry(self, job_id: str) -> tuple[Job, bool] | None:
+        """An operator's retry: a FAILED job back to QUEUED (attempts from 0), or a
+        deferred QUEUED job ready at once; None if the job is neither.
+
+        Returns ``(job, changed)``: the queued job, and False when nothing was done (a
+        job for the same key is already queued, or a queued job was not deferred; the
+        failed record is then kept).  The history record has no token: the daemon that
+        claims it uses the newest callback it received for the slide, or its client
+        credentials.
+        """
+        check_id(job_id)
+        key = self._hint(job_id) or self._failed_key(job_id)
+        if key is None:
+            key = self._key_of(job_id, JobState.QUEUED)
+        if key is None:
+            return None
+        with self._locked([key]):
+            queued_path = self._active_path(JobState.QUEUED, key)
+            failed = self._history_path(JobState.FAILED, key, job_id)
+            job = self._read(failed, JobState.FAILED)
+            if job is None:
+                queued = self._read(queued_path, JobState.QUEUED)
+                if queued is None or queued.job_id != job_id:
+                    return None
+                if queued.not_before is None:
+                    return queued, False
+                ready = resumed(queued)
+                tmp = self._write_temp(ready)
+                os.rename(tmp.path, queued_path.path)
+                self._fsync_dir(self._sub("queued"))
+                log.info("job {job_id}: deferral lifted by an operator", job_id=job_id, key=key)
+                return ready, True
+            fresh = attrs.evolve(
+                requeued(job, count_attempt=False, error=job.last_error),
+                attempts=0,
+                deferred_since=None,
+            )
+            tmp = self._write_temp(fresh)
+            if not self._link_new(tmp, queued_path):
+                self._unlink(tmp)
+                existing = self._read(queued_path, JobState.QUEUED)
+                if existing is None:
+                    raise JobMoved(f"the queued record of key {key} vanished; try again")
+                return existing, False
+            self._fsync_dir(self._sub("queued"))
+            # A crash here leaves the failed record too: history, harmless.
+            self._unlink(failed)
+            self._fsync_dir(self._sub("failed"))
+        log.info("failed job {job_id} queued again by an operator", job_id=job_id, key=key)
+        return fresh, True
+
+    def _failed_key(self, job_id: str) -> str | None:
+        """The key of ``job_id``'s FAILED record, by its file name (no reads)."""
+        suffix = f".{job_id}.json"
+        for name in self._names(JobState.FAILED):
+            if name.endswith(suffix) and HEX_ID.match(name[: -len(suffix)]):
+                return name[: -len(suffix)]
+        return None
 
     def update(self, job: Job) -> Job:
         """Rewrite a QUEUED or RUNNING job's record durably (see :meth:`ISpool.update`)."""
