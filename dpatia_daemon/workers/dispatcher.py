@@ -158,6 +158,10 @@ class Dispatcher:
         """How many jobs are running (claimed and not yet back in the spool)."""
         return len(self._runs)
 
+    def running_jobs(self) -> list[Job]:
+        """The jobs running here now, as their runs know them (newest callback)."""
+        return [run.job for run in self._runs.values()]
+
     async def wait_runs(self, timeout: float) -> None:
         """Wait until no job is running, or ``timeout`` seconds."""
         pending = [observe(run.ended) for run in self._runs.values()]
