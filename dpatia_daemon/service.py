@@ -92,6 +92,7 @@ def build_service(
         sweep_interval=config.spool.sweep_interval,
         owner=f"{socket.gethostname()}:{os.getpid()}",
         sweeps=front_door is None,
+        check_locks=front_door is None,
     )
     spool.setName("spool")
     spool.setServiceParent(root)
