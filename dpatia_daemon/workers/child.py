@@ -81,6 +81,7 @@ from .commands import (
     WorkerBusy,
 )
 from .faults import classify
+from .limits import apply_memory_limit, out_of_memory
 from .workfolder import JOB_FILE, RESULT_FILE, SLIDE_INFO_FILE
 
 log = Logger()
@@ -309,6 +310,11 @@ class WorkerProtocol(AMP):
             outcome = Failure(JobCancelled(f"job {running.job_id} cancelled"))
         except AnalysisFailed as e:
             outcome = Failure(e)
+        except MemoryError:
+            # Past [workers] memory_limit (or the host's memory): say so, not a bare
+            # "MemoryError: " with an empty message.
+            log.failure("job {job_id}: the analysis ran out of memory", job_id=running.job_id)
+            outcome = Failure(AnalysisFailed(out_of_memory()))
         except BaseException as e:  # noqa: B036 - the analysis is foreign code: report all
             # Logged here (with its traceback) so the operator sees it in the daemon
             # log; the one-line reason travels to the daemon with the error.
@@ -545,6 +551,8 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     _die_with_parent()
     _log_to_stderr()
+    # Before the analysis is imported: a model's import may already allocate.
+    apply_memory_limit()
 
     analysis: Analysis | None = None
     load_error = ""

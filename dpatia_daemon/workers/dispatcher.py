@@ -64,6 +64,7 @@ from .events import Observers
 from .faults import classify
 from .folders import UnusableResult, Verdict, WorkFolders
 from .health import SPSHealth
+from .limits import died
 from .pool import StopCause, Worker, WorkerPool, WorkerState, describe_exit
 from .run import JobRun, StopReason, observe
 from .timers import cancel_call, every
@@ -459,9 +460,7 @@ class Dispatcher:
         elif reason is StopReason.UNRESPONSIVE:
             await run.fail("the worker stopped answering heartbeats and was killed")
         else:
-            await run.fail(
-                f"the worker process died while running the analysis ({describe_exit(worker.exit)})"
-            )
+            await run.fail(died(worker.exit, describe_exit(worker.exit), self.config.memory_limit))
 
     # --- deadlines, cancellation, newer tokens --------------------------------------
 
