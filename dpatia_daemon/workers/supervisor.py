@@ -49,6 +49,7 @@ from ..sps.writer import ResultWriter
 from .dispatcher import Dispatcher
 from .events import Observers, SupervisorEvent
 from .folders import WorkFolders
+from .health import SPSHealth
 from .pool import Worker, WorkerPool, worker_argv, workers_environ
 from .spooltokens import SpoolTokenWatch
 
@@ -86,6 +87,8 @@ class Supervisor(Service):
     folders: WorkFolders = field()
     env: Mapping[str, str] | None = None
     tokens: TokenBook | None = None
+    #: The shared view of each SPS's health (the front door's writes feed it too).
+    health: SPSHealth | None = None
     credentials: Credentials | None = field(default=None, repr=False)
     python: str = sys.executable
     sweep_interval: float = 30.0
@@ -152,6 +155,7 @@ class Supervisor(Service):
             pool=pool,
             events=self._events,
             tokens=self.tokens,
+            health=self.health,
             sweep_interval=self.sweep_interval,
             cancel_poll_interval=self.cancel_poll_interval,
         )
