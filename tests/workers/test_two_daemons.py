@@ -53,6 +53,7 @@ def daemon(reactor: Any, tmp_path: Path, name: str, workers: int = 2) -> DaemonP
                 "work_directory": f"{{tmp}}/work-{name}",
                 "heartbeat_interval": 0.5,
                 "min_backoff": 0.5,
+                "shutdown_grace": 2,
             },
         },
         name=f"{name}.ini",
@@ -143,18 +144,20 @@ async def test_the_survivor_finishes_the_killed_daemons_jobs_once_each(
     await defer.gatherResults([defer.ensureDeferred(_start(a)), defer.ensureDeferred(_start(b))])
     try:
         for slide in SLIDES:
-            await notify(a, notification(sps, slide, seconds=1.5))
+            await notify(a, notification(sps, slide, seconds=1.0))
         # Both daemons take jobs from the shared spool; wait until A runs two of them.
         running = re.compile(rb"job (\w+): running on worker")
         await a.wait_for(running, timeout=30, since=0)
         await a.wait_for(running, timeout=30, since=a.output.index(b"running on worker") + 1)
-        held_by_a = set(running.findall(bytes(a.output)))
         kill_group(a)
         await a.ended()
         killed_at = reactor.seconds()
-
+        finished_by_a = set(re.findall(rb"job (\w+) done", bytes(a.output)))
+        held_by_a = set(running.findall(bytes(a.output))) - finished_by_a
+        # The survivor's next sweep finds A's running jobs (a bounded wait on its log).
+        await b.wait_for(rb"recovered from a dead holder", timeout=SWEEP + 30, since=0)
+        recovered_after = reactor.seconds() - killed_at
         results = await all_final(reactor, sps, timeout=40)
-        took = reactor.seconds() - killed_at
     finally:
         if a.exit_code is None and a.exit_signal is None:
             kill_group(a)
@@ -167,11 +170,14 @@ async def test_the_survivor_finishes_the_killed_daemons_jobs_once_each(
     for slide, stored in results.items():
         assert len(stored) == 1, (slide, stored)
         assert frame_status(stored[0]) is Status.DONE, (slide, stored[0].displayProperties)
-    # B took over every job A held, each within a sweep of the kill (plus B's own
-    # analyses: 6 jobs of 1.5 s on 2 workers).
-    recovered = set(re.findall(rb"job (\w+): running on worker", bytes(b.output)))
-    assert held_by_a <= recovered, (held_by_a, recovered)
-    assert took < SWEEP + 6 * 1.5 / 2 + 15, took
+    # B took over every job A still held, within a sweep of the kill (plus slack for
+    # a loaded machine), and ran each of them.
+    assert held_by_a
+    assert recovered_after < SWEEP + 5, recovered_after
+    requeued = set(re.findall(rb"job (\w+) recovered from a dead holder", bytes(b.output)))
+    ran = set(re.findall(rb"job (\w+): running on worker", bytes(b.output)))
+    assert requeued == held_by_a, (requeued, held_by_a)
+    assert held_by_a <= ran, (held_by_a, ran)
     # Nothing is left running or queued in the spool.
     spool = tmp_path / "spool"
     assert list((spool / "running").glob("*.json")) == []
@@ -196,7 +202,7 @@ async def test_a_running_job_hears_of_a_token_another_daemon_received(
     a, b = daemon(reactor, tmp_path, "a", workers=1), daemon(reactor, tmp_path, "b", workers=0)
     await defer.gatherResults([defer.ensureDeferred(_start(a)), defer.ensureDeferred(_start(b))])
     try:
-        await notify(a, notification(sps, slide, seconds=4, progress_every=0.3))
+        await notify(a, notification(sps, slide, seconds=3, progress_every=0.3))
         match = await a.wait_for(rb"job (\w+): running on worker", timeout=30, since=0)
         job_id = match.group(1)
         await a.wait_for(rb"analysis started", timeout=30, since=0)
