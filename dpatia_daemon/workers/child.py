@@ -539,6 +539,9 @@ def check(spec: str) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> None:
     """Load the analysis, speak AMP on fds 3/4 until the daemon closes them, exit."""
     options = parse_args(argv)
+    # Before the analysis is imported (a model's import may already allocate), and in
+    # the start-time check too, so an analysis that cannot load within it is found then.
+    apply_memory_limit()
     if options.check:
         answer = json.dumps(check(options.analysis))
         # Whatever the analysis printed while importing went first: ours is the last line.
@@ -551,8 +554,6 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     _die_with_parent()
     _log_to_stderr()
-    # Before the analysis is imported: a model's import may already allocate.
-    apply_memory_limit()
 
     analysis: Analysis | None = None
     load_error = ""
