@@ -314,6 +314,23 @@ def _environment(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+_SIZE = re.compile(r"(\d+)\s*([KMGT]?)i?B?\Z", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str) -> int | None:
+    """``[workers] memory_limit`` from the file: ``4G``, ``512M``, bytes; blank or 0:
+    None (no limit)."""
+    text = text.strip()
+    match = _SIZE.match(text)
+    if not text:
+        return None
+    if match is None:
+        raise ValueError(f"{text!r} is not a size such as 4G or 512M")
+    size = int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+    return size or None
+
+
 #: The variable that tells a worker its slot number (1-based), for an analysis that
 #: wants to know which of its kind it is (a port, a cache folder of its own).
 SLOT_ENV = "DPATIA_WORKER_SLOT"
@@ -355,6 +372,10 @@ class WorkersConfig:
     environment: tuple[tuple[str, str], ...] = key((), parse=_environment)
     #: GPUs, one group per worker slot, round-robin: slot n sees group (n-1) % len.
     gpus: tuple[str, ...] = key((), _device_groups)
+    #: Each worker's address-space limit (RLIMIT_AS), bytes; None: no limit.
+    memory_limit: int | None = key(None, at_least(256 * 1024 * 1024), parse=_size)
+    #: OMP/MKL/OpenBLAS/numexpr threads per worker; 0: the libraries' own default.
+    cpu_threads: int = key(0, not_negative)
 
     #: Deferred jobs (Postfix's minimal/maximal_backoff_time, maximal_queue_lifetime):
     #: the first and the longest wait before a job's next try, and how long transient

@@ -49,6 +49,7 @@ from .sps.tokens import TokenBook, callback_auth
 from .sps.writer import ResultWriter
 from .twistedcompat import raise_synchronously
 from .workers.folders import WorkFolders
+from .workers.health import SPSHealth
 from .workers.interpreter import check_workers_python
 from .workers.supervisor import Supervisor
 
@@ -95,6 +96,7 @@ def build_service(
         sweep_interval=config.spool.sweep_interval,
         owner=f"{socket.gethostname()}:{os.getpid()}",
         sweeps=front_door is None,
+        check_locks=front_door is None,
     )
     spool.setName("spool")
     spool.setServiceParent(root)
@@ -139,6 +141,8 @@ def build_service(
     )
     # The newest callback of each slide, from the front door to the job runners.
     tokens = TokenBook()
+    # One view of each SPS's health, fed by the workers' calls and the front door's.
+    health = SPSHealth(reactor, config.workers.sps_probe_interval)
     sps_service = Stopper(http.close)
     sps_service.setName("sps")
     sps_service.setServiceParent(root)
@@ -165,6 +169,7 @@ def build_service(
             ),
             sweep_interval=config.spool.sweep_interval,
             tokens=tokens,
+            health=health,
             credentials=credentials,
         )
         workers.setName("workers")
@@ -187,6 +192,7 @@ def build_service(
             clock=reactor,
         ),
         tokens=tokens,
+        health=health,
         # Large bodies (a modify carrying a big result) are parsed off the reactor thread.
         run_blocking=partial(in_thread, reactor),
     )

@@ -13,13 +13,19 @@ it has waited ``max_delay`` seconds, and then runs alone: during a burst of impo
 CPU goes to acknowledgements (what the SPS waits for), the frames follow within
 seconds (nobody is looking at a slide being imported), and a stream that never pauses
 still gets every frame, one after another.
+
+The front door's writes tell the shared :class:`~dpatia_daemon.workers.health.SPSHealth`
+how the SPS answered (:func:`reporting`), as the workers' calls do: an SPS the workers
+know to be failing gets no doomed "queued" frame (the worker writes its own progress
+when the job runs), and one that fails a front-door write is known to the workers at
+once.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
@@ -27,7 +33,11 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..sps.errors import SPSError, is_transient
+from ..workers.health import SPSHealth
+
 log = Logger()
+T = TypeVar("T")
 
 Task = Callable[[], Coroutine[Any, Any, Any]]
 
@@ -128,3 +138,18 @@ class BackgroundQueue:
     def _done(self, _: object) -> None:
         self._running -= 1
         self._next()
+
+
+async def reporting(health: SPSHealth | None, url: str, call: Awaitable[T]) -> T:
+    """Await ``call`` (an SPS write to callback ``url``) and tell ``health`` how the
+    SPS answered: a success clears a failing SPS, a transient failure marks it."""
+    try:
+        result = await call
+    except SPSError as e:
+        if health is not None and is_transient(e):
+            health.failed(url, str(e) or type(e).__name__, e.retry_after)
+        raise
+    if health is not None:
+        health.succeeded(url)
+    return result
+

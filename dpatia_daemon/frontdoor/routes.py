@@ -62,7 +62,8 @@ from ..sps.client import SPSClient, SPSError
 from ..sps.results import Status, image_size_of
 from ..sps.tokens import TokenBook
 from ..sps.writer import ResultGone, ResultWriter
-from .background import BackgroundQueue
+from ..workers.health import SPSHealth
+from .background import BackgroundQueue, reporting
 from .capacity import NO_ROOM, AcceptGate
 from .notifications import NotificationCounts
 from .site import (
@@ -122,6 +123,8 @@ class IAAPI:
     tokens: TokenBook = field(factory=TokenBook)
     run_blocking: Callable[..., Deferred[Any]] = maybeDeferred
     cancel_running: Callable[[str, str], object] | None = None
+    #: The shared view of each SPS's health (the workers'): the queued frames feed it.
+    health: SPSHealth | None = None
     gate: AcceptGate = field(
         default=Factory(
             lambda self: AcceptGate(
@@ -417,8 +420,15 @@ class IAAPI:
     # --- in-progress frames ---
 
     async def _frame_for_notification(self, job: Job) -> None:
+        if self.health is not None and self.health.down(job.callback.url):
+            log.info(
+                "job {job_id}: no queued frame, its SPS is failing (the worker writes one)",
+                job_id=job.job_id,
+            )
+            return
         try:
-            await self._store_frame(job, image_size_of(job.image_info), only_if_queued=True)
+            frame = self._store_frame(job, image_size_of(job.image_info), only_if_queued=True)
+            await reporting(self.health, job.callback.url, frame)
         except _NotQueued:
             pass  # a worker has it already and shows its own progress
         except SPSError as e:

@@ -76,6 +76,7 @@ from .downloadfolder import (
     Skip,
     Target,
     forget,
+    give_back_space,
     prepare,
     remove_part,
     save_manifest,
@@ -758,7 +759,10 @@ async def download_files(
     deadline, malformed multipart, sizes that disagree, a file that cannot be
     written), and :class:`~dpatia_daemon.sps.errors.SPSError` (as every SPS call does) when
     the request itself fails.  Cancelling the returned coroutine's Deferred closes the
-    connection and keeps the ``.part`` file.
+    connection and keeps the ``.part`` file.  A download that meets a full disk (or
+    quota) removes its ``.part`` and temp files before it raises (a transient
+    :class:`DownloadError` with ``disk``): the space goes back to the spool and the
+    other jobs, and the deferred retry starts those files over.
     """
     run = _Run(sps, callback, slide_id, folder, clock, run_blocking, idle_timeout, progress)
     work = ensureDeferred(_download(run))
@@ -766,6 +770,10 @@ async def download_files(
         work.addTimeout(deadline, clock)
     try:
         return await work
+    except DownloadError as e:
+        if e.disk:
+            await run.run_blocking(give_back_space, run.folder.path, run.slide_id)
+        raise
     except TimeoutError:
         raise run.error(
             f"not finished within the deadline of {deadline:g} s "

@@ -26,10 +26,13 @@ from typing import Any, Final
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from ..durable import fsync_directory, write_all, write_atomically
+
+log = Logger()
 
 __all__ = [
     "MANIFEST_NAME",
@@ -45,7 +48,9 @@ __all__ = [
     "commit",
     "forget",
     "prepare",
+    "give_back_space",
     "remove_part",
+    "remove_partials",
     "save_manifest",
     "slide_key",
 ]
@@ -206,6 +211,44 @@ def forget(path: str, folder: str, manifest: bytes) -> None:
     except FileNotFoundError:
         pass
     save_manifest(folder, manifest)
+
+
+def remove_partials(folder: str) -> int:
+    """Delete every ``.part`` file and atomic-write temp file in ``folder`` (a download
+    that met a full disk gives back the space it took); return how many."""
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        if name.endswith(PART_SUFFIX) or (name.startswith(".") and name.endswith(".tmp")):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except FileNotFoundError:
+                continue
+            removed += 1
+    return removed
+
+
+def give_back_space(folder: str, slide_id: str) -> None:
+    """The disk is full: remove the download's partial files, logging what was done
+    (a best effort: the download's own error is what the caller raises)."""
+    try:
+        removed = remove_partials(folder)
+    except OSError as e:
+        log.warn(
+            "slide {slide_id}: could not remove partial downloads ({error})",
+            slide_id=slide_id,
+            error=e.strerror or str(e),
+        )
+        return
+    if removed:
+        log.info(
+            "slide {slide_id}: the disk is full; {count} partial download files removed",
+            slide_id=slide_id,
+            count=removed,
+        )
 
 
 def remove_part(folder: str, name: str) -> None:

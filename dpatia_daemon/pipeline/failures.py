@@ -14,7 +14,8 @@ class DownloadError(Exception):
     """A WSI download failed; the message names the slide and what went wrong.
 
     Files completed before the failure stay (and are recorded in the manifest); the
-    file being written stays as ``<name>.part`` for the next attempt.  ``transient``:
+    file being written stays as ``<name>.part`` for the next attempt (except on a full
+    disk, where the download removes its ``.part`` files to give the space back).  ``transient``:
     the same download may well work later (the connection broke, no data came in
     time, the SPS answered 5xx or 429, the disk is full); otherwise the answer itself
     was unusable.  ``disk``: the disk (or quota) is full, a transient fault of this

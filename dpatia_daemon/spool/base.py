@@ -72,6 +72,8 @@ class SpoolCore(Protocol):
 
     def room(self, count_queued: bool = False) -> SpoolRoom: ...
 
+    def queued_of(self, key: str, seen: object = None) -> tuple[object, Job | None]: ...
+
     def update(self, job: Job) -> Job: ...
 
     def claim(self, job_id: str, now: float | None = None) -> Job | None: ...
@@ -209,3 +211,11 @@ class SpoolService(Service):
     def recover(self) -> Deferred[list[Job]]:
         """Requeue (attempts + 1) every RUNNING job whose holder process is dead."""
         return self._call(self._core().recover).addCallback(self._announce_all)
+
+    def queued_of(self, key: str, seen: object = None) -> Deferred[tuple[object, Job | None]]:
+        """The QUEUED record of ``key`` if it changed since tag ``seen`` (see ISpool)."""
+        try:
+            check_id(key, "job key")
+        except ValueError:
+            return fail()
+        return self._call(self._core().queued_of, key, seen)

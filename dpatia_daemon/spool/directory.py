@@ -26,6 +26,7 @@ from zope.interface import implementer
 from ..jobs import Job, JobState
 from .base import SpoolService
 from .interface import ISpool, SpoolError, SpoolNotRunning, check_id, check_job
+from .lockprobe import LocksNotWorking, mount_warnings, probe_locks
 from .locks import default_owner
 from .store import SpoolStore
 
@@ -61,6 +62,9 @@ class DirectorySpool(SpoolService):
     #: False in an extra front-door process: the main process sweeps (recovers dead
     #: holders' jobs, finds other daemons' jobs) for the machine.
     sweeps: bool = True
+    #: Probe at start that file locks work here (:mod:`.lockprobe`): the daemon's main
+    #: process does; tests and extra front doors need not.
+    check_locks: bool = False
     wall_clock: Callable[[], float] = time.time
     store: SpoolStore = field(init=False)
     _pool: ThreadPool | None = field(init=False, default=None)
@@ -98,6 +102,8 @@ class DirectorySpool(SpoolService):
                 f"spool directory {self.directory.path} is not usable: "
                 f"{e.strerror or e} ({e.filename or self.directory.path})"
             ) from None
+        if self.check_locks:
+            self._check_locks()
         self._opened = True
         log.info("spool {path} open for {owner}", path=self.directory.path, owner=self.owner)
         pool = ThreadPool(minthreads=0, maxthreads=self.threads, name=f"spool {self.owner}")
@@ -109,6 +115,23 @@ class DirectorySpool(SpoolService):
             self._loop = LoopingCall(self._sweep_safely)
             self._loop.clock = self.reactor
             self._loop.start(self.sweep_interval, now=True)
+
+    def _check_locks(self) -> None:
+        """Refuse to run where file locks do not keep another process out; warn where
+        they work on this host only (see :mod:`.lockprobe`)."""
+        try:
+            probe_locks(self.directory.path)
+        except (LocksNotWorking, OSError) as e:
+            self.store.close()
+            Service.stopService(self)
+            raise SpoolError(f"spool directory {self.directory.path} is not usable: {e}") from None
+        for why in mount_warnings(self.directory.path):
+            log.warn(
+                "spool {path}: {why}; safe for daemons on this host only, never for several "
+                "hosts sharing the spool (README: The spool)",
+                path=self.directory.path,
+                why=why,
+            )
 
     def stopService(self) -> Deferred[None]:
         """Stop: finish in-flight commits and operations, then the sweep and the pool."""

@@ -379,6 +379,24 @@ class SpoolFiles:
             queued = sum(1 for n in self._names(JobState.QUEUED) if ACTIVE_NAME.match(n))
         return SpoolRoom(st.f_bavail * st.f_frsize, queued)
 
+    def queued_of(self, key: str, seen: object = None) -> tuple[object, Job | None]:
+        """The QUEUED record of ``key`` if it changed since tag ``seen``: one ``stat``
+        of ``queued/<key>.json`` (its inode, mtime and size are the tag), a read only
+        when the tag changed."""
+        check_id(key, "job key")
+        path = self._active_path(JobState.QUEUED, key)
+        try:
+            st = os.stat(path.path)
+        except OSError as e:
+            if gone(e):
+                return None, None
+            raise
+        tag = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if tag == seen:
+            return tag, None
+        job = self._read_plain(path, JobState.QUEUED)
+        return (tag, job) if job is not None else (None, None)
+
     def get(self, job_id: str) -> Job | None:
         """Return the job with ``job_id`` in any state, or None."""
         check_id(job_id)

@@ -157,3 +157,8 @@ class ISpool(Interface):
 
     def room(count_queued: bool = False) -> Deferred[SpoolRoom]:
         """Return the free space (and, with ``count_queued``, the queued records)."""
+
+    def queued_of(key: str, seen: object = None) -> Deferred[tuple[object, Job | None]]:
+        """The QUEUED record of ``key``, cheaply: ``(tag, job)`` where ``tag`` changes
+        whenever the record does (None: there is none); ``job`` is None when ``tag`` is
+        ``seen`` (unchanged: one stat, no read) or there is no record."""

@@ -90,6 +90,13 @@ class _MemoryRecords:
     def room(self, count_queued: bool = False) -> SpoolRoom:
         return SpoolRoom(self.free_bytes, len(self.queued_jobs) if count_queued else None)
 
+    def queued_of(self, key: str, seen: object = None) -> tuple[object, Job | None]:
+        job = self.queued_jobs.get(key)
+        if job is None:
+            return None, None
+        # A record is a frozen value: a change is a different value.
+        return job, (None if job == seen else job)
+
     def update(self, job: Job) -> Job:
         check_job(job)
         if job.state not in ACTIVE:

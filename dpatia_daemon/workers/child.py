@@ -81,6 +81,7 @@ from .commands import (
     WorkerBusy,
 )
 from .faults import classify
+from .limits import apply_memory_limit, out_of_memory
 from .workfolder import JOB_FILE, RESULT_FILE, SLIDE_INFO_FILE
 
 log = Logger()
@@ -309,6 +310,11 @@ class WorkerProtocol(AMP):
             outcome = Failure(JobCancelled(f"job {running.job_id} cancelled"))
         except AnalysisFailed as e:
             outcome = Failure(e)
+        except MemoryError:
+            # Past [workers] memory_limit (or the host's memory): say so, not a bare
+            # "MemoryError: " with an empty message.
+            log.failure("job {job_id}: the analysis ran out of memory", job_id=running.job_id)
+            outcome = Failure(AnalysisFailed(out_of_memory()))
         except BaseException as e:  # noqa: B036 - the analysis is foreign code: report all
             # Logged here (with its traceback) so the operator sees it in the daemon
             # log; the one-line reason travels to the daemon with the error.
@@ -533,6 +539,9 @@ def check(spec: str) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> None:
     """Load the analysis, speak AMP on fds 3/4 until the daemon closes them, exit."""
     options = parse_args(argv)
+    # Before the analysis is imported (a model's import may already allocate), and in
+    # the start-time check too, so an analysis that cannot load within it is found then.
+    apply_memory_limit()
     if options.check:
         answer = json.dumps(check(options.analysis))
         # Whatever the analysis printed while importing went first: ours is the last line.

@@ -64,6 +64,7 @@ from .events import Observers
 from .faults import classify
 from .folders import UnusableResult, Verdict, WorkFolders
 from .health import SPSHealth
+from .limits import died
 from .pool import StopCause, Worker, WorkerPool, WorkerState, describe_exit
 from .run import JobRun, StopReason, observe
 from .timers import cancel_call, every
@@ -157,6 +158,10 @@ class Dispatcher:
     def running(self) -> int:
         """How many jobs are running (claimed and not yet back in the spool)."""
         return len(self._runs)
+
+    def running_jobs(self) -> list[Job]:
+        """The jobs running here now, as their runs know them (newest callback)."""
+        return [run.job for run in self._runs.values()]
 
     async def wait_runs(self, timeout: float) -> None:
         """Wait until no job is running, or ``timeout`` seconds."""
@@ -455,9 +460,7 @@ class Dispatcher:
         elif reason is StopReason.UNRESPONSIVE:
             await run.fail("the worker stopped answering heartbeats and was killed")
         else:
-            await run.fail(
-                f"the worker process died while running the analysis ({describe_exit(worker.exit)})"
-            )
+            await run.fail(died(worker.exit, describe_exit(worker.exit), self.config.memory_limit))
 
     # --- deadlines, cancellation, newer tokens --------------------------------------
 

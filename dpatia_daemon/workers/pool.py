@@ -49,6 +49,7 @@ from ..backoff import Backoff
 from ..config import SLOT_ENV, WorkersConfig
 from .commands import WORKER_AMP_IN, WORKER_AMP_OUT, Hello, Ping, Progress
 from .events import Observers
+from .limits import limits_environ
 from .linelog import LineLog
 from .timers import cancel_call, every
 
@@ -648,6 +649,7 @@ def workers_environ(config: WorkersConfig, base: Mapping[str, str] | None) -> di
     installed, and our site-packages must not mix with its own."""
     env = dict(os.environ if base is None else base)
     env.update(config.environment)
+    limits_environ(config, env)
     return child_environ(env, own_code=config.python is None)
 
 

@@ -49,7 +49,9 @@ from ..sps.writer import ResultWriter
 from .dispatcher import Dispatcher
 from .events import Observers, SupervisorEvent
 from .folders import WorkFolders
+from .health import SPSHealth
 from .pool import Worker, WorkerPool, worker_argv, workers_environ
+from .spooltokens import SpoolTokenWatch
 
 log = Logger()
 
@@ -85,6 +87,8 @@ class Supervisor(Service):
     folders: WorkFolders = field()
     env: Mapping[str, str] | None = None
     tokens: TokenBook | None = None
+    #: The shared view of each SPS's health (the front door's writes feed it too).
+    health: SPSHealth | None = None
     credentials: Credentials | None = field(default=None, repr=False)
     python: str = sys.executable
     sweep_interval: float = 30.0
@@ -96,6 +100,7 @@ class Supervisor(Service):
     _events: Observers = field(factory=Observers, init=False)
     _pool: WorkerPool | None = field(default=None, init=False)
     _dispatcher: Dispatcher | None = field(default=None, init=False)
+    _token_watch: SpoolTokenWatch | None = field(default=None, init=False)
 
     @folders.default
     def _default_folders(self) -> WorkFolders:
@@ -150,12 +155,22 @@ class Supervisor(Service):
             pool=pool,
             events=self._events,
             tokens=self.tokens,
+            health=self.health,
             sweep_interval=self.sweep_interval,
             cancel_poll_interval=self.cancel_poll_interval,
         )
         pool.on_ready = dispatcher.worker_ready
         pool.on_progress = dispatcher.progress
         self._pool, self._dispatcher = pool, dispatcher
+        if self.tokens is not None:
+            # Tokens other daemons on the spool received, for the jobs running here.
+            self._token_watch = SpoolTokenWatch(
+                self.spool,
+                self.reactor,
+                dispatcher.running_jobs,
+                self.tokens,
+                interval=self.config.heartbeat_interval,
+            )
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -170,6 +185,8 @@ class Supervisor(Service):
         )
         self.dispatcher.start()
         self.pool.start()
+        if self._token_watch is not None:
+            self._token_watch.start()
 
     def stopService(self) -> Deferred[None]:
         """Drain: fires once every job is back in the spool and every worker exited."""
@@ -178,6 +195,8 @@ class Supervisor(Service):
 
     async def _stop(self) -> None:
         dispatcher, pool = self.dispatcher, self.pool
+        if self._token_watch is not None:
+            self._token_watch.stop()
         dispatcher.close()
         pool.close(_STOPPING)
         if dispatcher.running:

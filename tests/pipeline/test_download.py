@@ -977,6 +977,39 @@ def test_a_full_disk_is_a_transient_fault_of_this_host(
     assert "No space left" in str(error)
 
 
+def test_a_full_disk_removes_the_partial_files_and_the_retry_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC in the middle of a multipart answer's second file: the .part files (and
+    temp files) are removed before the error, so the space goes back; the file
+    completed before stays, and the retry (disk free again) completes the rest."""
+    files = [("a.dcm", data_of(50_000, 1)), ("b.dcm", data_of(400_000, 2))]
+    fake = FakeSPS()
+    fake.add_slide(SLIDE, files=files)
+    env = make_env(tmp_path, fake=fake)
+    real = downloadfolder.write_all
+    written = [0]
+
+    def filling(fd: int, data: bytes) -> None:
+        if written[0] + len(data) > 100_000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written[0] += len(data)
+        real(fd, data)
+
+    monkeypatch.setattr(downloadfolder, "write_all", filling)
+    env.folder.makedirs()
+    env.folder.child(".stale.json.1.tmp").setContent(b"half a manifest")
+    error = failure_result_of(env.download(), DownloadError).value
+    assert error.disk
+    assert sorted(p.basename() for p in env.folder.children()) == [
+        ".dpatia-files.json",
+        "a.dcm",
+    ]
+    monkeypatch.setattr(downloadfolder, "write_all", real)
+    done = env.result(env.download())
+    assert [(f.basename(), f.getContent()) for f in done] == files
+
+
 def test_an_idle_answer_is_transient_and_a_refused_write_is_not(tmp_path: Path) -> None:
     """No byte for idle_timeout: transient (the SPS may answer later).  A .part that is
     a planted symlink: a write refused for good, permanent."""

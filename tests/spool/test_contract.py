@@ -568,3 +568,22 @@ async def test_a_merged_request_keeps_the_deferral(spool: Any) -> None:
     released = await spool.release(running.job_id, count_attempt=False, deferral=_deferral(900.0))
     assert (released.job_id, released.callback.token) == (newer.job_id, "newest")
     assert released.not_before == 900.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_queued_of_reads_a_key_record_only_when_it_changed(spool: Any) -> None:
+    """queued_of(key): (None, None) without a queued record; the record and a tag; the
+    same tag and no record while unchanged; a new tag and the merged record after a
+    newer request for the key."""
+    job = make_job(token="old")
+    assert await spool.queued_of(job.key) == (None, None)
+    await spool.add(job)
+    tag, found = await spool.queued_of(job.key)
+    assert tag is not None and found == job
+    assert await spool.queued_of(job.key, tag) == (tag, None)
+    await spool.add(_with(make_job(token="new", created=200.0), job_id="cd" * 16))
+    newer, merged = await spool.queued_of(job.key, tag)
+    assert newer != tag
+    assert merged is not None and merged.callback.token == "new"
+    with pytest.raises(ValueError):
+        await spool.queued_of("../x")
