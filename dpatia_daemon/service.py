@@ -41,6 +41,7 @@ from .frontdoor.site import make_site
 from .lifecycle import OrderedRoot, Ready, Stopper, in_thread
 from .ops.systemd import Notifier, Readiness, SystemdEnvironment, Watchdog
 from .spool import DirectorySpool
+from .sps.info import SPSVersions
 from .sps.client import SPSClient, make_http_client
 from .sps.tokens import TokenBook, callback_auth
 from .sps.writer import ResultWriter
@@ -130,6 +131,7 @@ def build_service(
     writer = ResultWriter(
         sps=sps, clock=reactor, display_name=config.app.display_name, tokens=tokens
     )
+    writer.versions = SPSVersions(sps=sps, clock=reactor)
     # With workers here, a cancellation reaches their running job at once.
     cancel_running = None
     if config.workers.count and front_door is None:

@@ -43,6 +43,7 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ..models import InvalidInput, Result, VersionInfo, result_from_json, unstructure
+from .versions import has_case_lists, has_quality_control, slide_info_for
 from .faults import DelayedResource, Faults, FileStream, multipart_segments
 
 log = Logger()
@@ -481,7 +482,7 @@ days does not grow without bound).  Knobs: ``fail_next`` (answer
         if not self._flag(recorded, "includePHI"):
             hidden |= PHI_FIELDS
         info = {k: v for k, v in slide.info.items() if k not in hidden}
-        return _json_body(request, 200, info)
+        return _json_body(request, 200, slide_info_for(self.version, info))
 
     @app.route(BASE_PATH + "/slides/<slide_id>/label", methods=["GET"])
     def label(self, request: IRequest, slide_id: str) -> bytes:
@@ -560,6 +561,8 @@ days does not grow without bound).  Knobs: ``fail_next`` (answer
     def quality_control(self, request: IRequest, slide_id: str) -> bytes:
         """``PUT slides/{id}/qualityControl``: store the status; a stale versionId is 409."""
         recorded = self._enter(request)
+        if not has_quality_control(self.version):
+            raise FakeHTTPError(404, f"no such endpoint in IA-API {self.version.apiVersion}")
         slide = self._slide(slide_id)
         data = self._json_request(recorded)
         qc = data.get("qualityControl") if isinstance(data, dict) else None
@@ -573,6 +576,10 @@ days does not grow without bound).  Knobs: ``fail_next`` (answer
         slide.info["qualityControl"] = {"status": qc["status"], "versionId": self.new_version_id()}
         request.setResponseCode(200)
         return b""
+
+    def _need_case_lists(self) -> None:
+        if not has_case_lists(self.version):
+            raise FakeHTTPError(404, f"no such endpoint in IA-API {self.version.apiVersion}")
 
     def _case_entry(self, slide: FakeSlide, include_phi: bool) -> dict[str, Any]:
         """One slide of a case listing (PHI identifiers only on request)."""
@@ -592,6 +599,7 @@ days does not grow without bound).  Knobs: ``fail_next`` (answer
     def slide_request_images(self, request: IRequest, slide_id: str) -> bytes:
         """``GET slides/{id}/request/images/info``: the slides of the same case."""
         recorded = self._enter(request)
+        self._need_case_lists()
         accession = self._slide(slide_id).info.get("accessionNumber")
         case = [s for s in self.slides.values() if s.info.get("accessionNumber") == accession]
         include_phi = self._flag(recorded, "includePHI")
@@ -601,6 +609,7 @@ days does not grow without bound).  Knobs: ``fail_next`` (answer
     def request_images(self, request: IRequest, accession_number: str) -> bytes:
         """``GET requests/{accessionNumber}/images/info``; either issuer parameter name."""
         recorded = self._enter(request)
+        self._need_case_lists()
         # The sources disagree on the parameter's name (IA-API.md §2.8): accept both.
         issuers = recorded.query.get("accessionNumberIssuer") or recorded.query.get(
             "accessionNumberIssuerId"
