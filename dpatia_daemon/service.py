@@ -41,8 +41,8 @@ from .frontdoor.site import make_site
 from .lifecycle import OrderedRoot, Ready, Stopper, in_thread
 from .ops.systemd import Notifier, Readiness, SystemdEnvironment, Watchdog
 from .spool import DirectorySpool
-from .sps.info import SPSVersions
 from .sps.client import SPSClient, make_http_client
+from .sps.info import SPSVersions
 from .sps.tokens import TokenBook, callback_auth
 from .sps.writer import ResultWriter
 from .twistedcompat import raise_synchronously

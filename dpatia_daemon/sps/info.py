@@ -21,7 +21,7 @@ for ``retry_after`` only: callers then fall back on what the data itself says (a
 
 from __future__ import annotations
 
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -117,12 +117,19 @@ class SPSVersions:
                 asking.addBoth(done)
         # Each waiter gets its own Deferred: one caller's cancel stops only its wait.
         mine: Deferred[VersionInfo | None] = Deferred()
-        asking.addBoth(lambda result: (mine.callback(result), result)[1])
+
+        def hand_over(result: Any) -> Any:
+            if not mine.called:
+                mine.callback(result)
+            return result
+
+        asking.addBoth(hand_over)
         return await mine
 
     async def _ask(self, base: str, callback: Callback) -> VersionInfo | None:
+        info: VersionInfo | None = None
         try:
-            info: VersionInfo | None = await self.sps.get_info(callback)
+            answer = await self.sps.get_info(callback)
         except SPSError as e:
             log.warn(
                 "SPS GET info failed ({error}): its IA-API version is unknown for "
@@ -130,13 +137,13 @@ class SPSVersions:
                 error=str(e),
                 seconds=self.retry_after,
             )
-            info, lifetime = None, self.retry_after
+            lifetime = self.retry_after
         else:
-            lifetime = self.ttl
+            info, lifetime = answer, self.ttl
             log.info(
                 "SPS IA-API version {api_version} (software {software_version})",
-                api_version=info.apiVersion,
-                software_version=info.softwareVersion,
+                api_version=answer.apiVersion,
+                software_version=answer.softwareVersion,
             )
         self._known[base] = (self.clock.seconds() + lifetime, info)
         return info

@@ -39,9 +39,7 @@ def _setup(api_version: str = "1.10") -> tuple[FakeSPS, Clock, SPSClient, Callba
 
 
 def _paths(fake: FakeSPS, method: str = "") -> list[str]:
-    return [
-        r.path.rsplit("/v1/", 1)[-1] for r in fake.requests if not method or r.method == method
-    ]
+    return [r.path.rsplit("/v1/", 1)[-1] for r in fake.requests if not method or r.method == method]
 
 
 def test_versions_compare_numerically() -> None:
