@@ -140,3 +140,4 @@ class AcceptGate:
         self._measured = self.clock.seconds()
         for d in waiters:
             d.callback(room)
+
