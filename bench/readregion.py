@@ -96,10 +96,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             rows.append((name, best, reader.fetched // args.repeat))
         path = slides.path(slides.get(SLIDE).tiff)
         best = min(
-            [
-                await threads.deferToThread(_openslide, path, x, y, side)
-                for _ in range(args.repeat)
-            ]
+            [await threads.deferToThread(_openslide, path, x, y, side) for _ in range(args.repeat)]
         )
         rows.append(("OpenSlide, downloaded file", best, 0))
     finally:

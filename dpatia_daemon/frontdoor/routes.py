@@ -58,7 +58,7 @@ from ..models import (
 )
 from ..spool import ISpool, JobMoved
 from ..sps.client import SPSClient, SPSError
-from ..sps.results import Status, image_size_of
+from ..sps.results import Status, image_size_of, result_key
 from ..sps.tokens import TokenBook
 from ..sps.writer import ResultGone, ResultWriter
 from .background import BackgroundQueue
@@ -331,7 +331,10 @@ class IAAPI:
             raise InvalidInput("a modified result must carry its id", "$.input.id")
         if _button_pressed(result):
             # A patchCollection button press: acknowledge it without storing anything,
-            # as the Sectra example does; the state goes back to 0.
+            # as the Sectra example does; the state goes back to 0.  With [app]
+            # on_action, the press also becomes a job (after the answer's commit).
+            if self.config.app.on_action:
+                await self._accept_action(invocation, result, unstructure(result))
             return json_answer(request, _reset_buttons(unstructure(result)))
         callback = self._remember_callback(invocation)
         stored = await self.sps.update_result(callback, invocation.applicationId, result)
@@ -341,6 +344,33 @@ class IAAPI:
             slide_id=invocation.slideId,
         )
         return json_answer(request, unstructure(stored))
+
+    async def _accept_action(
+        self, invocation: Invocation, result: Result, pressed: dict[str, Any]
+    ) -> Job:
+        """Spool the job that runs ``[app] on_action`` for a button press."""
+        content = pressed["data"]["result"]["content"]
+        action_id = next(
+            (
+                str(a.get("id", ""))
+                for a in content.get("actions") or []
+                if isinstance(a, dict) and a.get("state") == 1
+            ),
+            "",
+        )
+        return await self._accept(
+            invocation,
+            JobKind.ACTION,
+            f"button {action_id!r} pressed on result {result.id}",
+            input={
+                "type": "action",
+                "actionId": action_id,
+                "result": pressed,
+                "resultKey": result_key(result),
+                "handler": self.config.app.on_action,
+            },
+            result_id=result.id,
+        )
 
     async def _delete(self, request: IRequest, invocation: Invocation, result: Any) -> bytes:
         # The SPS deletes the result itself; the app stops any work that would write it.

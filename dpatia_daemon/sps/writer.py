@@ -149,13 +149,15 @@ class ResultWriter:
             image_size=image_size or image_size_of(job.image_info),
             progress=progress,
             error=error,
-            key=job.key,
+            key=job.recorded_key,
             region=region_polygons(job.input) if job.is_region else None,
         )
 
     def final(self, job: Job, result: Result) -> Result:
         """An analysis's result made ready to store: slide, version and bookkeeping set."""
-        return final_result(result, job.job_id, job.slide_id, self.application_version, key=job.key)
+        return final_result(
+            result, job.job_id, job.slide_id, self.application_version, key=job.recorded_key
+        )
 
     # --- serialisation ----------------------------------------------------------------
 

@@ -59,7 +59,7 @@ from .._version import __version__
 from ..analyses import Analysis, AnalysisCancelled, AnalysisJob, as_result
 from ..analyses.loader import AnalysisLoadError, load_analysis
 from ..durable import write_atomically
-from ..jobs import Callback, Job
+from ..jobs import Callback, Job, JobKind
 from ..models import unstructure
 from ..pipeline.download import DownloadError
 from ..pipeline.prepare import PipelineSettings, Prepared, analysis_progress, prepare
@@ -133,6 +133,7 @@ class WorkerProtocol(AMP):
         self.current: _Running | None = None
         self._sps: SPSClient | None = None
         self._versions: SPSVersions | None = None
+        self._handlers: dict[str, Analysis] = {}
         self._credentials = credentials
         self._callbacks = JobCallback()
 
@@ -363,6 +364,9 @@ class WorkerProtocol(AMP):
             if prepared is not None and prepared.case is not None
             else None,
         )
+        if job.kind is JobKind.ACTION:
+            # A button press: the [app] on_action callable the front door named.
+            analysis = self._action_handler(str(job.input.get("handler") or ""))
         log.info("job {job_id}: analysis started", job_id=job.job_id)
         answer = analysis(analysis_job)
         if running.cancel.is_set():
@@ -382,6 +386,16 @@ class WorkerProtocol(AMP):
         body = json.dumps(record, allow_nan=False).encode("utf-8")
         reply["result_path"] = write_atomically(folder.child(RESULT_FILE).path, body)
         return reply
+
+    def _action_handler(self, spec: str) -> Analysis:
+        """The ``[app] on_action`` callable ``spec`` (imported once per worker)."""
+        handler = self._handlers.get(spec)
+        if handler is None:
+            try:
+                handler = self._handlers[spec] = load_analysis(spec)
+            except AnalysisLoadError as e:
+                raise AnalysisFailed(bounded(f"on_action: {e}")) from None
+        return handler
 
     def _region_reader(
         self, job: Job, slide_info: dict[str, Any] | None, running: _Running
