@@ -150,6 +150,9 @@ class FakeSlide:
     tiles: TileSource = field(factory=dict)
     files: list[tuple[str, bytes]] = field(factory=list)
     tile_renderer: TileRenderer | None = None
+    #: For a multichannel slide: renders a tile of one optical path
+    #: ``(level, col, row, ext, optical_path)`` (instead of ``tile_renderer``).
+    channel_renderer: Callable[[int, int, int, str, str], Deferred[bytes | None]] | None = None
     file_paths: list[tuple[str, Path]] = field(factory=list)
 
     def tile(self, level: int, col: int, row: int) -> bytes | None:
@@ -506,6 +509,8 @@ days does not grow without bound).  Knobs: ``fail_next`` (answer
             raise FakeHTTPError(404, "not a DZI tile path")
         slide = self._slide(slide_files[: -len("_files")])
         col, row, ext = int(match.group(1)), int(match.group(2)), match.group(4).lower()
+        if slide.channel_renderer is not None:
+            return self._channel_tile(request, recorded, slide, level, col, row, ext, match)
         if slide.tile_renderer is not None:
             if ext not in _TILE_TYPES:
                 raise FakeHTTPError(404, f"tiles are not available as .{ext}")
@@ -526,6 +531,35 @@ days does not grow without bound).  Knobs: ``fail_next`` (answer
             raise FakeHTTPError(404, "no such tile")
         request.setHeader(b"content-type", _TILE_TYPES.get(ext, "application/octet-stream"))
         return data
+
+    def _channel_tile(
+        self,
+        request: IRequest,
+        recorded: RecordedRequest,
+        slide: FakeSlide,
+        level: int,
+        col: int,
+        row: int,
+        ext: str,
+        match: Any,
+    ) -> Deferred[bytes]:
+        """A tile of one optical path of a multichannel slide (``?opticalPath=``; the
+        first path when not named)."""
+        assert slide.channel_renderer is not None
+        paths = [str(p.get("id")) for p in slide.info.get("opticalPaths") or []]
+        path = recorded.query.get("opticalPath", paths[:1])[0]
+        if ext not in _TILE_TYPES or match.group(3) not in _FOCAL_PLANES:
+            raise FakeHTTPError(404, "no such tile format or focal plane")
+        if path not in paths:
+            raise FakeHTTPError(404, "no such optical path")
+
+        def rendered(data: bytes | None) -> bytes:
+            if data is None:
+                raise FakeHTTPError(404, "no such tile")
+            request.setHeader(b"content-type", _TILE_TYPES[ext])
+            return data
+
+        return slide.channel_renderer(level, col, row, ext, path).addCallback(rendered)
 
     @app.route(BASE_PATH + "/slides/<slide_id>/files", methods=["GET"])
     def files(self, request: IRequest, slide_id: str) -> bytes | IResource:
