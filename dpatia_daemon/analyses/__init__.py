@@ -10,7 +10,9 @@ What it gets, :class:`AnalysisJob`, is read-only: ids, the input geometry, slide
 metadata (``slides/{id}/info``), local paths of the slide's thumbnail, label and
 downloaded WSI files (``open_slide()`` opens the WSI with OpenSlide), the job's work
 folder (scratch space), its settings (the ``[<name>]`` section of the config, for
-built-ins), and three callables:
+built-ins), tile access (``read_region(x, y, w, h, resolution)`` and ``tiles(resolution)``
+over the SPS's DZI tiles, no download needed), the case's slides (``case_images()``),
+and three callables:
 
 * ``progress(percent, text)`` reports progress; the daemon shows it on the slide,
   throttled, so call it as often as is convenient;
@@ -26,7 +28,8 @@ and ``job.sleep()`` do).  Any other exception fails the attempt; its type and me
 What it returns, :class:`AnalysisResult`: the text shown in the annotation list, the
 key/value table shown when it is selected, and primitive items (polygons, polylines,
 labels) in width-normalised coordinates (x in [0, 1], y in [0, height/width]).  The
-daemon adds ``applicationVersion`` and its own bookkeeping and stores it at the SPS,
+daemon adds ``applicationVersion`` (unless the result names the model's own) and its
+own bookkeeping and stores it at the SPS,
 replacing the job's progress frame.
 
 Beside the interface, for any analysis: :mod:`.images` gives the slide as an image at
