@@ -265,6 +265,15 @@ class AppConfig:
         ),
     )
     include_phi: bool = key(False)
+    #: ``package.module:callable`` run (in a worker, like a job) for a patchCollection
+    #: button press; empty: a press is acknowledged and nothing else happens.
+    on_action: str = key(
+        "",
+        matches(
+            r"|[A-Za-z_][\w.]*:[A-Za-z_]\w*",
+            "must be empty or package.module:callable",
+        ),
+    )
 
 
 @frozen

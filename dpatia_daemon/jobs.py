@@ -24,6 +24,10 @@ class JobKind(StrEnum):
 
     CREATE = "create"
     NOTIFICATION = "notification"
+    #: A patchCollection button press (a modify with an action's state == 1) for
+    #: ``[app] on_action``: ``input`` is ``{"type": "action", "actionId", "result",
+    #: "resultKey", "handler"}`` and ``result_id`` the pressed result.
+    ACTION = "action"
 
 
 class JobState(StrEnum):
@@ -176,6 +180,15 @@ class Job:
         """Whether this job analyses a region (it then has a result of its own)."""
         return is_region_input(self.input)
 
+    @property
+    def recorded_key(self) -> str | None:
+        """The key the job's result records: its own, or for a button press the key
+        the pressed result recorded (so the result stays the one its analysis reuses)."""
+        if self.kind is JobKind.ACTION:
+            key = (self.input or {}).get("resultKey")
+            return key if isinstance(key, str) else None
+        return self.key
+
     def answers_to(self, cancellation_token: str) -> bool:
         """Whether a cancel carrying ``cancellation_token`` is for this job: the token of
         its request, or of an earlier request merged into it."""
@@ -185,7 +198,8 @@ class Job:
 
     def sort_key(self) -> tuple[int, int, float, str]:
         """Dispatch order: manual requests first, then higher priority, then oldest."""
-        return (0 if self.kind is JobKind.CREATE else 1, -self.priority, self.created, self.job_id)
+        manual = self.kind in (JobKind.CREATE, JobKind.ACTION)
+        return (0 if manual else 1, -self.priority, self.created, self.job_id)
 
     def merged_with(self, newer: Job) -> Job:
         """Fold a newer request for the same key into this queued job.

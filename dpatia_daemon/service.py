@@ -45,6 +45,7 @@ from .ops.systemd import Notifier, Readiness, SystemdEnvironment, Watchdog
 from .spool import DirectorySpool
 from .spool.retention import Retention
 from .sps.client import SPSClient, make_http_client
+from .sps.info import SPSVersions
 from .sps.tokens import TokenBook, callback_auth
 from .sps.writer import ResultWriter
 from .twistedcompat import raise_synchronously
@@ -150,6 +151,7 @@ def build_service(
     writer = ResultWriter(
         sps=sps, clock=reactor, display_name=config.app.display_name, tokens=tokens
     )
+    writer.versions = SPSVersions(sps=sps, clock=reactor)
     # With workers here, a cancellation reaches their running job at once.
     cancel_running = None
     if config.workers.count and front_door is None:

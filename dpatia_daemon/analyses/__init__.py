@@ -10,7 +10,9 @@ What it gets, :class:`AnalysisJob`, is read-only: ids, the input geometry, slide
 metadata (``slides/{id}/info``), local paths of the slide's thumbnail, label and
 downloaded WSI files (``open_slide()`` opens the WSI with OpenSlide), the job's work
 folder (scratch space), its settings (the ``[<name>]`` section of the config, for
-built-ins), and three callables:
+built-ins), tile access (``read_region(x, y, w, h, resolution)`` and ``tiles(resolution)``
+over the SPS's DZI tiles, no download needed), the case's slides (``case_images()``),
+and three callables:
 
 * ``progress(percent, text)`` reports progress; the daemon shows it on the slide,
   throttled, so call it as often as is convenient;
@@ -26,7 +28,8 @@ and ``job.sleep()`` do).  Any other exception fails the attempt; its type and me
 What it returns, :class:`AnalysisResult`: the text shown in the annotation list, the
 key/value table shown when it is selected, and primitive items (polygons, polylines,
 labels) in width-normalised coordinates (x in [0, 1], y in [0, height/width]).  The
-daemon adds ``applicationVersion`` and its own bookkeeping and stores it at the SPS,
+daemon adds ``applicationVersion`` (unless the result names the model's own) and its
+own bookkeeping and stores it at the SPS,
 replacing the job's progress frame.
 
 Beside the interface, for any analysis: :mod:`.images` gives the slide as an image at
@@ -39,7 +42,8 @@ about N µm/px, from the downloaded WSI or, when there is no file, the thumbnail
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from attrs import field, frozen
@@ -51,6 +55,39 @@ from .shapes import item, label, rectangle
 
 class NoSlideFile(Exception):
     """:meth:`AnalysisJob.open_slide` found no whole-slide image file to open."""
+
+
+class NoPixels(Exception):
+    """:meth:`AnalysisJob.read_region` / :meth:`AnalysisJob.tiles` could not get tiles."""
+
+
+class PixelSource(typing.Protocol):
+    """Where :meth:`AnalysisJob.read_region` reads (the worker's
+    :class:`~dpatia_daemon.pipeline.regions.RegionReader`)."""
+
+    def read_region(
+        self,
+        x: int,
+        y: int,
+        width: int,
+        height: int,
+        resolution: float | None = None,
+        *,
+        focal_plane: str | None = None,
+        optical_path: str | None = None,
+    ) -> Any:
+        """A region's RGB pixels."""
+        ...
+
+    def tiles(
+        self,
+        resolution: float | None = None,
+        *,
+        focal_plane: str | None = None,
+        optical_path: str | None = None,
+    ) -> Iterator[Any]:
+        """Every tile of a level."""
+        ...
 
 
 class AnalysisCancelled(Exception):
@@ -92,6 +129,83 @@ class AnalysisJob:
     thumbnail_path: str | None = None
     label_path: str | None = None
     files: tuple[str, ...] = ()
+    #: The slide's pixels over the SPS's DZI tiles (None: not available, e.g. a job
+    #: run without the worker pipeline); see :meth:`read_region` and :meth:`tiles`.
+    pixels: PixelSource | None = field(default=None, repr=False)
+    #: The other slides of the case, as the SPS listed them (IA-API 1.9); None: not
+    #: known (an older SPS, or the listing failed).
+    case: tuple[Mapping[str, Any], ...] | None = None
+
+    def read_region(
+        self,
+        x: int,
+        y: int,
+        width: int,
+        height: int,
+        resolution: float | None = None,
+        *,
+        focal_plane: str | None = None,
+        optical_path: str | None = None,
+    ) -> Any:
+        """The RGB pixels (a ``numpy`` array ``(height, width, 3)``) of a region, read
+        from the SPS's DZI tiles: no WSI download needed.
+
+        ``(x, y)``: top-left in full-resolution pixels; ``(width, height)``: the size of
+        the answer at ``resolution`` µm/px (None: the scan's own).  Blocking, up to 16
+        tiles fetched at once; raises :class:`AnalysisCancelled` once cancelled and
+        :class:`NoPixels` when the tiles cannot be had.
+        """
+        return self._pixel_call(
+            "read_region",
+            x,
+            y,
+            width,
+            height,
+            resolution,
+            focal_plane=focal_plane,
+            optical_path=optical_path,
+        )
+
+    def tiles(
+        self,
+        resolution: float | None = None,
+        *,
+        focal_plane: str | None = None,
+        optical_path: str | None = None,
+    ) -> Iterator[Any]:
+        """Every DZI tile of the level for ``resolution`` µm/px, decoded, in the order
+        they arrive (each a :class:`~dpatia_daemon.pipeline.regions.Tile`: ``level``,
+        ``rect``, ``full`` — the full-resolution pixels it covers — and ``image``)."""
+        source = self._pixels()
+        try:
+            yield from source.tiles(resolution, focal_plane=focal_plane, optical_path=optical_path)
+        except Exception as e:
+            raise self._pixel_error(e) from e
+
+    def case_images(self) -> list[dict[str, Any]]:
+        """The slides of this slide's case (``id``, ``staining``, ``block``, …; PHI
+        identifiers only with ``[app] include_phi``), this one included; ``[]`` when
+        the SPS does not list cases (before IA-API 1.9)."""
+        return [dict(item) for item in self.case or ()]
+
+    def _pixels(self) -> PixelSource:
+        if self.pixels is None:
+            raise NoPixels("no tile access for this job (no slide info or no SPS client)")
+        return self.pixels
+
+    def _pixel_call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        source = self._pixels()
+        try:
+            return getattr(source, name)(*args, **kwargs)
+        except Exception as e:
+            raise self._pixel_error(e) from e
+
+    def _pixel_error(self, error: Exception) -> Exception:
+        if type(error).__name__ == "RegionCancelled" or self.cancelled():
+            return AnalysisCancelled(self.job_id)
+        if isinstance(error, ValueError | NoPixels):
+            return error
+        return NoPixels(str(error))
 
     def open_slide(self) -> Any:
         """The whole-slide image opened with OpenSlide: the first downloaded file it reads.
@@ -129,7 +243,8 @@ class AnalysisResult:
 
     ``items`` are primitive items (polygons, polylines, labels); ``patches`` a
     patchCollection instead (a gallery of patches the user can re-tag) — one or the
-    other.  ``quality_control``, if set (``"QualityOk"``, ``"Rejected"`` or
+    other.  ``application_version`` (the model's version) becomes the stored
+    ``applicationVersion``; unset, dpatia's version.  ``quality_control``, if set (``"QualityOk"``, ``"Rejected"`` or
     ``"NotSet"``), is stored as the slide's QC verdict (IA-API 1.10, DPAT 4.2).
     """
 
@@ -139,8 +254,15 @@ class AnalysisResult:
     context: Mapping[str, Any] = field(factory=dict)
     patches: PatchCollection | None = None
     quality_control: str | None = None
+    #: The model's version, stored as the result's ``applicationVersion`` (for
+    #: traceability); None: dpatia's own version.
+    application_version: str | None = None
 
     def __attrs_post_init__(self) -> None:
+        if self.application_version is not None and (
+            not isinstance(self.application_version, str) or not self.application_version.strip()
+        ):
+            raise ValueError("application_version must be a non-empty string or None")
         if self.patches is not None and self.items:
             raise ValueError("an AnalysisResult has primitive items or patches, not both")
         if self.quality_control not in (None, *QC_VERDICTS):
@@ -161,6 +283,7 @@ class AnalysisResult:
             slideId=slide_id,
             displayResult=self.display_result,
             displayProperties=dict(self.display_properties),
+            applicationVersion=self.application_version,
             data=ResultData(context=dict(self.context), result=payload),
         )
 
@@ -247,7 +370,9 @@ __all__ = [
     "AnalysisCancelled",
     "AnalysisJob",
     "AnalysisResult",
+    "NoPixels",
     "NoSlideFile",
+    "PixelSource",
     "Patch",
     "PatchCollection",
     "QC_VERDICTS",

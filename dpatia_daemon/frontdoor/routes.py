@@ -24,6 +24,7 @@ to HTTP) is :mod:`dpatia_daemon.frontdoor.site`.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -58,8 +59,8 @@ from ..models import (
     unstructure,
 )
 from ..spool import ISpool, JobMoved
-from ..sps.client import SPSClient, SPSError
-from ..sps.results import Status, image_size_of
+from ..sps.client import SPSClient, SPSConflict, SPSError
+from ..sps.results import Status, image_size_of, result_key
 from ..sps.tokens import TokenBook
 from ..sps.writer import ResultGone, ResultWriter
 from ..workers.health import SPSHealth
@@ -67,6 +68,7 @@ from .background import BackgroundQueue, reporting
 from .capacity import NO_ROOM, AcceptGate
 from .notifications import NotificationCounts
 from .site import (
+    JSON_TYPE,
     BodyLimits,
     CallbackNotAllowed,
     handle_errors,
@@ -205,13 +207,13 @@ class IAAPI:
         raw = read_body(
             request, limits.max_result_body_bytes, "modify and delete", "max_result_body_bytes"
         )
-        invocation, parsed = await self._parsed(raw, _parse_invocation, limits)
+        invocation, parsed, put_body = await self._parsed(raw, _parse_for_put, limits)
         self._check_invocation(invocation)
         if invocation.action is Action.CREATE:
             return await self._create(request, invocation, parsed)
         if invocation.action is Action.MODIFY:
             assert isinstance(parsed, Result)
-            return await self._modify(request, invocation, parsed)
+            return await self._modify(request, invocation, parsed, put_body)
         if invocation.action is Action.DELETE:
             return await self._delete(request, invocation, parsed)
         return await self._cancel(request, invocation)
@@ -333,14 +335,36 @@ class IAAPI:
         )
         return job
 
-    async def _modify(self, request: IRequest, invocation: Invocation, result: Result) -> bytes:
+    async def _modify(
+        self, request: IRequest, invocation: Invocation, result: Result, body: bytes | None
+    ) -> bytes:
         if result.id is None:
             raise InvalidInput("a modified result must carry its id", "$.input.id")
         if _button_pressed(result):
             # A patchCollection button press: acknowledge it without storing anything,
-            # as the Sectra example does; the state goes back to 0.
+            # as the Sectra example does; the state goes back to 0.  With [app]
+            # on_action, the press also becomes a job (after the answer's commit).
+            if self.config.app.on_action:
+                await self._accept_action(invocation, result, unstructure(result))
             return json_answer(request, _reset_buttons(unstructure(result)))
         callback = self._remember_callback(invocation)
+        if body is not None and result.id is not None:
+            # A stored result of many MiB: serialised in the parse's thread, and the
+            # SPS's answer handed back as it came: the reactor thread builds and parses
+            # none of it.
+            try:
+                answer = await self.sps.update_result_body(
+                    callback, invocation.applicationId, result.id, body
+                )
+            except SPSConflict:
+                pass  # the path below re-reads the result and tries once more
+            else:
+                log.info(
+                    "result {result_id} of slide {slide_id} modified by a user",
+                    result_id=result.id,
+                    slide_id=invocation.slideId,
+                )
+                return _raw_json_answer(request, answer)
         stored = await self.sps.update_result(callback, invocation.applicationId, result)
         log.info(
             "result {result_id} of slide {slide_id} modified by a user",
@@ -348,6 +372,33 @@ class IAAPI:
             slide_id=invocation.slideId,
         )
         return json_answer(request, unstructure(stored))
+
+    async def _accept_action(
+        self, invocation: Invocation, result: Result, pressed: dict[str, Any]
+    ) -> Job:
+        """Spool the job that runs ``[app] on_action`` for a button press."""
+        content = pressed["data"]["result"]["content"]
+        action_id = next(
+            (
+                str(a.get("id", ""))
+                for a in content.get("actions") or []
+                if isinstance(a, dict) and a.get("state") == 1
+            ),
+            "",
+        )
+        return await self._accept(
+            invocation,
+            JobKind.ACTION,
+            f"button {action_id!r} pressed on result {result.id}",
+            input={
+                "type": "action",
+                "actionId": action_id,
+                "result": pressed,
+                "resultKey": result_key(result),
+                "handler": self.config.app.on_action,
+            },
+            result_id=result.id,
+        )
 
     async def _delete(self, request: IRequest, invocation: Invocation, result: Any) -> bytes:
         # The SPS deletes the result itself; the app stops any work that would write it.
@@ -553,6 +604,31 @@ def _could_not(job: Job, what: str, error: Exception, then: str = "") -> None:
         error=str(error),
         then=then,
     )
+
+
+def _parse_for_put(
+    raw: bytes, limits: BodyLimits
+) -> tuple[Invocation, AnalysisInput | Result | None, bytes | None]:
+    """:func:`_parse_invocation`, and for a large modify (not a button press) also the
+    PUT body of its result, built here: in the parse's thread, off the reactor."""
+    invocation, parsed = _parse_invocation(raw, limits)
+    body = None
+    if (
+        len(raw) > INLINE_PARSE_BYTES
+        and invocation.action is Action.MODIFY
+        and isinstance(parsed, Result)
+        and not _button_pressed(parsed)
+    ):
+        body = json.dumps(unstructure(parsed)).encode("utf-8")
+    return invocation, parsed, body
+
+
+def _raw_json_answer(request: IRequest, body: bytes) -> bytes:
+    """``body`` (JSON already) as the 200 answer to ``request``."""
+    request.setResponseCode(200)
+    request.setHeader(b"Content-Type", JSON_TYPE)
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return body
 
 
 def _button_pressed(result: Result) -> bool:

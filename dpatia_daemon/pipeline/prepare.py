@@ -4,7 +4,10 @@ Per job, in the job's work folder (named by a hash of the slide, never by PHI), 
 worker's reactor so AMP stays responsive:
 
 1. **metadata**: ``slides/{id}/info?scope=extended`` (``includePHI=true`` only with
-   ``[app] include_phi``), stored as ``slide_info.json`` (0600);
+   ``[app] include_phi``), stored as ``slide_info.json`` (0600); beside it the case's
+   slides (``slides/{id}/request/images/info``, IA-API 1.9, PHI likewise only with
+   ``include_phi``) as ``case_info.json``, where the SPS has case lists (a warning,
+   never a failure, where it has not);
 2. **thumbnail**: the DZI level nearest ``[pipeline] thumbnail_mpp``, tiles fetched
    ``tile_concurrency`` at a time and assembled (``thumbnail.png``);
 3. **label**: ``slides/{id}/label`` (``label.<ext>``; 204 means there is none);
@@ -31,8 +34,15 @@ from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
 from ..jobs import Job
-from ..sps.client import SPSClient
-from ..workers.workfolder import LABEL_STEM, SLIDE_INFO_FILE, THUMBNAIL_FILE, WSI_DIR
+from ..sps.client import SPSClient, SPSError, SPSUnauthorized
+from ..sps.info import CASE_LISTS, SPSVersions
+from ..workers.workfolder import (
+    CASE_INFO_FILE,
+    LABEL_STEM,
+    SLIDE_INFO_FILE,
+    THUMBNAIL_FILE,
+    WSI_DIR,
+)
 from .download import RunBlocking, download_files
 from .settings import PipelineSettings
 from .thumbnail import fetch_label, fetch_thumbnail, image_extension, save_bytes, save_image
@@ -52,6 +62,8 @@ class Prepared:
     thumbnail_path: str | None
     label_path: str | None
     files: tuple[str, ...]
+    #: The slides of the case (None: not known).
+    case: tuple[dict[str, Any], ...] | None = None
 
 
 def analysis_progress(percent: int) -> int:
@@ -68,6 +80,7 @@ async def prepare(
     clock: IReactorTime,
     run_blocking: RunBlocking,
     progress: Callable[[int, str], None],
+    versions: SPSVersions | None = None,
 ) -> Prepared:
     """Fetch metadata, thumbnail, label and (if configured) the WSI files of ``job``."""
     callback, slide_id = job.callback, job.slide_id
@@ -76,6 +89,10 @@ async def prepare(
     info = await sps.slide_info(callback, slide_id, extended=True, include_phi=settings.include_phi)
     data = json.dumps(info, sort_keys=True).encode("utf-8")
     await save_bytes(data, folder.child(SLIDE_INFO_FILE), run_blocking=run_blocking)
+    case = await _case_images(job, sps, settings, versions)
+    if case is not None:
+        data = json.dumps(list(case), sort_keys=True).encode("utf-8")
+        await save_bytes(data, folder.child(CASE_INFO_FILE), run_blocking=run_blocking)
 
     progress(5, "Fetching thumbnail")
     thumbnail_path: str | None = None
@@ -136,4 +153,27 @@ async def prepare(
         thumbnail_path=thumbnail_path,
         label_path=label_path,
         files=files,
+        case=case,
     )
+
+
+async def _case_images(
+    job: Job, sps: SPSClient, settings: PipelineSettings, versions: SPSVersions | None
+) -> tuple[dict[str, Any], ...] | None:
+    """The slides of ``job``'s case, or None where the SPS has no case lists."""
+    if versions is not None and await versions.supports(job.callback, CASE_LISTS) is False:
+        return None
+    try:
+        listed = await sps.slide_request_images(
+            job.callback, job.slide_id, include_phi=settings.include_phi
+        )
+    except SPSUnauthorized:
+        raise
+    except SPSError as e:
+        log.warn(
+            "job {job_id}: the slides of the case could not be listed: {error}",
+            job_id=job.job_id,
+            error=str(e),
+        )
+        return None
+    return tuple(listed)

@@ -27,6 +27,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from .buttons import pressed
 from .fake import PHI_FIELDS, FakeSPS, Watchers
 
 log = Logger()
@@ -208,6 +209,22 @@ class AppDriver:
             "POST", self._target(), self._invocation("cancel", slide_id, token)
         )
         self._log("cancel", slide_id, answer)
+        return answer
+
+    async def press(self, slide_id: str, result_id: int, action_id: str) -> Answer:
+        """A user presses button ``action_id`` of the patchCollection ``result_id``: a
+        ``modify`` whose input is the stored result with that action's state 1."""
+        stored = self.sps.results.get(result_id)
+        if stored is None or stored.slideId != slide_id:
+            raise DriverError(f"no result {result_id} on slide {slide_id!r}")
+        try:
+            input = pressed(stored, action_id)
+        except KeyError:
+            raise DriverError(f"result {result_id} has no button {action_id!r}") from None
+        body = self._invocation("modify", slide_id, secrets.token_hex(8))
+        body["input"] = input
+        answer = await self._call("POST", self._target(), body)
+        self._log("press", slide_id, answer, action_id)
         return answer
 
     async def notify(self, slide_id: str) -> Answer:

@@ -44,6 +44,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ..models import InvalidInput, Result, VersionInfo, result_from_json, unstructure
 from .faults import DelayedResource, Faults, FileStream, multipart_segments
+from .versions import has_case_lists, has_quality_control, slide_info_for
 
 log = Logger()
 
@@ -149,6 +150,9 @@ class FakeSlide:
     tiles: TileSource = field(factory=dict)
     files: list[tuple[str, bytes]] = field(factory=list)
     tile_renderer: TileRenderer | None = None
+    #: For a multichannel slide: renders a tile of one optical path
+    #: ``(level, col, row, ext, optical_path)`` (instead of ``tile_renderer``).
+    channel_renderer: Callable[[int, int, int, str, str], Deferred[bytes | None]] | None = None
     file_paths: list[tuple[str, Path]] = field(factory=list)
 
     def tile(self, level: int, col: int, row: int) -> bytes | None:
@@ -481,7 +485,7 @@ days does not grow without bound).  Knobs: ``fail_next`` (answer
         if not self._flag(recorded, "includePHI"):
             hidden |= PHI_FIELDS
         info = {k: v for k, v in slide.info.items() if k not in hidden}
-        return _json_body(request, 200, info)
+        return _json_body(request, 200, slide_info_for(self.version, info))
 
     @app.route(BASE_PATH + "/slides/<slide_id>/label", methods=["GET"])
     def label(self, request: IRequest, slide_id: str) -> bytes:
@@ -505,6 +509,8 @@ days does not grow without bound).  Knobs: ``fail_next`` (answer
             raise FakeHTTPError(404, "not a DZI tile path")
         slide = self._slide(slide_files[: -len("_files")])
         col, row, ext = int(match.group(1)), int(match.group(2)), match.group(4).lower()
+        if slide.channel_renderer is not None:
+            return self._channel_tile(request, recorded, slide, level, col, row, ext, match)
         if slide.tile_renderer is not None:
             if ext not in _TILE_TYPES:
                 raise FakeHTTPError(404, f"tiles are not available as .{ext}")
@@ -525,6 +531,35 @@ days does not grow without bound).  Knobs: ``fail_next`` (answer
             raise FakeHTTPError(404, "no such tile")
         request.setHeader(b"content-type", _TILE_TYPES.get(ext, "application/octet-stream"))
         return data
+
+    def _channel_tile(
+        self,
+        request: IRequest,
+        recorded: RecordedRequest,
+        slide: FakeSlide,
+        level: int,
+        col: int,
+        row: int,
+        ext: str,
+        match: Any,
+    ) -> Deferred[bytes]:
+        """A tile of one optical path of a multichannel slide (``?opticalPath=``; the
+        first path when not named)."""
+        assert slide.channel_renderer is not None
+        paths = [str(p.get("id")) for p in slide.info.get("opticalPaths") or []]
+        path = recorded.query.get("opticalPath", paths[:1])[0]
+        if ext not in _TILE_TYPES or match.group(3) not in _FOCAL_PLANES:
+            raise FakeHTTPError(404, "no such tile format or focal plane")
+        if path not in paths:
+            raise FakeHTTPError(404, "no such optical path")
+
+        def rendered(data: bytes | None) -> bytes:
+            if data is None:
+                raise FakeHTTPError(404, "no such tile")
+            request.setHeader(b"content-type", _TILE_TYPES[ext])
+            return data
+
+        return slide.channel_renderer(level, col, row, ext, path).addCallback(rendered)
 
     @app.route(BASE_PATH + "/slides/<slide_id>/files", methods=["GET"])
     def files(self, request: IRequest, slide_id: str) -> bytes | IResource:
@@ -560,6 +595,8 @@ days does not grow without bound).  Knobs: ``fail_next`` (answer
     def quality_control(self, request: IRequest, slide_id: str) -> bytes:
         """``PUT slides/{id}/qualityControl``: store the status; a stale versionId is 409."""
         recorded = self._enter(request)
+        if not has_quality_control(self.version):
+            raise FakeHTTPError(404, f"no such endpoint in IA-API {self.version.apiVersion}")
         slide = self._slide(slide_id)
         data = self._json_request(recorded)
         qc = data.get("qualityControl") if isinstance(data, dict) else None
@@ -573,6 +610,10 @@ days does not grow without bound).  Knobs: ``fail_next`` (answer
         slide.info["qualityControl"] = {"status": qc["status"], "versionId": self.new_version_id()}
         request.setResponseCode(200)
         return b""
+
+    def _need_case_lists(self) -> None:
+        if not has_case_lists(self.version):
+            raise FakeHTTPError(404, f"no such endpoint in IA-API {self.version.apiVersion}")
 
     def _case_entry(self, slide: FakeSlide, include_phi: bool) -> dict[str, Any]:
         """One slide of a case listing (PHI identifiers only on request)."""
@@ -592,6 +633,7 @@ days does not grow without bound).  Knobs: ``fail_next`` (answer
     def slide_request_images(self, request: IRequest, slide_id: str) -> bytes:
         """``GET slides/{id}/request/images/info``: the slides of the same case."""
         recorded = self._enter(request)
+        self._need_case_lists()
         accession = self._slide(slide_id).info.get("accessionNumber")
         case = [s for s in self.slides.values() if s.info.get("accessionNumber") == accession]
         include_phi = self._flag(recorded, "includePHI")
@@ -601,6 +643,7 @@ days does not grow without bound).  Knobs: ``fail_next`` (answer
     def request_images(self, request: IRequest, accession_number: str) -> bytes:
         """``GET requests/{accessionNumber}/images/info``; either issuer parameter name."""
         recorded = self._enter(request)
+        self._need_case_lists()
         # The sources disagree on the parameter's name (IA-API.md §2.8): accept both.
         issuers = recorded.query.get("accessionNumberIssuer") or recorded.query.get(
             "accessionNumberIssuerId"

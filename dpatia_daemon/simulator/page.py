@@ -130,6 +130,7 @@ function makeCard(slide) {
   card.appendChild(count); card.appendChild(list);
   document.getElementById("slides").appendChild(card);
   entry.cancel = (id) => post(base + "cancel", {resultId: id});
+  entry.press = (id, action) => post(base + "press", {resultId: id, actionId: action});
   cards.set(slide.id, entry);
   return entry;
 }
@@ -206,7 +207,7 @@ function render(state) {
     const card = cards.get(slide.id) || makeCard(slide);
     const latest = slide.latest;
     const results = slide.results || [];
-    const key = results.map(r => r.id + "/" + r.versionId + "/" + r.cancellable).join(",") || "none";
+    const key = results.map(r => r.id + "/" + r.versionId + "/" + r.cancellable + "/" + (r.actions || []).length).join(",") || "none";
     card.count.textContent = slide.resultCount + " result(s) stored for this slide" +
       (REGION_TYPES.has(appType) ? " · drag on the thumbnail to select a region" : "");
     if (card.key === key) continue;
@@ -214,12 +215,18 @@ function render(state) {
     // Every result of the app is drawn, as the viewer shows them (one per region).
     drawShapes(card.svg, results.flatMap(r => r.shapes), slide.thumbnail.width);
     while (card.list.firstChild) card.list.removeChild(card.list.firstChild);
-    if (results.length > 1) {
+    if (results.length > 1 || results.some(r => (r.actions || []).length)) {
       for (const r of results) {
         const row = el("div", {class: "muted", "data-result": String(r.id)}, "#" + r.id + " " + r.displayResult + " ");
         if (r.cancellable) {
           const b = el("button", {"data-action": "cancel-result"}, "Cancel");
           b.addEventListener("click", () => card.cancel(r.id));
+          row.appendChild(b);
+        }
+        // patchCollection buttons: a press is a modify with the action's state 1.
+        for (const a of r.actions || []) {
+          const b = el("button", {"data-action": "press", title: a.tooltip}, a.name);
+          b.addEventListener("click", () => card.press(r.id, a.id));
           row.appendChild(b);
         }
         card.list.appendChild(row);

@@ -46,6 +46,8 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from ..models import Result
 from ..pipeline.dzi import DZI
 from ..sps.results import latest
+from .buttons import actions_of
+from .channels import add_multichannel
 from .driver import DEFAULT_APP_URL, AppDriver, DriverError
 from .fake import BASE_PATH, FakeSlide, FakeSPS
 from .faults import DownMode, Faults
@@ -53,6 +55,7 @@ from .overlay import render_result_png, shapes_of
 from .page import render_page
 from .slides import SlideSet, default_specs, load_or_generate
 from .tiles import Runner, TileServer, thread_runner
+from .versions import version_info
 
 log = Logger()
 
@@ -83,6 +86,9 @@ class SimulatorConfig:
     down_after: float | None = None
     down_for: float | None = None
     down_mode: DownMode = "503"
+    #: The IA-API version the simulated SPS has (``GET /info``; QC from 1.10, case
+    #: lists from 1.9).
+    api_version: str = "1.10"
 
     def faults(self) -> Faults:
         """The initial fault knobs (the down window is placed when the service starts)."""
@@ -288,6 +294,7 @@ class Simulator:
                             "displayProperties": r.displayProperties,
                             "shapes": [s.to_json() for s in shapes_of(r, width)],
                             "cancellable": r.id in self.driver.result_tokens,
+                            "actions": actions_of(r),
                         }
                         for r in stored[-PAGE_RESULTS:]
                     ],
@@ -373,6 +380,13 @@ class Simulator:
             )
         elif action == "notify":
             answer = await self.driver.notify(slide_id)
+        elif action == "press":
+            result_id, action_id = body.get("resultId"), body.get("actionId")
+            if isinstance(result_id, bool) or not isinstance(result_id, int):
+                raise UIError(400, "resultId must be an integer")
+            if not isinstance(action_id, str):
+                raise UIError(400, "actionId must be a string")
+            answer = await self.driver.press(slide_id, result_id, action_id)
         elif action == "cancel":
             result_id = body.get("resultId")
             if result_id is not None and (
@@ -381,7 +395,7 @@ class Simulator:
                 raise UIError(400, "resultId must be an integer")
             answer = await self.driver.cancel(slide_id, result_id)
         else:
-            raise UIError(404, f"unknown action {action!r}; use create, notify or cancel")
+            raise UIError(404, f"unknown action {action!r}; use create, notify, cancel or press")
         return _json(request, answer.to_json())
 
     def results_route(self, request: IRequest) -> bytes:
@@ -518,6 +532,8 @@ class SimulatorService(Service):
             app_url=config.app_url,
         )
         simulator.load(slide_set)
+        simulator.sps.version = version_info(config.api_version)
+        add_multichannel(simulator, slide_set)
         site = Site(simulator.resource())
         site.displayTracebacks = False
         port = self.port = await serverFromString(reactor, config.listen).listen(site)

@@ -12,6 +12,7 @@ from typing import Any
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
+from ..sps.info import parse_version
 from .faults import DOWN_MODES
 from .server import DEFAULT_DATA, DEFAULT_LISTEN, SimulatorConfig, SimulatorService
 
@@ -34,6 +35,7 @@ class Options(usage.Options):
         ["down-after", None, "0", "Fault: seconds after start when the SPS goes down."],
         ["down-for", None, None, "Fault: how many seconds the SPS stays down."],
         ["down-mode", None, "503", "How it is down: 503 (with Retry-After) or refuse."],
+        ["api-version", None, "1.10", "The SPS's IA-API version (QC from 1.10, cases 1.9)."],
     ]
 
     config: SimulatorConfig
@@ -71,6 +73,8 @@ class Options(usage.Options):
         if self["down-mode"] not in DOWN_MODES:
             raise usage.UsageError(f"--down-mode: use one of {', '.join(DOWN_MODES)}")
         scale = number("scale", minimum=0.01, maximum=4.0)
+        if parse_version(self["api-version"]) is None:
+            raise usage.UsageError(f"--api-version: {self['api-version']!r} is not a version")
         self.config = SimulatorConfig(
             listen=self["listen"],
             data=self["data"],
@@ -86,6 +90,7 @@ class Options(usage.Options):
             down_after=number("down-after"),
             down_for=number("down-for"),
             down_mode=self["down-mode"],
+            api_version=self["api-version"],
         )
 
 

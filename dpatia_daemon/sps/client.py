@@ -389,6 +389,26 @@ class SPSClient:
                 body_excerpt=second.body_excerpt,
             ) from None
 
+    async def update_result_body(
+        self, callback: Callback, app_id: str, result_id: int, body: bytes
+    ) -> bytes:
+        """``PUT applications/{appId}/results/{id}`` of a result already serialised as
+        ``body`` (with its ``versionId``); the SPS's answer body as it came, unparsed.
+
+        For results of many MiB: neither the body nor the answer is built or parsed on
+        the reactor thread here.  A stale ``versionId`` raises :class:`SPSConflict` (no
+        re-read: the caller falls back on :meth:`update_result`); an answer that is not
+        a JSON object raises :class:`SPSProtocolError`.
+        """
+        endpoint = "PUT applications/{appId}/results/{id}"
+        path = f"applications/{_seg(app_id)}/results/{_seg(result_id)}"
+        spec = self._spec(callback, "PUT", endpoint, path, body=body, conflict_aware=True)
+        answer = await self._call(spec)
+        text = answer.body.strip()
+        if not (text.startswith(b"{") and text.endswith(b"}")):
+            raise self._protocol_error(endpoint, "expected a JSON object", answer, spec.secrets)
+        return answer.body
+
     async def _put_result(self, callback: Callback, app_id: str, result: Result) -> Result:
         """One ``PUT applications/{appId}/results/{id}`` (conflicts raise :class:`SPSConflict`)."""
         endpoint = "PUT applications/{appId}/results/{id}"

@@ -42,7 +42,8 @@ from twisted.logger import Logger
 from .._version import __version__
 from ..jobs import Callback, Job, JobKind
 from ..models import Result, ResultData
-from .client import SPSClient, SPSNotFound
+from .client import QC_STATUSES, SPSClient, SPSError, SPSNotFound
+from .info import QUALITY_CONTROL, SPSVersions
 from .results import (
     CONTEXT_KEY,
     Status,
@@ -118,6 +119,8 @@ class ResultWriter:
     fresh_grace: float = 5.0
     poll_interval: float = 0.5
     tokens: TokenBook | None = None
+    #: The SPS versions (``GET /info``, cached): quality control only where it exists.
+    versions: SPSVersions | None = None
     _locks: dict[str, DeferredLock] = field(factory=dict, init=False)
 
     def callback(self, job: Job) -> Callback:
@@ -146,14 +149,14 @@ class ResultWriter:
             image_size=image_size or image_size_of(job.image_info),
             progress=progress,
             error=error,
-            key=job.key,
+            key=job.recorded_key,
             region=region_polygons(job.input) if job.is_region else None,
         )
 
     def final(self, job: Job, result: Result) -> Result:
         """An analysis's result made ready to store: slide, version and bookkeeping set."""
         return final_result(
-            result, job.job_id, job.slide_id, self.application_version, key=job.key
+            result, job.job_id, job.slide_id, self.application_version, key=job.recorded_key
         )
 
     # --- serialisation ----------------------------------------------------------------
@@ -323,24 +326,60 @@ class ResultWriter:
 
     # --- the slide's quality control --------------------------------------------------
 
-    async def quality_control(self, job: Job, status: str, version_id: str | None) -> None:
+    async def quality_control(self, job: Job, status: str, version_id: str | None) -> str:
         """Set the QC status of ``job``'s slide (IA-API.md §2.7), with the newest callback
-        and under the job key's lock, like every other write of the job.
+        and under the job key's lock, like every other write of the job; what was done.
 
-        ``version_id`` is the slide's current QC ``versionId`` (from its metadata);
+        Only where the SPS has it (IA-API 1.10, from ``versions`` when known) and never
+        with ``versionId: null``: the slide's QC ``versionId`` is read again just before
+        the write (a long analysis can make the one in the job's metadata stale);
+        ``version_id``, from that metadata, is used only when the re-read fails.
+        Without any, the verdict is skipped (``"skipped: ..."``, logged by the caller).
         ValueError for a status the IA-API does not know.
         """
+        if status not in QC_STATUSES:
+            raise ValueError(f"unknown QC status {status!r}; expected one of {sorted(QC_STATUSES)}")
 
-        async def put() -> None:
+        async def put() -> str:
+            callback = self.callback(job)
+            if self.versions is not None:
+                has_qc = await self.versions.supports(callback, QUALITY_CONTROL)
+                if has_qc is False:
+                    known = self.versions.known(callback)
+                    return (
+                        f"skipped: the SPS has IA-API {known.apiVersion if known else '?'}, "
+                        f"quality control needs {QUALITY_CONTROL}"
+                    )
+            current = version_id
+            try:
+                info = await self.sps.slide_info(callback, job.slide_id, extended=True)
+            except SPSError as e:
+                if current is None:
+                    return f"skipped: the slide's QC versionId could not be read ({e})"
+            else:
+                current = qc_version_of(info)
+                if current is None:
+                    return (
+                        "skipped: the slide info has no qualityControl versionId "
+                        "(an SPS before IA-API 1.10?)"
+                    )
             await self.sps.set_quality_control(
-                self.callback(job),
+                callback,
                 job.slide_id,
                 status=status,
-                version_id=version_id,
+                version_id=current,
                 application_version=self.application_version,
             )
+            return "stored"
 
-        await self._serialised(job, put)
+        return await self._serialised(job, put)
+
+
+def qc_version_of(slide_info: object) -> str | None:
+    """The ``versionId`` of the slide's QC state in its metadata (IA-API 1.10), if any."""
+    qc = slide_info.get("qualityControl") if isinstance(slide_info, dict) else None
+    version = qc.get("versionId") if isinstance(qc, dict) else None
+    return version if isinstance(version, str) and version else None
 
 
 def is_final(result: Result) -> bool:
@@ -348,4 +387,11 @@ def is_final(result: Result) -> bool:
     return frame_status(result) in FINAL_STATUSES
 
 
-__all__ = ["FINAL_STATUSES", "ResultGone", "ResultWriter", "Superseded", "is_final"]
+__all__ = [
+    "FINAL_STATUSES",
+    "ResultGone",
+    "ResultWriter",
+    "Superseded",
+    "is_final",
+    "qc_version_of",
+]

@@ -59,11 +59,13 @@ from .._version import __version__
 from ..analyses import Analysis, AnalysisCancelled, AnalysisJob, as_result
 from ..analyses.loader import AnalysisLoadError, load_analysis
 from ..durable import write_atomically
-from ..jobs import Callback, Job
+from ..jobs import Callback, Job, JobKind
 from ..models import unstructure
 from ..pipeline.download import DownloadError
 from ..pipeline.prepare import PipelineSettings, Prepared, analysis_progress, prepare
+from ..pipeline.regions import RegionError, RegionReader, tile_extension
 from ..sps.client import SPSClient, SPSError, make_http_client
+from ..sps.info import SPSVersions
 from ..sps.tokens import Credentials, JobCallback, callback_auth
 from ..text import MAX_PROGRESS_TEXT, bounded
 from .commands import (
@@ -131,6 +133,8 @@ class WorkerProtocol(AMP):
         self.pipeline = pipeline
         self.current: _Running | None = None
         self._sps: SPSClient | None = None
+        self._versions: SPSVersions | None = None
+        self._handlers: dict[str, Analysis] = {}
         self._credentials = credentials
         self._callbacks = JobCallback()
 
@@ -208,9 +212,13 @@ class WorkerProtocol(AMP):
                     self.reactor, self.reactor.getThreadPool(), f, *args
                 ),
                 progress=lambda percent, text: self._report(running, percent, text),
+                versions=self._versions,
             )
-        finally:
+        except BaseException:
             self._callbacks.stop()
+            raise
+        # Still followed while the analysis runs: job.read_region fetches tiles with
+        # the newest token; _finished stops it.
 
     def _prepare_failed(self, running: _Running, failure: Failure) -> None:
         running.preparing = None
@@ -277,6 +285,7 @@ class WorkerProtocol(AMP):
                 callbacks=self._callbacks,
             )
             self._sps = attrs.evolve(sps, auth=auth)
+            self._versions = SPSVersions(sps=self._sps, clock=self.reactor)
         return self._sps
 
     @CancelJob.responder
@@ -356,7 +365,14 @@ class WorkerProtocol(AMP):
             thumbnail_path=prepared.thumbnail_path if prepared else None,
             label_path=prepared.label_path if prepared else None,
             files=prepared.files if prepared else (),
+            pixels=self._region_reader(job, slide_info, running),
+            case=tuple(MappingProxyType(c) for c in prepared.case)
+            if prepared is not None and prepared.case is not None
+            else None,
         )
+        if job.kind is JobKind.ACTION:
+            # A button press: the [app] on_action callable the front door named.
+            analysis = self._action_handler(str(job.input.get("handler") or ""))
         log.info("job {job_id}: analysis started", job_id=job.job_id)
         answer = analysis(analysis_job)
         if running.cancel.is_set():
@@ -376,6 +392,35 @@ class WorkerProtocol(AMP):
         body = json.dumps(record, allow_nan=False).encode("utf-8")
         reply["result_path"] = write_atomically(folder.child(RESULT_FILE).path, body)
         return reply
+
+    def _action_handler(self, spec: str) -> Analysis:
+        """The ``[app] on_action`` callable ``spec`` (imported once per worker)."""
+        handler = self._handlers.get(spec)
+        if handler is None:
+            try:
+                handler = self._handlers[spec] = load_analysis(spec)
+            except AnalysisLoadError as e:
+                raise AnalysisFailed(bounded(f"on_action: {e}")) from None
+        return handler
+
+    def _region_reader(
+        self, job: Job, slide_info: dict[str, Any] | None, running: _Running
+    ) -> RegionReader | None:
+        """``job.read_region``'s tile reader (None without an SPS client or image size)."""
+        if self._sps is None or not isinstance(slide_info, dict):
+            return None
+        try:
+            return RegionReader(
+                reactor=self.reactor,
+                sps=self._sps,
+                callback=job.callback,
+                slide_id=job.slide_id,
+                info=slide_info,
+                cancelled=running.cancel.is_set,
+                ext=tile_extension(slide_info),
+            )
+        except RegionError:
+            return None
 
     def _report(self, running: _Running, percent: Any, text: Any) -> None:
         """``progress(percent, text)`` as the analysis calls it, from its thread."""
@@ -421,6 +466,7 @@ class WorkerProtocol(AMP):
     def _finished(self, running: _Running, outcome: dict[str, Any] | Failure) -> None:
         if self.current is running:
             self.current = None
+            self._callbacks.stop()
         if isinstance(outcome, Failure):
             running.done.errback(outcome)
         else:

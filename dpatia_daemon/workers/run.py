@@ -384,13 +384,23 @@ class JobRun:
         """
         status = verdict.status
         try:
-            await self._call(self.writer.quality_control(self.job, status, verdict.version_id))
+            done = await self._call(
+                self.writer.quality_control(self.job, status, verdict.version_id)
+            )
         except (SPSError, ValueError) as e:
             log.warn(
                 "job {job_id}: the slide's quality-control verdict {status} was not stored: {error}",
                 job_id=self.job_id,
                 status=status,
                 error=str(e),
+            )
+            return
+        if done != "stored":
+            log.warn(
+                "job {job_id}: the slide's quality-control verdict {status} was {what}",
+                job_id=self.job_id,
+                status=status,
+                what=done,
             )
             return
         log.info("job {job_id}: quality control set to {status}", job_id=self.job_id, status=status)

@@ -17,6 +17,8 @@ JOB_FILE = "job.json"
 RESULT_FILE = "result.json"
 #: In a job's work folder, optional: slide metadata fetched by a pipeline step.
 SLIDE_INFO_FILE = "slide_info.json"
+#: In a job's work folder, optional: the case's slides (``slides/{id}/request/images/info``).
+CASE_INFO_FILE = "case_info.json"
 #: In a job's work folder, optional: the thumbnail, the label image (``label.<ext>``)
 #: and the folder of downloaded WSI files, from the pipeline's steps.
 THUMBNAIL_FILE = "thumbnail.png"

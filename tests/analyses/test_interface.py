@@ -45,3 +45,20 @@ def test_a_patch_collection_result_has_the_ia_api_shape() -> None:
     ]
     with pytest.raises(ValueError, match="not an index"):
         PatchCollection(tags=["a"], patches=[Patch(x=0, y=0, tag=3)])
+
+
+def test_application_version_is_the_models_and_defaults_to_dpatias() -> None:
+    """AnalysisResult(application_version=...) is stored as applicationVersion; unset,
+    the stored result carries dpatia's version."""
+    from dpatia_daemon._version import __version__
+    from dpatia_daemon.analyses import AnalysisResult
+    from dpatia_daemon.sps.writer import final_result
+
+    mine = AnalysisResult("cells", application_version="model-2.3.1").to_result("s")
+    assert final_result(mine, "job", "s").applicationVersion == "model-2.3.1"
+    default = AnalysisResult("cells").to_result("s")
+    assert final_result(default, "job", "s").applicationVersion == __version__
+    import pytest
+
+    with pytest.raises(ValueError):
+        AnalysisResult("cells", application_version=" ")
