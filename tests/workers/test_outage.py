@@ -76,7 +76,9 @@ class Rig:
     writer: OutageWriter
     folders: WorkFolders
     supervisor: Supervisor
-    answered: set[int] = attrs.field(factory=set)
+    # Held, not just their ids: a collected Deferred's id() can be reused by a new one,
+    # which would then pass for answered.
+    answered: list[Deferred[dict[str, Any]]] = attrs.field(factory=list)
     runs: list[str] = attrs.field(factory=list)
 
     def workers(self) -> list[FakeWorker]:
@@ -87,8 +89,8 @@ class Rig:
         found = []
         for worker in self.workers():
             for job_id, d in worker.jobs.items():
-                if id(d) not in self.answered:
-                    self.answered.add(id(d))
+                if not any(d is seen for seen in self.answered):
+                    self.answered.append(d)
                     self.runs.append(job_id)
                     found.append((job_id, d))
         return found
