@@ -77,6 +77,7 @@ from .commands import (
     Ping,
     Progress,
     RunJob,
+    StepDone,
     TransientFailure,
     WorkerBusy,
 )
@@ -132,6 +133,8 @@ class WorkerProtocol(AMP):
         self._sps: SPSClient | None = None
         self._credentials = credentials
         self._callbacks = JobCallback()
+        #: The SPS calls made since the last StepDone, by "endpoint class" (metrics).
+        self._requests: dict[str, int] = {}
 
     # --- daemon → worker ---
 
@@ -207,6 +210,7 @@ class WorkerProtocol(AMP):
                     self.reactor, self.reactor.getThreadPool(), f, *args
                 ),
                 progress=lambda percent, text: self._report(running, percent, text),
+                step=lambda name, seconds, size: self._step(running, name, seconds, size),
             )
         finally:
             self._callbacks.stop()
@@ -275,8 +279,29 @@ class WorkerProtocol(AMP):
                 self._credentials,
                 callbacks=self._callbacks,
             )
-            self._sps = attrs.evolve(sps, auth=auth)
+            self._sps = attrs.evolve(sps, auth=auth, on_answer=self._sps_answered)
         return self._sps
+
+    def _sps_answered(self, endpoint: str, status: str) -> None:
+        """Count one SPS call (sent to the daemon with the next step's timing)."""
+        name = f"{endpoint} {status}"
+        self._requests[name] = self._requests.get(name, 0) + 1
+
+    def _step(self, running: _Running, step: str, seconds: float, size: int) -> None:
+        """Tell the daemon a step of the job is over (for its metrics; best effort)."""
+        requests, self._requests = self._requests, {}
+        d = self.callRemote(
+            StepDone,
+            job_id=running.job_id,
+            step=step,
+            seconds=float(seconds),
+            size=int(size),
+            requests=json.dumps(requests),
+        )
+        # An older daemon does not know the command: nothing is lost but a metric.
+        d.addErrback(
+            lambda f: log.debug("step report not taken: {error}", error=f.getErrorMessage())
+        )
 
     @CancelJob.responder
     def cancel_job(self, job_id: str) -> dict[str, Any]:
@@ -303,8 +328,12 @@ class WorkerProtocol(AMP):
         self, running: _Running, analysis: Analysis, work_dir: str, prepared: Prepared | None
     ) -> None:
         outcome: dict[str, Any] | Failure
+        started = self.reactor.seconds()
         try:
             outcome = self._analyse(running, analysis, work_dir, prepared)
+            seconds = self.reactor.seconds() - started
+            # Before the answer (same pipe, in order): the daemon times the store from it.
+            self.reactor.callFromThread(self._step, running, "analysis", seconds, 0)
         except AnalysisCancelled:
             outcome = Failure(JobCancelled(f"job {running.job_id} cancelled"))
         except AnalysisFailed as e:

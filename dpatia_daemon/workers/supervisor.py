@@ -49,6 +49,7 @@ from ..sps.writer import ResultWriter
 from .dispatcher import Dispatcher
 from .events import Observers, SupervisorEvent
 from .folders import WorkFolders
+from .health import SPSHealth
 from .pool import Worker, WorkerPool, worker_argv, workers_environ
 
 log = Logger()
@@ -85,6 +86,9 @@ class Supervisor(Service):
     folders: WorkFolders = field()
     env: Mapping[str, str] | None = None
     tokens: TokenBook | None = None
+    #: The shared view of the SPSes' health (the status page reads it); one of its own
+    #: if None.
+    health: SPSHealth | None = None
     credentials: Credentials | None = field(default=None, repr=False)
     python: str = sys.executable
     sweep_interval: float = 30.0
@@ -150,6 +154,7 @@ class Supervisor(Service):
             pool=pool,
             events=self._events,
             tokens=self.tokens,
+            health=self.health,
             sweep_interval=self.sweep_interval,
             cancel_poll_interval=self.cancel_poll_interval,
         )
