@@ -139,13 +139,33 @@ class _AdminSite(Site):
             super().log(request)
 
 
+class AdminListener(StreamServerEndpointService):
+    """The listener; logs the address it got once bound (``tcp:0`` picks a port)."""
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        # Twisted keeps the listening Deferred private; it fires with the port.
+        waiting = getattr(self, "_waitingForPort", None)
+        if waiting is not None:
+            waiting.addCallback(self._listening)
+
+    def _listening(self, port: Any) -> Any:
+        host = port.getHost()
+        log.info(
+            "admin listener on http://{host}:{port}/status (metrics at /metrics)",
+            host=getattr(host, "host", "?"),
+            port=getattr(host, "port", "?"),
+        )
+        return port
+
+
 def admin_listener(
     reactor: Any,
     config: Config,
     metrics: Metrics,
     workers: Any = None,
     failing: Callable[[], dict[str, str]] | None = None,
-) -> StreamServerEndpointService:
+) -> AdminListener:
     """The ``admin`` service: ``[admin] listen`` serving :func:`admin_resource`.
 
     ``workers`` is the supervisor (its events and snapshot; None without workers),
@@ -173,9 +193,9 @@ def admin_listener(
         workers.observe(board.event)
     site = _AdminSite(admin_resource(metrics, board))
     site.displayTracebacks = False
-    service = StreamServerEndpointService(endpoint, site)
+    service = AdminListener(endpoint, site)
     raise_synchronously(service)
     return service
 
 
-__all__ = ["PATHS", "admin_listener", "admin_resource"]
+__all__ = ["PATHS", "AdminListener", "admin_listener", "admin_resource"]

@@ -140,6 +140,7 @@ class SpoolView:
     ``refresh()`` reads the counts, the queued jobs and the free space (in the spool's
     thread pool) unless the last read is younger than ``max_age`` seconds of
     ``clock``: a scraper in a loop cannot make the daemon list its spool more often.
+    A job that ended here makes the next read fresh (:meth:`Metrics.event`).
     """
 
     spool: ISpool
@@ -235,6 +236,8 @@ class Metrics:
         if event.kind == "job-step":
             self._job_step(event.job_id, detail)
         elif event.kind == "job-ended":
+            if self.view is not None:
+                self.view.read_at = None  # the next scrape shows the job where it went
             answered = self._answered.pop(event.job_id or "", None)
             state = detail.get("state")
             if state in ("done", "failed", "cancelled"):
