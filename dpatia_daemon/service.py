@@ -101,7 +101,9 @@ def build_service(
     spool.setName("spool")
     spool.setServiceParent(root)
     # Counted only with an admin listener to read them (see ops/metrics.py).
-    metrics = Metrics(reactor, SpoolView(spool, reactor)) if config.admin.listen else None
+    metrics = None
+    if config.admin.listen:
+        metrics = Metrics(reactor, SpoolView(spool, reactor, partial(in_thread, reactor)))
 
     http = make_http_client(
         reactor,

@@ -26,6 +26,7 @@ from typing import Any
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import Service
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -140,10 +141,20 @@ class _AdminSite(Site):
 
 
 class AdminListener(StreamServerEndpointService):
-    """The listener; logs the address it got once bound (``tcp:0`` picks a port)."""
+    """The listener; logs the address it got once bound (``tcp:0`` picks a port).
+
+    It binds in ``startService``, not before the other services start as Twisted's
+    does: so it always binds after the IA-API's listener (which, with ``[server]
+    processes`` > 1, binds in its own ``startService``), and the first "starting on"
+    line of the log stays the IA-API's.
+    """
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        Service.privilegedStartService(self)
+
+    def startService(self) -> None:
+        Service.startService(self)
+        StreamServerEndpointService.privilegedStartService(self)
         # Twisted keeps the listening Deferred private; it fires with the port.
         waiting = getattr(self, "_waitingForPort", None)
         if waiting is not None:

@@ -33,7 +33,9 @@ copy, adds those of copies that ended, and exports the sum (:meth:`Metrics.count
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from attrs import define, field
@@ -41,6 +43,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -48,6 +51,7 @@ from twisted.logger import Logger
 from ..jobs import Job, JobState
 from ..spool import ISpool, SpoolRoom
 from ..workers.events import SupervisorEvent
+from ..workers.run import observe
 from ..workers.timers import every
 
 log = Logger()
@@ -133,43 +137,140 @@ def _known(key: Any) -> bool:
     )
 
 
+#: A queued record's name (``queued/<key>.json``, see :mod:`dpatia_daemon.spool`).
+_QUEUED_NAME = re.compile(r"[0-9a-f]{2,64}\.json\Z")
+#: The two fields the gauges need, as ``Job.to_json`` writes them (sorted keys).
+_CREATED = re.compile(rb'"created": (-?[0-9][0-9.eE+-]*)')
+_NOT_BEFORE = re.compile(rb'"not_before": (null|-?[0-9][0-9.eE+-]*)')
+
+
+@define(eq=False)
+class QueueTimes:
+    """When each queued job was accepted and when it may run: read from the files of a
+    spool directory's ``queued/``, two numbers per record, each file read once (a
+    cache by inode, mtime and size), never parsed into a :class:`Job`.
+
+    A scrape must cost little however long the queue: this reads only the records new
+    since the last scrape, a few microseconds each.  Blocking: run it in a thread.
+    """
+
+    directory: str
+    _cache: dict[str, tuple[tuple[int, int, int], float, float | None]] = field(factory=dict)
+
+    def read(self) -> list[tuple[float, float | None]]:
+        """(created, not_before) of every queued record."""
+        fresh: dict[str, tuple[tuple[int, int, int], float, float | None]] = {}
+        try:
+            entries = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            entries = []
+        for entry in entries:
+            if not _QUEUED_NAME.match(entry.name):
+                continue
+            try:
+                st = entry.stat()
+                sig = (st.st_ino, st.st_mtime_ns, st.st_size)
+                known = self._cache.get(entry.name)
+                if known is not None and known[0] == sig:
+                    fresh[entry.name] = known
+                    continue
+                with open(entry.path, "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue  # claimed or merged while we looked
+            times = _times(data)
+            if times is not None:
+                fresh[entry.name] = (sig, *times)
+        self._cache = fresh
+        return [(created, not_before) for _, created, not_before in fresh.values()]
+
+
+def _times(data: bytes) -> tuple[float, float | None] | None:
+    """(created, not_before) of a job record, or None if it has none (a torn record:
+    the spool's own listing reports those)."""
+    created, not_before = _CREATED.search(data), _NOT_BEFORE.search(data)
+    try:
+        if created is not None:
+            later = not_before.group(1) if not_before is not None else b"null"
+            return float(created.group(1)), None if later == b"null" else float(later)
+        job = json.loads(data)
+        return float(job["created"]), job.get("not_before")
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 @define(eq=False)
 class SpoolView:
     """What the metrics and the status page read of the spool, fetched together.
 
-    ``refresh()`` reads the counts, the queued jobs and the free space (in the spool's
-    thread pool) unless the last read is younger than ``max_age`` seconds of
-    ``clock``: a scraper in a loop cannot make the daemon list its spool more often.
-    A job that ended here makes the next read fresh (:meth:`Metrics.event`).
+    ``refresh()`` reads the counts, the free space and the queued jobs' times (of a
+    directory spool through :class:`QueueTimes`, in ``run_blocking``; of any other by
+    ``queued()``); ``refresh(jobs=True)`` (the status page) the queued jobs themselves.
+    Nothing is read again within ``max_age`` seconds of ``clock`` (a scraper in a loop
+    cannot make the daemon list its spool more often), and a job that ended here makes
+    the next read fresh (:meth:`Metrics.event`).  One read at a time.
     """
 
     spool: ISpool
     clock: IReactorTime
+    run_blocking: Callable[..., Deferred[Any]] = maybeDeferred
     max_age: float = 1.0
     counts: dict[JobState, int] = field(factory=dict)
+    #: (created, not_before) of every queued job.
+    times: list[tuple[float, float | None]] = field(factory=list)
     queued: list[Job] = field(factory=list)
     room: SpoolRoom | None = None
     read_at: float | None = None
+    _jobs_at: float | None = None
+    _reading: Deferred[None] | None = None
+    _queue_times: QueueTimes | None = None
 
-    async def refresh(self) -> SpoolView:
+    def __attrs_post_init__(self) -> None:
+        directory = getattr(self.spool, "directory", None)
+        if directory is not None:
+            self._queue_times = QueueTimes(os.path.join(directory.path, JobState.QUEUED.value))
+
+    async def refresh(self, jobs: bool = False) -> SpoolView:
         """Read the spool again if the last read is too old; return self."""
+        while self._reading is not None:
+            await observe(self._reading)
         now = self.clock.seconds()
-        if self.read_at is not None and now - self.read_at < self.max_age:
+        fresh = self.read_at is not None and now - self.read_at < self.max_age
+        if fresh and (
+            not jobs or (self._jobs_at is not None and now - self._jobs_at < self.max_age)
+        ):
             return self
-        self.counts = await self.spool.counts()
-        self.queued = await self.spool.queued()
-        self.room = await self.spool.room()
-        self.read_at = self.clock.seconds()
+        self._reading = Deferred.fromCoroutine(self._read(jobs))
+        try:
+            await observe(self._reading)
+        finally:
+            self._reading = None
         return self
+
+    async def _read(self, jobs: bool) -> None:
+        self.counts = await self.spool.counts()
+        self.room = await self.spool.room()
+        if jobs or self._queue_times is None:
+            self.queued = await self.spool.queued()
+            self.times = [(job.created, job.not_before) for job in self.queued]
+            self._jobs_at = self.clock.seconds()
+        else:
+            self.times = await self.run_blocking(self._queue_times.read)
+        self.read_at = self.clock.seconds()
 
     def oldest_age(self) -> float:
         """Seconds since the oldest queued job was accepted (0 with none queued)."""
-        if not self.queued or self.read_at is None:
+        if not self.times or self.read_at is None:
             return 0.0
-        return max(0.0, self.read_at - min(job.created for job in self.queued))
+        return max(0.0, self.read_at - min(created for created, _ in self.times))
+
+    def deferred_count(self) -> int:
+        """How many queued jobs wait for a later try."""
+        at = self.read_at or 0.0
+        return sum(1 for _, not_before in self.times if not_before is not None and not_before > at)
 
     def deferred(self) -> list[Job]:
-        """The queued jobs that wait for a later try."""
+        """The queued jobs (as of the last ``refresh(jobs=True)``) that wait for a later try."""
         at = self.read_at or 0.0
         return [job for job in self.queued if not job.ready(at)]
 
@@ -324,7 +425,7 @@ class _Collector(Collector):
                 jobs.add_metric([state.value], view.counts.get(state, 0))
             yield jobs
             yield GaugeMetricFamily(
-                "dpatia_deferred_jobs", GAUGES["dpatia_deferred_jobs"], len(view.deferred())
+                "dpatia_deferred_jobs", GAUGES["dpatia_deferred_jobs"], view.deferred_count()
             )
             name = "dpatia_oldest_queued_job_age_seconds"
             yield GaugeMetricFamily(name, GAUGES[name], view.oldest_age())

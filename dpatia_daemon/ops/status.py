@@ -104,7 +104,7 @@ class StatusBoard:
 
     async def document(self) -> dict[str, Any]:
         """What ``/status.json`` answers (see the module docstring for what it leaves out)."""
-        view = await self.view.refresh()
+        view = await self.view.refresh(jobs=True)
         now = self.clock.seconds()
         ready = [job for job in view.queued if job.ready(now)]
         waiting = sorted(view.deferred(), key=lambda job: job.not_before or 0.0)

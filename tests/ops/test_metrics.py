@@ -8,20 +8,22 @@ import json
 import re
 import signal
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 import treq
+from attrs import evolve as attrs_evolve
 from conftest import Loopback, success_result_of, write_config
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 
 from dpatia_daemon.config import ConfigError, load_config
 from dpatia_daemon.frontdoor.processes import COUNTS_PREFIX, FrontDoors, _Copy
-from dpatia_daemon.jobs import Callback, Job, JobKind, JobState
+from dpatia_daemon.jobs import Callback, Job, JobKind
 from dpatia_daemon.ops.admin import admin_listener, admin_resource
 from dpatia_daemon.ops.metrics import CountsReporter, Metrics, SpoolView, metric_names
 from dpatia_daemon.ops.status import StatusBoard
@@ -137,7 +139,7 @@ def test_the_extra_front_doors_totals_are_added_and_kept_when_one_ends() -> None
     restarted.count("accepted", "create")
     pipe.childDataReceived(3, COUNTS_PREFIX + restarted.totals_line() + b"\n")
     assert main.totals()[key] == 4
-    pipe.childDataReceived(3, COUNTS_PREFIX + b"[[\"no_such_metric\", [], 5]]\n")
+    pipe.childDataReceived(3, COUNTS_PREFIX + b'[["no_such_metric", [], 5]]\n')
     assert main.totals() == {key: 3}
 
 
@@ -156,9 +158,7 @@ def test_a_front_door_copy_reports_only_when_its_counts_moved() -> None:
     metrics.count("filtered")
     reporter.stopService()
     assert len(lines) == 2
-    assert json.loads(lines[1][len(COUNTS_PREFIX) :]) == [
-        ["dpatia_notifications_filtered", [], 2]
-    ]
+    assert json.loads(lines[1][len(COUNTS_PREFIX) :]) == [["dpatia_notifications_filtered", [], 2]]
 
 
 def _job(n: int, created: float, **kw: Any) -> Job:
@@ -307,6 +307,18 @@ def create(sps: Loopback, slide_id: str, cancellation: str) -> bytes:
     ).encode()
 
 
+async def scrape_until(
+    reactor: Any, url: str, ready: Callable[[str], bool], timeout: float = 10.0
+) -> str:
+    """GET ``url`` until its text is ``ready`` (every 50 ms, at most ``timeout`` s)."""
+    deadline = reactor.seconds() + timeout
+    while True:
+        text = await (await treq.get(url)).text()
+        if ready(text) or reactor.seconds() > deadline:
+            return text
+        await deferLater(reactor, 0.05)
+
+
 @pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_a_daemons_metrics_move_as_a_job_runs(
@@ -342,7 +354,10 @@ async def test_a_daemons_metrics_move_as_a_job_runs(
         )
         assert response.code == 200, await response.content()
         await daemon.wait_for(rb"job \w+ done", since=0)
-        after = await (await treq.get(metrics_url)).text()
+        # The spool logs "done" from its thread; the daemon counts the end right after.
+        after = await scrape_until(
+            reactor, metrics_url, lambda t: value(t, "dpatia_jobs_ended_total", state="done") > 0
+        )
     finally:
         await daemon.kill(signal.SIGTERM)
     assert value(after, "dpatia_jobs_accepted_total", kind="create") == 1
@@ -361,3 +376,24 @@ async def test_a_daemons_metrics_move_as_a_job_runs(
     ]
     assert posted, "the daemon's own result writes are counted"
     assert value(after, "dpatia_spool_free_bytes") > 0
+
+
+def test_queue_times_read_each_queued_record_once(tmp_path: Path) -> None:
+    """QueueTimes reads created and not_before from the records of queued/ as
+    Job.to_json writes them, skips other names and torn records, and reads a record
+    again only when it changed."""
+    from dpatia_daemon.ops.metrics import QueueTimes
+
+    queued = tmp_path / "queued"
+    queued.mkdir()
+    first, second = _job(1, 100.0), _job(2, 50.0, not_before=700.5)
+    (queued / f"{first.key}.json").write_bytes(first.to_json())
+    (queued / f"{second.key}.json").write_bytes(second.to_json())
+    (queued / ".nfs0001").write_bytes(b"junk")
+    (queued / ("ab" * 16 + ".json")).write_bytes(b'{"torn')
+    times = QueueTimes(str(queued))
+    assert sorted(times.read()) == [(50.0, 700.5), (100.0, None)]
+    assert times.read() == times.read()
+    changed = attrs_evolve(first, created=10.0).to_json() + b" "  # another size
+    (queued / f"{first.key}.json").write_bytes(changed)
+    assert sorted(times.read()) == [(10.0, None), (50.0, 700.5)]

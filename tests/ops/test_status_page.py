@@ -16,7 +16,7 @@ import pytest_twisted
 import treq
 from conftest import Loopback, success_result_of, write_config
 from test_daemon_ops import PHI, phi_strings
-from test_metrics import ADMIN_LINE
+from test_metrics import ADMIN_LINE, scrape_until
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
@@ -165,7 +165,13 @@ async def test_the_status_page_in_headless_chromium_shows_no_token_and_no_phi(
         )
         assert answer.code == 200
         await daemon.wait_for(rb"analysis started", since=mark)
-        document = json.loads(await (await treq.get(admin + "/status.json")).text())
+        # Its first progress report follows the log line over AMP.
+        text = await scrape_until(
+            reactor,
+            admin + "/status.json",
+            lambda t: any(r["percent"] >= 60 for r in json.loads(t)["running"]),
+        )
+        document = json.loads(text)
         dom = await deferToThread(
             subprocess.run,
             _chromium(tmp_path, admin + "/status", "--dump-dom"),
