@@ -188,6 +188,21 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             f"{cpu:>8}{ratio:>7.2f}  {goal}"
         )
     print()
+    for processes in dict.fromkeys(p for p, *_ in results):
+        on, off = by_key[processes, "on"], by_key[processes, "off"]
+        pairs = [a / b for a, b in zip(on[0], off[0], strict=True)]
+        cpu_on = [c for c in on[2] if c is not None]
+        cpu_off = [c for c in off[2] if c is not None]
+        cpu_ratio = (
+            f"{statistics.median(cpu_on) / statistics.median(cpu_off):.2f}x"
+            if cpu_on and cpu_off
+            else "-"
+        )
+        print(
+            f"processes {processes}: throughput on/off per round {', '.join(f'{r:.2f}' for r in pairs)}"
+            f" (median {statistics.median(pairs):.2f}x); CPU per request on/off {cpu_ratio}"
+        )
+    print()
     print(
         "Image notifications at concurrency 16, rounds alternating between a daemon without\n"
         "an admin listener ('off') and one with it, scraped every second ('on').  req/s "

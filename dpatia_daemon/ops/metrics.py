@@ -148,18 +148,18 @@ _NOT_BEFORE = re.compile(rb'"not_before": (null|-?[0-9][0-9.eE+-]*)')
 class QueueTimes:
     """When each queued job was accepted and when it may run: read from the files of a
     spool directory's ``queued/``, two numbers per record, each file read once (a
-    cache by inode, mtime and size), never parsed into a :class:`Job`.
+    cache by name and inode), never parsed into a :class:`Job`.
 
     A scrape must cost little however long the queue: this reads only the records new
     since the last scrape, a few microseconds each.  Blocking: run it in a thread.
     """
 
     directory: str
-    _cache: dict[str, tuple[tuple[int, int, int], float, float | None]] = field(factory=dict)
+    _cache: dict[str, tuple[int, float, float | None]] = field(factory=dict)
 
     def read(self) -> list[tuple[float, float | None]]:
         """(created, not_before) of every queued record."""
-        fresh: dict[str, tuple[tuple[int, int, int], float, float | None]] = {}
+        fresh: dict[str, tuple[int, float, float | None]] = {}
         try:
             entries = list(os.scandir(self.directory))
         except FileNotFoundError:
@@ -167,20 +167,22 @@ class QueueTimes:
         for entry in entries:
             if not _QUEUED_NAME.match(entry.name):
                 continue
+            # The spool replaces a queued record by a rename (a merge, a release), never
+            # in place: the inode, which the listing gives without a stat, tells a
+            # record already read.
+            inode = entry.inode()
+            known = self._cache.get(entry.name)
+            if known is not None and known[0] == inode:
+                fresh[entry.name] = known
+                continue
             try:
-                st = entry.stat()
-                sig = (st.st_ino, st.st_mtime_ns, st.st_size)
-                known = self._cache.get(entry.name)
-                if known is not None and known[0] == sig:
-                    fresh[entry.name] = known
-                    continue
                 with open(entry.path, "rb") as f:
                     data = f.read()
             except OSError:
                 continue  # claimed or merged while we looked
             times = _times(data)
             if times is not None:
-                fresh[entry.name] = (sig, *times)
+                fresh[entry.name] = (inode, *times)
         self._cache = fresh
         return [(created, not_before) for _, created, not_before in fresh.values()]
 

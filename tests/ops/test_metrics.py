@@ -381,7 +381,7 @@ async def test_a_daemons_metrics_move_as_a_job_runs(
 def test_queue_times_read_each_queued_record_once(tmp_path: Path) -> None:
     """QueueTimes reads created and not_before from the records of queued/ as
     Job.to_json writes them, skips other names and torn records, and reads a record
-    again only when it changed."""
+    again once it was replaced."""
     from dpatia_daemon.ops.metrics import QueueTimes
 
     queued = tmp_path / "queued"
@@ -394,6 +394,7 @@ def test_queue_times_read_each_queued_record_once(tmp_path: Path) -> None:
     times = QueueTimes(str(queued))
     assert sorted(times.read()) == [(50.0, 700.5), (100.0, None)]
     assert times.read() == times.read()
-    changed = attrs_evolve(first, created=10.0).to_json() + b" "  # another size
-    (queued / f"{first.key}.json").write_bytes(changed)
+    # The spool replaces a record by a rename (a new inode), never in place.
+    (tmp_path / "new").write_bytes(attrs_evolve(first, created=10.0).to_json())
+    (tmp_path / "new").rename(queued / f"{first.key}.json")
     assert sorted(times.read()) == [(10.0, None), (50.0, 700.5)]
