@@ -398,3 +398,58 @@ def test_queue_times_read_each_queued_record_once(tmp_path: Path) -> None:
     (tmp_path / "new").write_bytes(attrs_evolve(first, created=10.0).to_json())
     (tmp_path / "new").rename(queued / f"{first.key}.json")
     assert sorted(times.read()) == [(10.0, None), (50.0, 700.5)]
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_with_two_processes_the_counts_cover_both_front_doors(
+    reactor: Any, sps: Loopback, tmp_path: Path
+) -> None:
+    """``[server] processes = 2``: notifications spread over both front doors (a new
+    connection each), and the main process's /metrics counts every one of them, with
+    the extra front door's totals included."""
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    slides = [f"slide-door-{i}" for i in range(20)]
+    for slide in slides:
+        sps.fake.add_slide(slide)
+    ini = write_config(
+        tmp_path,
+        {"server": {"processes": 2}, "workers": {"count": 0}, "admin": {"listen": "tcp:0"}},
+    )
+    daemon = DaemonProcess(reactor=reactor, config=ini, cwd=str(tmp_path))
+    await daemon.start()
+    try:
+        await daemon.wait_for(rb"dpatia front door 1 ready", since=0)
+        match = await daemon.wait_for(ADMIN_LINE, since=0)
+        metrics_url = f"http://127.0.0.1:{int(match.group(1))}/metrics"
+        client = treq.client.HTTPClient(
+            Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        )
+        for slide in slides:
+            notice = {
+                "action": "newImageFiles",
+                "applicationId": "dpatia",
+                "slideId": slide,
+                "callbackInfo": {"url": sps.url, "token": sps.token},
+                "imageInfo": {"imageSize": {"width": 1000, "height": 500}},
+            }
+            response = await client.post(
+                daemon.url + "/dpatia/imagenotification",
+                json.dumps(notice).encode(),
+                headers={"Content-Type": ["application/json"]},
+            )
+            assert response.code == 200
+            await response.content()
+        text = await scrape_until(
+            reactor,
+            metrics_url,
+            lambda t: value(t, "dpatia_jobs_accepted_total", kind="notification") >= 20,
+        )
+    finally:
+        await daemon.kill(signal.SIGTERM)
+    # The copy acknowledged some of them (it told the main process of its jobs).
+    assert b"front door 1 reports the jobs it queues" in daemon.output
+    assert value(text, "dpatia_jobs_accepted_total", kind="notification") == 20
+    assert value(text, "dpatia_front_doors_reporting") == 1
+    assert value(text, "dpatia_jobs", state="queued") == 20
