@@ -293,7 +293,10 @@ def test_worker_exit_causes_are_bounded_labels() -> None:
 # --- a real daemon ------------------------------------------------------------------
 
 
-def create(sps: Loopback, slide_id: str, cancellation: str) -> bytes:
+def create(
+    sps: Loopback, slide_id: str, cancellation: str, test: dict[str, Any] | None = None
+) -> bytes:
+    """A create invocation's body; ``test`` tells tests.analyses_for_tests:run what to do."""
     return json.dumps(
         {
             "action": "create",
@@ -302,7 +305,7 @@ def create(sps: Loopback, slide_id: str, cancellation: str) -> bytes:
             "callbackInfo": {"url": sps.url, "token": sps.token},
             "cancellationToken": cancellation,
             "input": {"type": "wholeSlide"},
-            "context": {},
+            "context": {"test": test or {}},
         }
     ).encode()
 

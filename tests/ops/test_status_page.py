@@ -16,7 +16,7 @@ import pytest_twisted
 import treq
 from conftest import Loopback, success_result_of, write_config
 from test_daemon_ops import PHI, phi_strings
-from test_metrics import ADMIN_LINE, scrape_until
+from test_metrics import ADMIN_LINE, create, scrape_until
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
@@ -81,20 +81,6 @@ def test_the_board_follows_running_jobs_and_remembers_failures() -> None:
     assert "secret" not in text
 
 
-def _create(sps: Loopback, slide: str, cancellation: str, test: dict[str, Any]) -> bytes:
-    return json.dumps(
-        {
-            "action": "create",
-            "applicationId": "dpatia",
-            "slideId": slide,
-            "callbackInfo": {"url": sps.url, "token": sps.token},
-            "cancellationToken": cancellation,
-            "input": {"type": "wholeSlide"},
-            "context": {"test": test},
-        }
-    ).encode()
-
-
 def _chromium(tmp_path: Path, url: str, *args: str) -> list[str]:
     return [
         str(CHROMIUM),
@@ -150,7 +136,7 @@ async def test_the_status_page_in_headless_chromium_shows_no_token_and_no_phi(
         headers = {"Content-Type": ["application/json"]}
         answer = await treq.post(
             daemon.url + "/dpatia",
-            _create(sps, "slide-bad", bad, {"fail": "broken on purpose"}),
+            create(sps, "slide-bad", bad, {"fail": "broken on purpose"}),
             headers=headers,
         )
         assert answer.code == 200
@@ -160,7 +146,7 @@ async def test_the_status_page_in_headless_chromium_shows_no_token_and_no_phi(
         mark = len(daemon.output)
         answer = await treq.post(
             daemon.url + "/dpatia",
-            _create(sps, "slide-phi", good, {"seconds": 60, "progress_every": 0.2}),
+            create(sps, "slide-phi", good, {"seconds": 60, "progress_every": 0.2}),
             headers=headers,
         )
         assert answer.code == 200
