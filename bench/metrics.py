@@ -215,8 +215,8 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="dpatia metrics on/off benchmark")
-    parser.add_argument("--requests", type=int, default=1500, help="notifications per round")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds per mode")
+    parser.add_argument("--requests", type=int, default=1000, help="notifications per round")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds per mode")
     parser.add_argument(
         "--scrape-every",
         type=float,
