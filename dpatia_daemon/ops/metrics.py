@@ -242,9 +242,9 @@ class SpoolView:
             not jobs or (self._jobs_at is not None and now - self._jobs_at < self.max_age)
         ):
             return self
-        self._reading = Deferred.fromCoroutine(self._read(jobs))
+        reading = self._reading = Deferred.fromCoroutine(self._read(jobs))
         try:
-            await observe(self._reading)
+            await reading  # its error is this scrape's (a 503); the others read again
         finally:
             self._reading = None
         return self

@@ -456,3 +456,22 @@ async def test_with_two_processes_the_counts_cover_both_front_doors(
     assert value(text, "dpatia_jobs_accepted_total", kind="notification") == 20
     assert value(text, "dpatia_front_doors_reporting") == 1
     assert value(text, "dpatia_jobs", state="queued") == 20
+
+
+def test_a_spool_that_cannot_be_read_is_a_503_with_a_json_body() -> None:
+    """A scrape whose spool read fails answers 503 with a JSON body naming what could
+    not be read; the next scrape reads again."""
+    clock = Clock()
+    spool = MemorySpool()
+    spool.startService()
+    metrics = Metrics(clock, SpoolView(spool, clock))
+    counts = spool.counts
+    spool.counts = lambda: (_ for _ in ()).throw(OSError(5, "I/O error"))  # type: ignore[method-assign]
+    stub = StubTreq(admin_resource(metrics, StatusBoard(clock, metrics.view)))  # type: ignore[arg-type]
+    response = success_result_of(stub.get("http://admin/metrics"))
+    assert response.code == 503
+    assert json.loads(success_result_of(stub.content(response))) == {
+        "error": "cannot read the metrics now"
+    }
+    spool.counts = counts  # type: ignore[method-assign]
+    assert ("dpatia_jobs", (("state", "queued"),)) in samples(scrape(metrics))
