@@ -66,6 +66,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/ack.py
+	$(BIN)/python bench/metrics.py
 
 # Pickup latency and throughput of dispatch to workers, then 10 demo slides (~1 min).
 bench-dispatch: $(STAMP)

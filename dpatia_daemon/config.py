@@ -443,6 +443,27 @@ class LogConfig:
     level: LogLevelName = key(LogLevelName.INFO)
 
 
+#: The interface an ``[admin] listen`` of ``tcp:PORT`` binds when it names none.
+ADMIN_INTERFACE = "127.0.0.1"
+
+
+def _admin_listen(text: str) -> str:
+    """``[admin] listen`` from the file: a ``tcp:`` listener that names no interface
+    listens on loopback only (name one, ``interface=0.0.0.0``, to listen elsewhere)."""
+    text = text.strip()
+    if text.startswith("tcp:") and "interface=" not in text:
+        text += ":interface=" + ADMIN_INTERFACE
+    return text
+
+
+@frozen
+class AdminConfig:
+    """The admin listener: ``/metrics`` and the status page (etc/dpatia.ini [admin])."""
+
+    #: A Twisted endpoint description; empty: no admin listener (and no metrics).
+    listen: str = key("", parse=_admin_listen)
+
+
 def _prefixes(text: str) -> tuple[URLPrefix, ...]:
     """``[sps] allowed_callback_urls`` from the file: prefixes split on spaces or commas."""
     return tuple(URLPrefix.parse(item) for item in re.split(r"[\s,]+", text) if item)
@@ -516,6 +537,7 @@ class Config:
     tissue: TissueSettings = field(factory=TissueSettings)
     notifications: NotificationRules = field(factory=NotificationRules)
     log: LogConfig = field(factory=LogConfig)
+    admin: AdminConfig = field(factory=AdminConfig)
 
     def analysis_settings(self) -> dict[str, str]:
         """The section of the built-in analysis this daemon runs, as the strings its

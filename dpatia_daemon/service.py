@@ -8,6 +8,8 @@
 - ``workers`` the worker supervisor: runs the analyses, writes their results;
 - ``api``    waits, at stop, for in-progress frames still being written;
 - ``http``   the IA-API listener (stops first: no new requests while draining);
+- ``admin``  with ``[admin] listen``: ``/metrics`` and the status page (:mod:`.ops.admin`);
+  an extra front door then has ``counts`` instead, sending its totals to the main process;
 - under systemd, ``watchdog`` (first: it pings until the drain is over) and
   ``systemd`` (last: STOPPING=1 before anything else stops), see :mod:`.ops.systemd`.
 
@@ -37,10 +39,12 @@ from ._version import __version__
 from .config import Config
 from .frontdoor.background import BackgroundQueue
 from .frontdoor.listening import check_processes, endpoint, noticed
-from .frontdoor.processes import FrontDoors, ParentLink, ReusePortListener
-from .frontdoor.routes import IAAPI
+from .frontdoor.processes import COUNTS_PREFIX, FrontDoors, ParentLink, ReusePortListener
+from .frontdoor.routes import IAAPI, no_tally
 from .frontdoor.site import make_site
 from .lifecycle import OrderedRoot, Ready, Stopper, in_thread
+from .ops.admin import admin_listener
+from .ops.metrics import CountsReporter, Metrics, SpoolView
 from .ops.systemd import Notifier, Readiness, SystemdEnvironment, Watchdog
 from .spool import DirectorySpool
 from .spool.retention import Retention
@@ -114,6 +118,10 @@ def build_service(
         )
         retention.setName("retention")
         retention.setServiceParent(root)
+    # Counted only with an admin listener to read them (see ops/metrics.py).
+    metrics = None
+    if config.admin.listen:
+        metrics = Metrics(reactor, SpoolView(spool, reactor, partial(in_thread, reactor)))
 
     http = make_http_client(
         reactor,
@@ -128,6 +136,7 @@ def build_service(
         software_version=__version__,
         timeout=config.sps.timeout,
         retries=config.sps.retries,
+        on_answer=None if metrics is None else metrics.sps_answered,
     )
     credentials = config.sps.credentials()
     if credentials is not None:
@@ -197,6 +206,7 @@ def build_service(
         health=health,
         # Large bodies (a modify carrying a big result) are parsed off the reactor thread.
         run_blocking=partial(in_thread, reactor),
+        tally=no_tally if metrics is None else metrics.count,
     )
     api_service = Stopper(api.background.close)
     api_service.setName("api")
@@ -210,6 +220,11 @@ def build_service(
         link = ParentLink(reactor, spool.watch)
         link.setName("link")
         link.setServiceParent(root)
+        if metrics is not None:
+            # After the link, so it stops first: its last totals still reach the parent.
+            counts = CountsReporter(reactor, metrics, link.send, COUNTS_PREFIX)
+            counts.setName("counts")
+            counts.setServiceParent(root)
         ready = Ready(reactor, f"dpatia front door {front_door} ready")
         ready.setName("ready")
         ready.setServiceParent(root)
@@ -226,6 +241,7 @@ def build_service(
             listen=config.server.listen,
             argv=["--config", config.source, "--spool", config.spool.directory.path],
             notice=partial(noticed, spool, tokens),
+            on_counts=None if metrics is None else metrics.counted,
         )
         doors.setName("front doors")
         doors.setServiceParent(root)
@@ -236,6 +252,12 @@ def build_service(
         raise_synchronously(listener)
         listener.setName("http")
         listener.setServiceParent(root)
+
+    if metrics is not None:
+        workers_here = root.namedServices.get("workers")
+        admin = admin_listener(reactor, config, metrics, workers_here, health.failing)
+        admin.setName("admin")
+        admin.setServiceParent(root)
 
     ready = Ready(reactor, "dpatia ready")
     ready.setName("ready")

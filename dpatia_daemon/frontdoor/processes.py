@@ -47,6 +47,10 @@ log = Logger()
 #: The fd a copy writes "<job id> <key>" lines to, one per job it queued.
 NOTICE_FD = 3
 
+#: A line on that fd starting with this carries the copy's metrics counts (JSON, the
+#: totals since it started: see :mod:`dpatia_daemon.ops.metrics`).
+COUNTS_PREFIX = b"counts "
+
 #: The module a copy runs: ``twistd`` under a name of its own (see :mod:`.child`).
 COPY_MODULE = "dpatia_daemon.frontdoor.child"
 
@@ -128,6 +132,9 @@ class _Copy(ProcessProtocol):
         self.buffer += data
         *lines, self.buffer = self.buffer.split(b"\n")
         for line in lines:
+            if line.startswith(COUNTS_PREFIX):
+                self.owner.counted(self.number, line[len(COUNTS_PREFIX) :])
+                continue
             words = line.decode("ascii", "replace").split()
             if len(words) != 2:
                 log.warn(
@@ -177,6 +184,8 @@ class FrontDoors(Service):
     #: A copy that ran this long before it exited restarts after the first delay again.
     stable_after: float = 60.0
     stop_timeout: float = 30.0
+    #: ``on_counts(number, payload)``: a copy's metrics counts (payload None: it ended).
+    on_counts: Callable[[int, bytes | None], None] | None = None
     _slots: list[Slot] = field(factory=list, init=False)
     _listen: str | None = field(default=None, init=False)
 
@@ -231,8 +240,14 @@ class FrontDoors(Service):
         slot.worker = worker
         log.info("front door {number} started (pid {pid})", number=slot.number, pid=worker.pid)
 
+    def counted(self, number: int, payload: bytes | None) -> None:
+        """Hand copy ``number``'s metrics counts to ``on_counts`` (None: it ended)."""
+        if self.on_counts is not None:
+            self.on_counts(number, payload)
+
     def _ended(self, worker: Worker, reason: Any) -> None:
         slot = worker.slot
+        self.counted(slot.number, None)
         worker.exited(reason)
         if slot.worker is worker:
             slot.worker = None
@@ -313,6 +328,11 @@ class ParentLink(Service):
     def _queued(self, job: Job) -> None:
         if self.link is not None and self.link.transport is not None:
             self.link.transport.write(f"{job.job_id} {job.key}\n".encode("ascii"))
+
+    def send(self, line: bytes) -> None:
+        """Write one line (no newline in it) to the main process."""
+        if self.link is not None and self.link.transport is not None:
+            self.link.transport.write(line + b"\n")
 
     def _parent_gone(self) -> None:
         if self.running:

@@ -92,6 +92,10 @@ _BEARER_TOKEN = re.compile(r"[\x21-\x7e]*")
 CANCEL_REQUESTED = "cancellation requested"
 
 
+def no_tally(*labels: str) -> None:
+    """``IAAPI.tally`` when nothing counts (no admin listener)."""
+
+
 class _NotQueued(Exception):
     """The job left the queue before its "queued" frame was written: skip the frame."""
 
@@ -127,6 +131,9 @@ class IAAPI:
     cancel_running: Callable[[str, str], object] | None = None
     #: The shared view of each SPS's health (the workers'): the queued frames feed it.
     health: SPSHealth | None = None
+    #: Counts what the front door did: ``tally("accepted", kind)``, ``tally("filtered")``
+    #: (a notification not taken), ``tally("cancelled")`` (a queued job); the metrics'.
+    tally: Callable[..., None] = field(default=no_tally, repr=False)
     gate: AcceptGate = field(
         default=Factory(
             lambda self: AcceptGate(
@@ -264,6 +271,7 @@ class IAAPI:
         refusal = self.config.notifications.refusal(notification.imageInfo)
         self.notification_counts.count(taken=refusal is None)
         if refusal is not None:
+            self.tally("filtered")
             # Nothing stored, nothing fetched: the SPS sends one for every imported slide.
             log.debug(
                 "image notification for slide {slide_id} not taken: {reason}",
@@ -327,6 +335,7 @@ class IAAPI:
             incoming.application_id, incoming.slide_id, incoming.callback, incoming.created
         )
         job = await self.gate.commit(self.spool.add(incoming))
+        self.tally("accepted", kind.value)
         log.info(
             "job {job_id} accepted: {what} for slide {slide_id}",
             job_id=job.job_id,
@@ -454,6 +463,7 @@ class IAAPI:
         if job.state is JobState.QUEUED:
             cancelled = await self.spool.cancel(job.job_id, reason)
             if cancelled is not None:
+                self.tally("cancelled")
                 log.info("job {job_id} cancelled: {reason}", job_id=job.job_id, reason=reason)
                 return cancelled
             job = await self.spool.get(job.job_id) or job

@@ -81,9 +81,23 @@ async def prepare(
     run_blocking: RunBlocking,
     progress: Callable[[int, str], None],
     versions: SPSVersions | None = None,
+    step: Callable[[str, float, int], None] | None = None,
 ) -> Prepared:
-    """Fetch metadata, thumbnail, label and (if configured) the WSI files of ``job``."""
+    """Fetch metadata, thumbnail, label and (if configured) the WSI files of ``job``.
+
+    ``step(name, seconds, size)`` is told of each step that succeeded: ``metadata``,
+    ``thumbnail``, ``label``, ``download`` (with the bytes of the WSI files), on
+    ``clock``'s time (for the daemon's metrics).
+    """
     callback, slide_id = job.callback, job.slide_id
+    started = clock.seconds()
+
+    def done(name: str, size: int = 0) -> None:
+        nonlocal started
+        now = clock.seconds()
+        if step is not None:
+            step(name, max(0.0, now - started), size)
+        started = now
 
     progress(1, "Reading slide metadata")
     info = await sps.slide_info(callback, slide_id, extended=True, include_phi=settings.include_phi)
@@ -93,6 +107,7 @@ async def prepare(
     if case is not None:
         data = json.dumps(list(case), sort_keys=True).encode("utf-8")
         await save_bytes(data, folder.child(CASE_INFO_FILE), run_blocking=run_blocking)
+    done("metadata")
 
     progress(5, "Fetching thumbnail")
     thumbnail_path: str | None = None
@@ -110,6 +125,7 @@ async def prepare(
             thumbnail.image, folder.child(THUMBNAIL_FILE), run_blocking=run_blocking
         )
         thumbnail_path = path.path
+    done("thumbnail")
 
     progress(10, "Fetching label")
     label_path: str | None = None
@@ -117,6 +133,7 @@ async def prepare(
     if label is not None:
         target = folder.child(LABEL_STEM + image_extension(label))
         label_path = (await save_bytes(label, target, run_blocking=run_blocking)).path
+    done("label")
 
     files: tuple[str, ...] = ()
     if settings.download_wsi:
@@ -141,11 +158,13 @@ async def prepare(
             progress=downloaded,
         )
         files = tuple(p.path for p in paths)
+        size = sum(os.path.getsize(p) for p in files)
+        done("download", size)
         log.info(
             "job {job_id}: slide downloaded: {count} files, {size} bytes",
             job_id=job.job_id,
             count=len(files),
-            size=sum(os.path.getsize(p) for p in files),
+            size=size,
         )
     progress(PREPARE_SHARE, "Slide ready")
     return Prepared(

@@ -30,7 +30,7 @@ import attrs
 from attrs import define, field, frozen
 from treq.client import HTTPClient
 from twisted.internet import task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
@@ -176,6 +176,9 @@ class SPSClient:
     #: Which Bearer token a callback call sends, and another after a 401/403 (retried
     #: once per token).  None: the callback's own token, and a 401/403 is final.
     auth: Authorizer | None = None
+    #: Told of every attempt's outcome: ``(endpoint template, "2xx" | "4xx" | "5xx" |
+    #: "error")`` (the metrics' SPS request counts); None: nobody counts.
+    on_answer: Callable[[str, str], None] | None = field(default=None, repr=False)
 
     # --- endpoints ---------------------------------------------------------------------
 
@@ -592,7 +595,17 @@ class SPSClient:
 
     async def _attempt(self, spec: _Spec) -> Answer:
         """One attempt under the deadline; tells a deadline from a caller's cancel."""
-        return await within_deadline(self._exchange(spec), self.timeout, self.clock)
+        if self.on_answer is None:
+            return await within_deadline(self._exchange(spec), self.timeout, self.clock)
+        try:
+            answer = await within_deadline(self._exchange(spec), self.timeout, self.clock)
+        except CancelledError:
+            raise
+        except Exception:
+            self.on_answer(spec.endpoint, "error")
+            raise
+        self.on_answer(spec.endpoint, f"{answer.response.code // 100}xx")
+        return answer
 
     # --- retries -----------------------------------------------------------------------
 

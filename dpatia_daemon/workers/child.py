@@ -79,6 +79,7 @@ from .commands import (
     Ping,
     Progress,
     RunJob,
+    StepDone,
     TransientFailure,
     WorkerBusy,
 )
@@ -137,6 +138,8 @@ class WorkerProtocol(AMP):
         self._handlers: dict[str, Analysis] = {}
         self._credentials = credentials
         self._callbacks = JobCallback()
+        #: The SPS calls made since the last StepDone, by "endpoint class" (metrics).
+        self._requests: dict[str, int] = {}
 
     # --- daemon → worker ---
 
@@ -213,6 +216,7 @@ class WorkerProtocol(AMP):
                 ),
                 progress=lambda percent, text: self._report(running, percent, text),
                 versions=self._versions,
+                step=lambda name, seconds, size: self._step(running, name, seconds, size),
             )
         except BaseException:
             self._callbacks.stop()
@@ -284,9 +288,30 @@ class WorkerProtocol(AMP):
                 self._credentials,
                 callbacks=self._callbacks,
             )
-            self._sps = attrs.evolve(sps, auth=auth)
+            self._sps = attrs.evolve(sps, auth=auth, on_answer=self._sps_answered)
             self._versions = SPSVersions(sps=self._sps, clock=self.reactor)
         return self._sps
+
+    def _sps_answered(self, endpoint: str, status: str) -> None:
+        """Count one SPS call (sent to the daemon with the next step's timing)."""
+        name = f"{endpoint} {status}"
+        self._requests[name] = self._requests.get(name, 0) + 1
+
+    def _step(self, running: _Running, step: str, seconds: float, size: int) -> None:
+        """Tell the daemon a step of the job is over (for its metrics; best effort)."""
+        requests, self._requests = self._requests, {}
+        d = self.callRemote(
+            StepDone,
+            job_id=running.job_id,
+            step=step,
+            seconds=float(seconds),
+            size=int(size),
+            requests=json.dumps(requests),
+        )
+        # An older daemon does not know the command: nothing is lost but a metric.
+        d.addErrback(
+            lambda f: log.debug("step report not taken: {error}", error=f.getErrorMessage())
+        )
 
     @CancelJob.responder
     def cancel_job(self, job_id: str) -> dict[str, Any]:
@@ -313,8 +338,12 @@ class WorkerProtocol(AMP):
         self, running: _Running, analysis: Analysis, work_dir: str, prepared: Prepared | None
     ) -> None:
         outcome: dict[str, Any] | Failure
+        started = self.reactor.seconds()
         try:
             outcome = self._analyse(running, analysis, work_dir, prepared)
+            seconds = self.reactor.seconds() - started
+            # Before the answer (same pipe, in order): the daemon times the store from it.
+            self.reactor.callFromThread(self._step, running, "analysis", seconds, 0)
         except AnalysisCancelled:
             outcome = Failure(JobCancelled(f"job {running.job_id} cancelled"))
         except AnalysisFailed as e:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from twisted.protocols.amp import Boolean, Command, Integer, Unicode
+from twisted.protocols.amp import Boolean, Command, Float, Integer, Unicode
 
 #: Child fd the worker reads AMP from (the daemon writes it); EOF means "exit".
 WORKER_AMP_IN = 3
@@ -182,9 +182,27 @@ class Progress(Command):
     errors: ClassVar[dict[type[Exception], bytes]] = {}  # none: it cannot fail
 
 
+class StepDone(Command):
+    """A step of ``job_id``'s attempt is over: ``step`` (``metadata``, ``thumbnail``,
+    ``label``, ``download``, ``analysis``) took ``seconds``, and fetched ``size`` bytes
+    (the WSI files, for ``download``).  ``requests`` is the JSON object of the SPS calls
+    the worker made since its last report, ``{"GET slides/{id}/info 2xx": 3, ...}``
+    (endpoint templates and status classes: a bounded set, never an id or a URL).
+    For the daemon's metrics (:mod:`dpatia_daemon.ops.metrics`)."""
+
+    arguments = [
+        (b"job_id", Unicode()),
+        (b"step", Unicode()),
+        (b"seconds", Float()),
+        (b"size", Integer()),
+        (b"requests", Unicode()),
+    ]
+    errors: ClassVar[dict[type[Exception], bytes]] = {}  # none: it cannot fail
+
+
 #: The commands the daemon sends, and those it answers.
 DAEMON_TO_WORKER = (Hello, RunJob, CancelJob, NewCallback, Ping)
-WORKER_TO_DAEMON = (Progress,)
+WORKER_TO_DAEMON = (Progress, StepDone)
 
 
 __all__ = [
@@ -200,6 +218,7 @@ __all__ = [
     "Ping",
     "Progress",
     "RunJob",
+    "StepDone",
     "TransientFailure",
     "WorkerBusy",
 ]

@@ -324,7 +324,15 @@ class Dispatcher:
             del self._runs[run.job_id]
         self._sps.probe_ended(run.job.callback.url, run.job_id)
         state = final.state.value if final is not None else None
-        self.events.emit("job-ended", None, run.job_id, state=state, ran_on=run.worker)
+        self.events.emit(
+            "job-ended",
+            None,
+            run.job_id,
+            state=state,
+            ran_on=run.worker,
+            deferral=final.deferral_kind if final is not None else None,
+            error=final.last_error if final is not None else None,
+        )
         parked = self._parked.pop(run.job.key, None)
         if parked is not None:
             self._candidates.offer(parked)

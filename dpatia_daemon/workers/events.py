@@ -20,8 +20,11 @@ class SupervisorEvent:
     """Something the workers' side did.
 
     ``kind`` is one of ``worker-spawned``, ``worker-ready``, ``worker-exited`` (from
-    the pool), ``job-started``, ``job-progress``, ``job-callback`` (a newer callback
-    was handed to the job's worker), ``job-ended`` (from the dispatcher).
+    the pool; its ``cause`` a bounded label), ``job-step`` (a step of the job's attempt
+    timed in the worker, from the pool: ``step``, ``seconds``, ``size``, ``requests``),
+    ``job-started``, ``job-progress``, ``job-callback`` (a newer callback was handed to
+    the job's worker), ``job-ended`` (from the dispatcher: ``state``, and the job's
+    ``deferral`` kind and ``error`` when it went back to wait).
     """
 
     kind: str

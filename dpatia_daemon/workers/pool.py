@@ -47,7 +47,7 @@ import dpatia_daemon
 
 from ..backoff import Backoff
 from ..config import SLOT_ENV, WorkersConfig
-from .commands import WORKER_AMP_IN, WORKER_AMP_OUT, Hello, Ping, Progress
+from .commands import WORKER_AMP_IN, WORKER_AMP_OUT, Hello, Ping, Progress, StepDone
 from .events import Observers
 from .limits import limits_environ
 from .linelog import LineLog
@@ -150,9 +150,14 @@ class _PipeTransport:
 class DaemonAMP(AMP):
     """The daemon's side of one worker's AMP connection (worker → daemon commands)."""
 
-    def __init__(self, on_progress: Callable[[str, int, str], None]) -> None:
+    def __init__(
+        self,
+        on_progress: Callable[[str, int, str], None],
+        on_step: Callable[..., None] = lambda job_id, **step: None,
+    ) -> None:
         super().__init__()
         self._on_progress = on_progress
+        self._on_step = on_step
 
     @Progress.responder
     def progress(self, job_id: str, percent: int, text: str) -> dict[str, Any]:
@@ -161,6 +166,17 @@ class DaemonAMP(AMP):
             self._on_progress(job_id, percent, text)
         except Exception:
             log.failure("handling progress of job {job_id} failed", job_id=job_id)
+        return {}
+
+    @StepDone.responder
+    def step_done(
+        self, job_id: str, step: str, seconds: float, size: int, requests: str
+    ) -> dict[str, Any]:
+        """Relay a step's timing (for the metrics) to the pool's owner."""
+        try:
+            self._on_step(job_id, step=step, seconds=seconds, size=size, requests=requests)
+        except Exception:
+            log.failure("handling a step of job {job_id} failed", job_id=job_id)
         return {}
 
 
@@ -267,6 +283,17 @@ class Worker:
         self.set_state(WorkerState.DEAD)
         self.ended.callback(None)
         return True
+
+
+def exit_cause(worker: Worker) -> str:
+    """Why ``worker`` exited, as a short bounded label (the metrics' ``cause``):
+    ``load-error``, ``start-timeout``, ``unresponsive``, ``planned`` (recycled, not
+    needed, a deadline, the daemon stopping) or ``crash``."""
+    if worker.load_error:
+        return "load-error"
+    if worker.cause is not None:
+        return worker.cause.value
+    return "planned" if worker.planned else "crash"
 
 
 def _noop(*args: Any) -> None:
@@ -429,7 +456,8 @@ class WorkerPool:
         name = f"{slot.number}.{self._serial}"
         worker = Worker(slot=slot, name=name, started=self.reactor.seconds())
         worker.amp = DaemonAMP(
-            lambda job_id, pct, text: self.on_progress(worker, job_id, pct, text)
+            lambda job_id, pct, text: self.on_progress(worker, job_id, pct, text),
+            lambda job_id, **step: self.events.emit("job-step", name, job_id, **step),
         )
         worker.stdout = LineLog(lambda text: self.on_output(worker, "stdout", text), self.reactor)
         worker.stderr = LineLog(lambda text: self.on_output(worker, "stderr", text), self.reactor)
@@ -568,7 +596,14 @@ class WorkerPool:
         slot = worker.slot
         if slot.worker is worker:
             slot.worker = None
-        self.events.emit("worker-exited", worker.name, pid=worker.pid, how=how, lifetime=lifetime)
+        self.events.emit(
+            "worker-exited",
+            worker.name,
+            pid=worker.pid,
+            how=how,
+            lifetime=lifetime,
+            cause=exit_cause(worker),
+        )
         try:
             self.on_gone(worker)
         except Exception:

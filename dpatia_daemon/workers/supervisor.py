@@ -87,7 +87,8 @@ class Supervisor(Service):
     folders: WorkFolders = field()
     env: Mapping[str, str] | None = None
     tokens: TokenBook | None = None
-    #: The shared view of each SPS's health (the front door's writes feed it too).
+    #: The shared view of each SPS's health (the front door's writes feed it too; the
+    #: status page reads it); one of its own if None.
     health: SPSHealth | None = None
     credentials: Credentials | None = field(default=None, repr=False)
     python: str = sys.executable
