@@ -190,26 +190,73 @@ def prepare_local(
 
 
 def region_input(text: str, config: Config, image_size: tuple[int, int]) -> dict[str, Any]:
-    """The IA-API input for ``--region x,y,w,h`` (width-normalised): a taggedPolygon, or
-    a multiArea when ``[app] input_type`` says so."""
-    try:
-        x, y, w, h = (float(v) for v in text.split(","))
-    except ValueError:
-        raise CommandError(f"--region {text!r}: expected x,y,w,h (four numbers)") from None
+    """The IA-API input for ``--region``: ``x,y,w,h`` (width-normalised) or the path of
+    a JSON polygon file (see :func:`polygons_of`); a taggedPolygon, or a multiArea when
+    ``[app] input_type`` says so."""
+    if os.path.isfile(text):
+        polygons = polygons_of(text)
+    else:
+        try:
+            x, y, w, h = (float(v) for v in text.split(","))
+        except ValueError:
+            raise CommandError(
+                f"--region {text!r}: expected x,y,w,h (four numbers) or a polygon file"
+            ) from None
+        if w <= 0 or h <= 0:
+            raise CommandError(f"--region {text!r}: width and height must be positive")
+        polygons = [[(x, y), (x + w, y), (x + w, y + h), (x, y + h), (x, y)]]
     max_y = image_size[1] / image_size[0]
-    if w <= 0 or h <= 0 or x < 0 or y < 0 or x + w > 1 or y + h > max_y + 1e-9:
-        raise CommandError(
-            f"--region {text!r}: must lie inside the slide (x + w <= 1, y + h <= "
-            f"{max_y:.4f}: coordinates are fractions of the width)"
-        )
-    corners = [(x, y), (x + w, y), (x + w, y + h), (x, y + h), (x, y)]
-    polygon = {"points": [{"x": px, "y": py} for px, py in corners]}
+    for polygon in polygons:
+        if any(px < 0 or py < 0 or px > 1 + 1e-9 or py > max_y + 1e-9 for px, py in polygon):
+            raise CommandError(
+                f"--region {text!r}: must lie inside the slide (x <= 1, y <= "
+                f"{max_y:.4f}: coordinates are fractions of the width)"
+            )
+    shapes = [{"points": [{"x": px, "y": py} for px, py in polygon]} for polygon in polygons]
     if config.app.input_type is InputType.MULTI_AREA:
-        return {"type": "multiArea", "content": {"polygons": [polygon]}}
-    content: dict[str, Any] = {"polygon": polygon, "tags": list(config.app.tags)}
+        return {"type": "multiArea", "content": {"polygons": shapes}}
+    if len(shapes) != 1:
+        raise CommandError(f"--region {text!r}: a taggedPolygon app takes one polygon")
+    content: dict[str, Any] = {"polygon": shapes[0], "tags": list(config.app.tags)}
     if config.app.tags:
         content["tagIndex"] = 0
     return {"type": "taggedPolygon", "content": content}
+
+
+def polygons_of(path: str) -> list[list[tuple[float, float]]]:
+    """The polygons of a ``--region`` file, JSON in the IA-API's width-normalised frame:
+    a list of ``[x, y]`` pairs or of ``{"x", "y"}`` points, ``{"points": [...]}``,
+    ``{"polygons": [...]}`` (several, for multiArea apps), or a whole IA-API input as the
+    SPS sends it (``{"type": "taggedPolygon", "content": {"polygon": ...}}``)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CommandError(f"--region {path}: not a readable JSON polygon file ({e})") from None
+
+    def points(value: Any) -> list[tuple[float, float]]:
+        if isinstance(value, dict) and "points" in value:
+            value = value["points"]
+        if not isinstance(value, list) or len(value) < 3:
+            raise ValueError("a polygon needs at least three points")
+        out = []
+        for point in value:
+            x, y = (point["x"], point["y"]) if isinstance(point, dict) else point
+            if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (x, y)):
+                raise ValueError(f"not a point: {point!r}")
+            out.append((float(x), float(y)))
+        return out
+
+    try:
+        if isinstance(data, dict) and isinstance(data.get("content"), dict):
+            data = data["content"]  # a whole IA-API input
+        if isinstance(data, dict) and "polygon" in data:
+            return [points(data["polygon"])]
+        if isinstance(data, dict) and "polygons" in data:
+            return [points(p) for p in data["polygons"]]
+        return [points(data)]
+    except (ValueError, TypeError, KeyError) as e:
+        raise CommandError(f"--region {path}: {e}") from None
 
 
 @define
@@ -390,8 +437,9 @@ def parser() -> argparse.ArgumentParser:
         "--config", metavar="PATH", help="a dpatia.ini: [app] analysis, its settings, [pipeline]"
     )
     run.add_argument(
-        "--region", metavar="X,Y,W,H", help="analyse this rectangle (fractions of the slide "
-        "width, as the IA-API's coordinates) as a taggedPolygon/multiArea selection"
+        "--region", metavar="X,Y,W,H|FILE", help="analyse this rectangle (fractions of the "
+        "slide width, as the IA-API's coordinates), or the polygon(s) of a JSON file, as a "
+        "taggedPolygon/multiArea selection"
     )
     run.add_argument(
         "--label", metavar="IMAGE", help="the slide's label image, if the file has none"
@@ -415,7 +463,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     return status
 
 
-__all__ = ["CommandError", "main", "parser", "prepare_local", "region_input", "slide_info_of"]
+__all__ = ["CommandError", "main", "parser", "polygons_of", "prepare_local", "region_input", "slide_info_of"]
 
 
 if __name__ == "__main__":

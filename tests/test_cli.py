@@ -135,6 +135,46 @@ def test_analyse_refuses_a_region_outside_the_slide(slide: Path, tmp_path: Path,
     assert "must lie inside the slide" in capsys.readouterr().err
 
 
+def test_analyse_takes_a_polygon_file_as_the_region(slide: Path, tmp_path: Path) -> None:
+    """--region FILE: a JSON polygon (here a whole IA-API input, as the SPS sends it)."""
+    triangle = [{"x": 0.1, "y": 0.1}, {"x": 0.5, "y": 0.1}, {"x": 0.3, "y": 0.4}]
+    polygon = tmp_path / "region.json"
+    polygon.write_text(
+        json.dumps({"type": "taggedPolygon", "content": {"polygon": {"points": triangle}}})
+    )
+    status, _ = run(
+        "analyse", str(slide), "--analysis", "test_cli:describe", "--out", str(tmp_path),
+        "--region", str(polygon),
+    )
+    assert status == 0
+    stored = json.loads((tmp_path / "cli-1.result.json").read_text())
+    selection = json.loads(stored["displayProperties"]["Input"])
+    assert selection["content"]["polygon"]["points"] == triangle
+
+
+def test_polygon_files_in_each_form_and_refusals(tmp_path: Path) -> None:
+    """Pairs, points, {"points"}, {"polygons"}; too few points or non-numbers: one line."""
+    from dpatia_daemon.cli import CommandError, polygons_of
+
+    forms = {
+        "pairs": [[0, 0], [1, 0], [0, 0.5]],
+        "points": [{"x": 0, "y": 0}, {"x": 1, "y": 0}, {"x": 0, "y": 0.5}],
+        "object": {"points": [[0, 0], [1, 0], [0, 0.5]]},
+    }
+    for name, data in forms.items():
+        (tmp_path / name).write_text(json.dumps(data))
+        assert polygons_of(str(tmp_path / name)) == [[(0, 0), (1, 0), (0, 0.5)]]
+    (tmp_path / "two").write_text(json.dumps({"polygons": [forms["pairs"], forms["points"]]}))
+    assert len(polygons_of(str(tmp_path / "two"))) == 2
+    for bad in ([[0, 0], [1, 0]], [["a", 0], [1, 0], [0, 1]], {"nothing": 1}):
+        (tmp_path / "bad").write_text(json.dumps(bad))
+        with pytest.raises(CommandError, match="--region"):
+            polygons_of(str(tmp_path / "bad"))
+    (tmp_path / "broken").write_text("[[0,")
+    with pytest.raises(CommandError, match="not a readable JSON polygon file"):
+        polygons_of(str(tmp_path / "broken"))
+
+
 def test_analyse_exits_non_zero_with_the_analysis_message(
     slide: Path, tmp_path: Path, capsys: Any
 ) -> None:
