@@ -77,12 +77,16 @@ class _Unusable(ValueError):
 
 @frozen
 class ThumbnailPlan:
-    """Which tiles make the thumbnail: the level, format and focal plane to ask for."""
+    """Which tiles make the thumbnail: the level, format, focal plane and optical path
+    to ask for."""
 
     dzi: DZI
     level: int
     ext: str
     focal_plane: str | None
+    #: Named only for a multichannel slide (more than one ``opticalPaths`` entry):
+    #: a brightfield slide's tiles are asked for without ``?opticalPath=``.
+    optical_path: str | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -151,7 +155,9 @@ def plan_thumbnail(
     longer side is at most ``side_without_mpp``; either way coarser while the longer
     side exceeds ``max_side``.  Format: ``ext`` if given, else the first of jpg, jpeg,
     png in ``availableTileFormats``, else jpg.  Focal plane: ``focalPlanes[0].id`` if
-    present, else none (no suffix in the tile URL).  Raises ``ValueError`` when the
+    present, else none (no suffix in the tile URL).  Optical path: the first of
+    ``opticalPaths`` when there are several (a fluorescence slide's first channel,
+    usually the nuclear stain), else none.  Raises ``ValueError`` when the
     info has no usable ``imageSize``.
     """
     size = info.get("imageSize") if isinstance(info, dict) else None
@@ -184,7 +190,13 @@ def plan_thumbnail(
         plane_id = planes[0].get("id")
         if plane_id is not None and str(plane_id) != "":
             focal_plane = str(plane_id)
-    return ThumbnailPlan(dzi, level, ext, focal_plane)
+    paths = info.get("opticalPaths")
+    optical_path = None
+    if isinstance(paths, list) and len(paths) > 1 and isinstance(paths[0], dict):
+        path_id = paths[0].get("id")
+        if path_id is not None and str(path_id) != "":
+            optical_path = str(path_id)
+    return ThumbnailPlan(dzi, level, ext, focal_plane, optical_path)
 
 
 # --- assembly (in a thread) -------------------------------------------------------------
@@ -295,6 +307,7 @@ async def _fetch_tiles(
                 row,
                 ext=plan.ext,
                 focal_plane=plan.focal_plane,
+                optical_path=plan.optical_path,
             )
         )
         return d.addCallback(lambda data: assembler.add(rect, data))

@@ -200,6 +200,15 @@ def test_plan_focal_plane() -> None:
     assert plan_thumbnail(info_for(10, 10, focalPlanes=[])).focal_plane is None
 
 
+def test_plan_optical_path() -> None:
+    """The first optical path of a multichannel slide; none for one path, or none."""
+    channels = [{"id": "dapi", "description": "DAPI"}, {"id": "fitc", "description": "FITC"}]
+    assert plan_thumbnail(info_for(10, 10, opticalPaths=channels)).optical_path == "dapi"
+    one = [{"id": "0", "description": "Brightfield"}]
+    assert plan_thumbnail(info_for(10, 10, opticalPaths=one)).optical_path is None
+    assert plan_thumbnail(info_for(10, 10)).optical_path is None
+
+
 # --- fetching -------------------------------------------------------------------------------
 
 
@@ -220,6 +229,21 @@ def test_thumbnail_equals_downscale_of_source() -> None:
     cols, rows = dzi.tile_grid(result.level)
     assert len(env.fake.requests) == cols * rows == 24
     assert all(p.endswith("_0.jpg") for p in tile_paths(env.fake))
+
+
+def test_a_multichannel_thumbnail_names_its_optical_path() -> None:
+    """Every tile of a multichannel slide's thumbnail is asked for with ?opticalPath= of
+    its first channel (IA-API.md §2.5)."""
+    source = synthetic(256, 128)
+    channels = [{"id": "DAPI", "description": "DAPI"}, {"id": "FITC", "description": "F"}]
+    info = info_for(*source.size, opticalPaths=channels)
+    dzi = DZI(*source.size, 128, microns_per_pixel=4.0)
+    env = make_env()
+    env.fake.add_slide(SLIDE, tiles=tile_source(source, dzi))
+    result = success_result_of(thumbnail(env, info, target_mpp=16.0))
+    assert isinstance(result, Thumbnail)
+    assert env.fake.requests
+    assert all(r.query.get("opticalPath") == ["DAPI"] for r in env.fake.requests)
 
 
 def test_full_size_edge_tiles_are_cropped() -> None:
