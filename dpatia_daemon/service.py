@@ -39,6 +39,7 @@ from ._version import __version__
 from .config import Config
 from .frontdoor.background import BackgroundQueue
 from .frontdoor.listening import check_processes, endpoint, noticed
+from .frontdoor.offload import ParseProcess
 from .frontdoor.processes import COUNTS_PREFIX, FrontDoors, ParentLink, ReusePortListener
 from .frontdoor.routes import IAAPI, no_tally
 from .frontdoor.site import make_site
@@ -190,6 +191,9 @@ def build_service(
         # A front door only: it accepts and spools jobs; daemons sharing the spool run them.
         log.info("no workers ([workers] count = 0): jobs are accepted, others run them")
 
+    parse_process = ParseProcess(reactor)
+    parse_process.setName("parse-process")
+    parse_process.setServiceParent(root)
     api = IAAPI(
         config=config,
         spool=spool,
@@ -204,8 +208,10 @@ def build_service(
         ),
         tokens=tokens,
         health=health,
-        # Large bodies (a modify carrying a big result) are parsed off the reactor thread.
+        # Large bodies (a modify carrying a big result) are parsed off the reactor thread,
+        # the largest in a child process (see frontdoor/offload.py).
         run_blocking=partial(in_thread, reactor),
+        parse_outside=parse_process,
         tally=no_tally if metrics is None else metrics.count,
     )
     api_service = Stopper(api.background.close)

@@ -67,6 +67,7 @@ from ..workers.health import SPSHealth
 from .background import BackgroundQueue, reporting
 from .capacity import NO_ROOM, AcceptGate
 from .notifications import NotificationCounts
+from .offload import OFFLOAD_BYTES
 from .site import (
     JSON_TYPE,
     BodyLimits,
@@ -128,6 +129,9 @@ class IAAPI:
     )
     tokens: TokenBook = field(factory=TokenBook)
     run_blocking: Callable[..., Deferred[Any]] = maybeDeferred
+    #: Runs ``parse(raw, limits)`` in a child process, for bodies of at least
+    #: :data:`~dpatia_daemon.frontdoor.offload.OFFLOAD_BYTES` (None: in ``run_blocking``).
+    parse_outside: Callable[..., Deferred[Any]] | None = None
     cancel_running: Callable[[str, str], object] | None = None
     #: The shared view of each SPS's health (the workers'): the queued frames feed it.
     health: SPSHealth | None = None
@@ -214,13 +218,21 @@ class IAAPI:
         raw = read_body(
             request, limits.max_result_body_bytes, "modify and delete", "max_result_body_bytes"
         )
-        invocation, parsed, put_body = await self._parsed(raw, _parse_for_put, limits)
+        stripped = False
+        if self.parse_outside is not None and len(raw) >= OFFLOAD_BYTES:
+            # The largest bodies in the child process; the stored result comes back
+            # without its content (the route needs its id, the PUT its bytes).
+            outcome = await self.parse_outside(_parse_light, raw, limits)
+            invocation, parsed, put_body, stripped = outcome
+        else:
+            invocation, parsed, put_body = await self._parsed(raw, _parse_for_put, limits)
         self._check_invocation(invocation)
         if invocation.action is Action.CREATE:
             return await self._create(request, invocation, parsed)
         if invocation.action is Action.MODIFY:
             assert isinstance(parsed, Result)
-            return await self._modify(request, invocation, parsed, put_body)
+            whole = (raw, limits) if stripped else None
+            return await self._modify(request, invocation, parsed, put_body, whole)
         if invocation.action is Action.DELETE:
             return await self._delete(request, invocation, parsed)
         return await self._cancel(request, invocation)
@@ -345,8 +357,15 @@ class IAAPI:
         return job
 
     async def _modify(
-        self, request: IRequest, invocation: Invocation, result: Result, body: bytes | None
+        self,
+        request: IRequest,
+        invocation: Invocation,
+        result: Result,
+        body: bytes | None,
+        whole: tuple[bytes, BodyLimits] | None = None,
     ) -> bytes:
+        """``whole``: the body and limits to parse ``result`` again from, when it came
+        without its content (:func:`_parse_light`)."""
         if result.id is None:
             raise InvalidInput("a modified result must carry its id", "$.input.id")
         if _button_pressed(result):
@@ -366,7 +385,12 @@ class IAAPI:
                     callback, invocation.applicationId, result.id, body
                 )
             except SPSConflict:
-                pass  # the path below re-reads the result and tries once more
+                # The path below re-reads the result and tries once more, with the
+                # whole result (parsed again if the child process stripped it).
+                if whole is not None:
+                    _, full, _ = await self._parsed(whole[0], _parse_for_put, whole[1])
+                    assert isinstance(full, Result)
+                    result = full
             else:
                 log.info(
                     "result {result_id} of slide {slide_id} modified by a user",
@@ -631,6 +655,24 @@ def _parse_for_put(
     ):
         body = json.dumps(unstructure(parsed)).encode("utf-8")
     return invocation, parsed, body
+
+
+def _parse_light(
+    raw: bytes, limits: BodyLimits
+) -> tuple[Invocation, AnalysisInput | Result | None, bytes | None, bool]:
+    """:func:`_parse_for_put` in the child process: a modify or delete's result comes
+    back without its content (and True), so that little crosses back; a button press
+    keeps it (the route answers with it)."""
+    invocation, parsed, body = _parse_for_put(raw, limits)
+    if (
+        isinstance(parsed, Result)
+        and invocation.action in (Action.MODIFY, Action.DELETE)
+        and parsed.data.result is not None
+        and not _button_pressed(parsed)
+    ):
+        light = attrs.evolve(parsed, data=attrs.evolve(parsed.data, result=None))
+        return invocation, light, body, True
+    return invocation, parsed, body, False
 
 
 def _raw_json_answer(request: IRequest, body: bytes) -> bytes:

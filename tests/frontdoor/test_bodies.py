@@ -16,6 +16,7 @@ from test_routes import Stack
 from twisted.internet.defer import Deferred
 
 from dpatia_daemon.config import Config
+from dpatia_daemon.frontdoor.offload import OFFLOAD_BYTES, ParseProcess
 from dpatia_daemon.frontdoor.site import BodyLimits, make_site, parse_json
 from dpatia_daemon.lifecycle import in_thread
 from dpatia_daemon.models import InvalidInput, unstructure
@@ -26,6 +27,15 @@ LIMITS = BodyLimits()
 
 #: test_routes.py's stack, as a fixture of this module.
 stack = test_routes.stack
+
+
+@pytest.fixture
+def child(reactor: Any) -> Any:
+    """The child process the daemon parses its largest bodies in."""
+    process = ParseProcess(reactor)
+    process.startService()
+    yield process
+    process.stopService()
 
 
 def _nested(depth: int) -> bytes:
@@ -187,11 +197,17 @@ async def test_hostile_bodies_are_a_400_naming_the_problem(
     assert len(stack.fake.requests) == before
 
 
+@pytest.mark.parametrize("outside", [False, True], ids=["thread", "child-process"])
 @pytest_twisted.ensureDeferred
-async def test_modify_and_delete_with_a_5_mib_result(reactor: Any, stack: Stack) -> None:
+async def test_modify_and_delete_with_a_5_mib_result(
+    reactor: Any, stack: Stack, outside: bool, request: pytest.FixtureRequest
+) -> None:
     """A modify carrying a 5 MiB stored result is stored and answered; a delete of it
-    cancels the job: both bodies are far over max_body_bytes (4096 here)."""
+    cancels the job: both bodies are far over max_body_bytes (4096 here).  Parsed in a
+    thread, or (as the daemon does from OFFLOAD_BYTES up) in the child process."""
     stack.api.run_blocking = partial(in_thread, reactor)
+    if outside:
+        stack.api.parse_outside = request.getfixturevalue("child")
     _, created, _ = await stack.post("/dpatia", stack.invocation())
     result = {"type": "primitive", "content": _big_content(180_000)}
     big = dict(created, data=dict(created["data"], result=result))
@@ -205,6 +221,23 @@ async def test_modify_and_delete_with_a_5_mib_result(reactor: Any, stack: Stack)
     code, answer, _ = await stack.post("/dpatia", stack.invocation("delete", input=dict(answer)))
     assert (code, answer) == (200, {})
     assert await stack.spool.queued() == []
+    if outside:
+        assert stack.api.parse_outside.started_pool  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hostile_body_parsed_in_the_child_process_is_the_same_400(
+    stack: Stack, child: ParseProcess
+) -> None:
+    """A body over OFFLOAD_BYTES nested too deep: the child's InvalidInput comes back as
+    the same 400, naming the problem and its field; nothing is spooled."""
+    stack.api.parse_outside = child
+    raw = _nested(OFFLOAD_BYTES)
+    code, answer, _ = await _post_raw(stack, "/dpatia", raw)
+    assert code == 400, answer
+    assert "nested deeper than 64 levels" in answer["error"] and answer["field"] == "$"
+    assert stack.spool_files() == []
+    assert child.started_pool  # it went through the child
 
 
 @pytest_twisted.ensureDeferred
