@@ -24,6 +24,10 @@ from .transitions import conflicts, merge_added, merge_released_into, requeued
 
 log = Logger()
 
+#: How many queued jobs (the best) a sweep reads and announces: a backlog beyond it
+#: is read as the dispatcher gets to it, not at every sweep.
+SWEEP_HEAD = 512
+
 
 @define(eq=False)
 class SpoolStore(SpoolFiles):
@@ -127,6 +131,7 @@ class SpoolStore(SpoolFiles):
                 tmp = self._write_temp(job)
             if self._link_new(tmp, dest):
                 self._remember(job)
+                self._index_quietly(self._index.put, job)
                 return job
             existing = self._read(dest, JobState.QUEUED)
             if existing is None:
@@ -135,6 +140,7 @@ class SpoolStore(SpoolFiles):
             merged = merge(existing, job)
             merged_tmp = self._write_temp(merged)
             os.rename(merged_tmp.path, dest.path)
+            self._index_quietly(self._index.move, existing, merged)
             return merged
         if tmp is not None:
             self._unlink(tmp)
@@ -180,6 +186,7 @@ class SpoolStore(SpoolFiles):
                 raise
             with self._lock:
                 self._held[job_id] = key
+            self._index_quietly(self._index.drop, job)
         log.info("job {job_id} claimed by {owner}", job_id=job_id, key=key, owner=self.owner)
         return attrs.evolve(job, state=JobState.RUNNING)
 
@@ -307,6 +314,7 @@ class SpoolStore(SpoolFiles):
         os.rename(tmp.path, target.path)
         self._fsync_dir(self._sub("cancelled"))
         self._fsync_dir(self._sub("queued"))
+        self._index_quietly(self._index.drop, job)
         return final
 
     def update(self, job: Job) -> Job:
@@ -431,15 +439,21 @@ class SpoolStore(SpoolFiles):
         )
         return stored
 
-    def sweep(self, now: float | None = None) -> tuple[list[Job], list[Job]]:
+    def sweep(
+        self, now: float | None = None, head: int = SWEEP_HEAD
+    ) -> tuple[list[Job], list[Job]]:
         """Housekeeping for the periodic sweep; returns (recovered, queued) jobs.
 
         ``now``: the wall-clock time stale temp files are judged by (see ``open``).
+        The queued jobs are the best ``head`` of the queue (:meth:`queued_head`), after
+        the queue's index is reconciled with its records: a sweep lists names, and
+        reads only the records at the head and those whose entry needed repair.
         """
         self._clean_tmp(now)
         self._clean_markers()
         recovered = self.recover()
-        return recovered, self.queued()
+        self.reconcile_index()
+        return recovered, self.queued_head(head)
 
     def held(self) -> dict[str, str]:
         """Return the jobs this store holds (job_id → key)."""
