@@ -152,9 +152,7 @@ class ResultWriter:
 
     def final(self, job: Job, result: Result) -> Result:
         """An analysis's result made ready to store: slide, version and bookkeeping set."""
-        return final_result(
-            result, job.job_id, job.slide_id, self.application_version, key=job.key
-        )
+        return final_result(result, job.job_id, job.slide_id, self.application_version, key=job.key)
 
     # --- serialisation ----------------------------------------------------------------
 
