@@ -436,7 +436,19 @@ class SpoolFiles:
 
     def _ensure_indexed(self) -> None:
         if not self._indexed:
-            self.reconcile_index()
+            self.check_index()
+
+    def check_index(self) -> bool:
+        """The quick check: as many index entries as queued records (two listings of
+        names, nothing parsed), else a full :meth:`reconcile_index`.  True if it
+        reconciled.  Counts that agree while the sets differ take two faults that
+        cancel out; the sweep's periodic full reconciliation repairs those too."""
+        queued = sum(1 for name in self._names(JobState.QUEUED) if name.endswith(".json"))
+        if queued == sum(1 for _ in self._index.names()):
+            self._indexed = True
+            return False
+        self.reconcile_index()
+        return True
 
     def reconcile_index(self) -> int:
         """Make the index agree with ``queued/``; return how many keys needed repair.
@@ -445,33 +457,36 @@ class SpoolFiles:
         doubled are then looked at, each under its stripe lock (its record read once).
         """
         with self._reconciling:
-            queued = {
-                m.group(1)
-                for name in self._names(JobState.QUEUED)
-                if (m := ACTIVE_NAME.match(name)) is not None
-            }
-            entries: dict[str, str] = {}
-            repair: dict[str, list[str]] = {}
-            for name in self._index.names():
-                entry = Entry.parse(name)
-                if entry is None:
-                    continue
-                if entry.key not in queued:
-                    repair.setdefault(entry.key, []).append(name)
-                elif entry.key in entries:
-                    # Doubled: which one is right is decided under the key's lock.
-                    repair.setdefault(entry.key, [entries[entry.key]]).append(name)
-                else:
-                    entries[entry.key] = name
-            for key in queued:
-                if key not in entries:
-                    repair.setdefault(key, [])
-            del entries, queued
-            for key, names in repair.items():
-                with self._locked([key]):
-                    self._reindex_locked(key, names)
-            self._indexed = True
-            return len(repair)
+            return self._reconcile_locked()
+
+    def _reconcile_locked(self) -> int:
+        queued = {
+            m.group(1)
+            for name in self._names(JobState.QUEUED)
+            if (m := ACTIVE_NAME.match(name)) is not None
+        }
+        entries: dict[str, str] = {}
+        repair: dict[str, list[str]] = {}
+        for name in self._index.names():
+            entry = Entry.parse(name)
+            if entry is None:
+                continue
+            if entry.key not in queued:
+                repair.setdefault(entry.key, []).append(name)
+            elif entry.key in entries:
+                # Doubled: which one is right is decided under the key's lock.
+                repair.setdefault(entry.key, [entries[entry.key]]).append(name)
+            else:
+                entries[entry.key] = name
+        for key in queued:
+            if key not in entries:
+                repair.setdefault(key, [])
+        del entries, queued
+        for key, names in repair.items():
+            with self._locked([key]):
+                self._reindex_locked(key, names)
+        self._indexed = True
+        return len(repair)
 
     def _reindex_locked(self, key: str, names: list[str]) -> None:
         """Give ``key``'s queued record (read under its lock) exactly its own entry."""

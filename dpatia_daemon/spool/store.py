@@ -27,6 +27,9 @@ log = Logger()
 #: How many queued jobs (the best) a sweep reads and announces: a backlog beyond it
 #: is read as the dispatcher gets to it, not at every sweep.
 SWEEP_HEAD = 512
+#: Every how many sweeps the queue's index is fully reconciled (names parsed and
+#: compared, key by key); the others only compare the counts (see ``check_index``).
+FULL_RECONCILE_EVERY = 10
 
 
 @define(eq=False)
@@ -39,6 +42,7 @@ class SpoolStore(SpoolFiles):
     """
 
     _held: dict[str, str] = field(init=False, factory=dict)  # job_id → key
+    _sweeps: int = field(init=False, default=0)
 
     def close(self) -> None:
         """Detach; jobs still held are abandoned (their run locks dropped, files kept).
@@ -452,7 +456,13 @@ class SpoolStore(SpoolFiles):
         self._clean_tmp(now)
         self._clean_markers()
         recovered = self.recover()
-        self.reconcile_index()
+        with self._lock:
+            self._sweeps += 1
+            full = self._sweeps % FULL_RECONCILE_EVERY == 0
+        if full:
+            self.reconcile_index()
+        else:
+            self.check_index()
         return recovered, self.queued_head(head)
 
     def held(self) -> dict[str, str]:

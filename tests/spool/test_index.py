@@ -198,3 +198,22 @@ def test_a_fresh_spool_without_index_is_indexed_at_first_use(tmp_path: Path) -> 
         assert len(_entries(s)) == 30
     finally:
         s.close()
+
+
+def test_the_quick_check_trusts_agreeing_counts_and_repairs_the_rest(store: SpoolStore) -> None:
+    """check_index compares counts only; a difference makes it reconcile; every
+    FULL_RECONCILE_EVERY-th sweep reconciles whatever the counts say."""
+    from dpatia_daemon.spool.store import FULL_RECONCILE_EVERY
+
+    jobs = _fill(store, _mixed(20))
+    assert store.check_index() is False
+    name = _entries(store)[0]
+    store._index.unlink(name)
+    assert store.check_index() is True and name in _entries(store)
+    # Two faults that cancel out (one entry missing, one stale): counts agree.
+    store._index.unlink(name)
+    store._index.put(attrs.evolve(jobs[0], job_id="ab" * 16))
+    assert store.check_index() is False
+    for _ in range(FULL_RECONCILE_EVERY):
+        store.sweep(None)
+    assert _entries(store) == sorted(entry_name(j) for j in jobs)
