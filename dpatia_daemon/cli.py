@@ -283,7 +283,9 @@ class _Progress:
             self.out.flush()
 
 
-def _run_in_thread(analysis: Callable[[AnalysisJob], Any], job: AnalysisJob, cancel: threading.Event, out: TextIO) -> Any:
+def _run_in_thread(
+    analysis: Callable[[AnalysisJob], Any], job: AnalysisJob, cancel: threading.Event, out: TextIO
+) -> Any:
     """Run the analysis in a thread, as a worker does; Ctrl-C asks it to stop."""
     outcome: dict[str, Any] = {}
 
@@ -373,7 +375,11 @@ def _analyse(options: argparse.Namespace, out: TextIO) -> int:
     out.write(
         f"dpatia {__version__}: analysis {spec!r} on {options.slide} "
         f"({image_size[0]} x {image_size[1]} px"
-        + (f", {local.slide_info['micronsPerPixel']:g} µm/px" if "micronsPerPixel" in local.slide_info else "")
+        + (
+            f", {local.slide_info['micronsPerPixel']:g} µm/px"
+            if "micronsPerPixel" in local.slide_info
+            else ""
+        )
         + ")\n"
     )
     try:
@@ -430,8 +436,10 @@ def parser() -> argparse.ArgumentParser:
     )
     run.add_argument("slide", metavar="SLIDE_FILE", help="a whole-slide image OpenSlide reads")
     run.add_argument(
-        "--analysis", metavar="SPEC", help="built-in or plugin name, or module:callable "
-        "(default: [app] analysis of --config, else tissue)"
+        "--analysis",
+        metavar="SPEC",
+        help="built-in or plugin name, or module:callable "
+        "(default: [app] analysis of --config, else tissue)",
     )
     run.add_argument(
         "--config", metavar="PATH", help="a dpatia.ini: [app] analysis, its settings, [pipeline]"

@@ -260,8 +260,7 @@ class AppConfig:
         nonempty,
         matches(
             r"[A-Za-z_][\w.-]*|[A-Za-z_][\w.]*:[A-Za-z_]\w*",
-            "must be a short name (demo, tissue, an installed plugin) or "
-            "package.module:callable",
+            "must be a short name (demo, tissue, an installed plugin) or package.module:callable",
         ),
     )
     include_phi: bool = key(False)

@@ -8,6 +8,7 @@ SPS or HTTP.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -75,6 +76,23 @@ class Ready(Service):
     def startService(self) -> None:
         super().startService()
         self.reactor.callWhenRunning(log.info, self.message)
+        self.reactor.callWhenRunning(settle_gc)
+
+
+#: The collector's thresholds once started: young collections every 10 000 net
+#: allocations instead of 700 (a request allocates hundreds of objects), older ones
+#: as before relative to them.
+GC_THRESHOLDS = (10_000, 20, 10)
+
+
+def settle_gc() -> None:
+    """After start-up: collect once, move everything alive into the permanent
+    generation (``gc.freeze``: modules, config, the service tree are never scanned
+    again, so full collections, whose pauses grow with the heap, stay short), and
+    raise the thresholds (:data:`GC_THRESHOLDS`)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 class Stopper(Service):

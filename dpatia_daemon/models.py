@@ -305,9 +305,7 @@ def _make_converter() -> cattrs.Converter:
     )
     # Content is JSON already (see ResultPayload): walking a stored result of many MiB
     # node by node cost seconds of the reactor's time per modify.
-    conv.register_unstructure_hook(
-        ResultPayload, lambda p: {"type": p.type, "content": p.content}
-    )
+    conv.register_unstructure_hook(ResultPayload, lambda p: {"type": p.type, "content": p.content})
     conv.register_unstructure_hook(
         ResultData,
         lambda d: {

@@ -97,3 +97,20 @@ def test_ready_is_logged_once_the_reactor_runs() -> None:
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert any(e.get("log_format") == "dpatia ready" for e in events)
+
+
+def test_settle_gc_freezes_what_start_up_made_and_raises_the_thresholds() -> None:
+    """After "ready": one collection, everything alive frozen (full collections no
+    longer scan it), and the young generation collected less often."""
+    import gc
+
+    from dpatia_daemon.lifecycle import GC_THRESHOLDS, settle_gc
+
+    before = gc.get_threshold()
+    try:
+        settle_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

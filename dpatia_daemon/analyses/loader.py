@@ -88,9 +88,7 @@ def find_analysis(spec: str) -> str:
         return BUILTINS[spec]
     if ":" in spec:
         if _SPEC.match(spec) is None:
-            raise AnalysisLoadError(
-                f"analysis {spec!r}: not of the form package.module:callable"
-            )
+            raise AnalysisLoadError(f"analysis {spec!r}: not of the form package.module:callable")
         return spec
     plugins = [p for p in _plugins() if p.name == spec]
     if len(plugins) > 1:

@@ -140,4 +140,3 @@ class AcceptGate:
         self._measured = self.clock.seconds()
         for d in waiters:
             d.callback(room)
-

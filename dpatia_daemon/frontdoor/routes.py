@@ -533,17 +533,34 @@ class IAAPI:
             current = await self.spool.get(job.job_id)
             if current is None or current.state is not JobState.QUEUED:
                 raise _NotQueued()
+        size: tuple[int, int] | None | Deferred[tuple[int, int] | None] = image_size
         if image_size is None and not job.is_region:
             # A region's frame outlines the region; only the slide's needs its size.
-            info = await self.sps.slide_info(job.callback, job.slide_id, extended=False)
-            image_size = image_size_of(info)
+            # Read at the same time as the slide's results (the writer's first call):
+            # two round trips one after another, not three.
+            size = Deferred.fromCoroutine(self._image_size(job))
 
         async def still_queued() -> bool:
             current = await self.spool.get(job.job_id)
             return current is not None and current.state is JobState.QUEUED
 
-        stored = await self.writer.store_queued_frame(job, image_size, still_queued)
+        try:
+            stored = await self.writer.store_queued_frame(job, size, still_queued)
+        except BaseException:
+            if isinstance(size, Deferred):
+                size.addErrback(lambda _: None)  # the results' error is the one said
+            raise
         if stored.id is not None and stored.id != job.result_id:
+            await self._note_result(job, stored)
+        return stored
+
+    async def _image_size(self, job: Job) -> tuple[int, int] | None:
+        info = await self.sps.slide_info(job.callback, job.slide_id, extended=False)
+        return image_size_of(info)
+
+    async def _note_result(self, job: Job, stored: Result) -> None:
+        """Note the job's result id in its spool record (a rewrite of the record)."""
+        if stored.id is not None:
             try:
                 await self.spool.update(attrs.evolve(job, result_id=stored.id))
             except JobMoved:
@@ -560,7 +577,6 @@ class IAAPI:
                     result_id=stored.id,
                     error=e.strerror or str(e),
                 )
-        return stored
 
     async def _write_final_frame(self, job: Job, status: Status, text: str) -> None:
         assert job.result_id is not None

@@ -251,23 +251,23 @@ def _quote_filename(name: str) -> str:
 class FakeSPS:
     """The SPS callback API in memory.
 
-    State: ``slides``, ``results`` (integer ids; ``result_apps`` names each one's
-    application), accepted Bearer ``tokens`` with optional ``token_expiry`` against
-    ``clock``, and ``requests``, the requests received (the newest ``max_requests``; the
-count of older ones dropped is ``requests_dropped``, so a simulator left running for
-days does not grow without bound).  Knobs: ``fail_next`` (answer
-    the next requests with these statuses; 429/503 carry ``Retry-After: retry_after``
-    when set), ``hang_next`` (never answer that many requests), ``version`` (``GET
-    /info``), ``client_credentials`` (client id → secret for ``POST /token``), and
-    ``faults`` (:class:`~.faults.Faults`: latency, a seeded 5xx fraction, dropped
-    downloads, the lifetime of issued tokens, down windows).
+        State: ``slides``, ``results`` (integer ids; ``result_apps`` names each one's
+        application), accepted Bearer ``tokens`` with optional ``token_expiry`` against
+        ``clock``, and ``requests``, the requests received (the newest ``max_requests``; the
+    count of older ones dropped is ``requests_dropped``, so a simulator left running for
+    days does not grow without bound).  Knobs: ``fail_next`` (answer
+        the next requests with these statuses; 429/503 carry ``Retry-After: retry_after``
+        when set), ``hang_next`` (never answer that many requests), ``version`` (``GET
+        /info``), ``client_credentials`` (client id → secret for ``POST /token``), and
+        ``faults`` (:class:`~.faults.Faults`: latency, a seeded 5xx fraction, dropped
+        downloads, the lifetime of issued tokens, down windows).
 
-    ``clock`` defaults to a ``task.Clock`` that only moves when a test advances it;
-    pass the reactor when serving on a real port so that tokens expire in real time.
-    Every route records the request, then applies ``hang_next`` and ``fail_next``, then
-    checks the token, in that order; the ``faults`` (down window, then the 5xx fraction)
-    apply after ``fail_next``, and latency before the route runs.  Slide ids containing ``/`` are not supported
-    (Twisted decodes ``%2F`` before routing).
+        ``clock`` defaults to a ``task.Clock`` that only moves when a test advances it;
+        pass the reactor when serving on a real port so that tokens expire in real time.
+        Every route records the request, then applies ``hang_next`` and ``fail_next``, then
+        checks the token, in that order; the ``faults`` (down window, then the 5xx fraction)
+        apply after ``fail_next``, and latency before the route runs.  Slide ids containing ``/`` are not supported
+        (Twisted decodes ``%2F`` before routing).
     """
 
     app = Klein()

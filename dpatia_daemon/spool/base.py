@@ -68,6 +68,10 @@ class SpoolCore(Protocol):
 
     def queued(self) -> list[Job]: ...
 
+    def queued_head(self, limit: int) -> list[Job]: ...
+
+    def active_keys(self) -> set[str]: ...
+
     def counts(self) -> dict[JobState, int]: ...
 
     def room(self, count_queued: bool = False) -> SpoolRoom: ...
@@ -151,6 +155,14 @@ class SpoolService(Service):
     def queued(self) -> Deferred[list[Job]]:
         """Return all QUEUED jobs in dispatch order."""
         return self._call(self._core().queued)
+
+    def queued_head(self, limit: int) -> Deferred[list[Job]]:
+        """Return the best ``limit`` QUEUED jobs in dispatch order."""
+        return self._call(self._core().queued_head, limit)
+
+    def active_keys(self) -> Deferred[set[str]]:
+        """Return the keys of every QUEUED or RUNNING job."""
+        return self._call(self._core().active_keys)
 
     def counts(self) -> Deferred[dict[JobState, int]]:
         """Return the number of jobs in each state."""

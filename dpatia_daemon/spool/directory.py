@@ -262,11 +262,14 @@ class DirectorySpool(SpoolService):
             recovered, queued = result
             for job in recovered:
                 self._announce(job)
+            # ``queued`` is the head of the queue (the best jobs), not all of it: what
+            # lies beyond is read by the dispatcher when it gets there.  No line per job.
             present = {job.job_id for job in queued}
-            for job in queued:
-                if job.job_id not in self._announced:
-                    log.debug("job {job_id} found queued by the sweep", job_id=job.job_id)
-                    self._announce(job)
+            found = [job for job in queued if job.job_id not in self._announced]
+            if found:
+                log.debug("the sweep found {count} queued jobs not yet announced", count=len(found))
+            for job in found:
+                self._announce(job)
             # Forget jobs that left the queue, but only those announced before this
             # sweep listed the directory (a newer one may simply not be listed yet).
             for job_id, generation in list(self._announced.items()):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import heapq
 import os
 import re
 import stat
@@ -28,6 +29,8 @@ from twisted.python.filepath import FilePath
 
 from ..durable import fsync_directory, write_new_file
 from ..jobs import Job, JobState
+from .index import Entry, QueueIndex
+from .index import entry_name as index_name
 from .interface import ACTIVE, FORWARD, TERMINAL, SpoolError, SpoolRoom, check_id, check_job
 from .locks import (
     FILE_MODE,
@@ -50,6 +53,8 @@ _TMP_MAX_AGE = 3600.0
 _NOT_TIGHTENED = "could not tighten {path}: {error}; job files hold callback tokens"
 # job_id → key hints; bounded so a daemon running for years does not grow without end.
 _HINTS_MAX = 65536
+# Index names read beyond a head's length, in case some are stale.
+_HEAD_SLACK = 16
 
 
 def gone(e: OSError) -> bool:
@@ -78,6 +83,15 @@ class SpoolFiles:
     _table: LockTable | None = field(init=False, default=None)
     _real: str | None = field(init=False, default=None)
     _tmp_prefix: str = field(init=False, factory=lambda: f"{host_tag()}.{os.getpid()}")
+    #: The queue's advisory index (:mod:`.index`), and whether it was reconciled with
+    #: ``queued/`` since this store opened.
+    _index: QueueIndex = field(init=False)
+    _indexed: bool = field(init=False, default=False)
+    _reconciling: threading.Lock = field(init=False, factory=threading.Lock)
+
+    @_index.default
+    def _make_index(self) -> QueueIndex:
+        return QueueIndex(self._sub("index").path)
 
     # -- setup ---------------------------------------------------------------------
 
@@ -105,10 +119,11 @@ class SpoolFiles:
         detach_table(self._real)
         self._table = None
         self._real = None
+        self._indexed = False
 
     @staticmethod
     def _subdirs() -> list[str]:
-        return [s.value for s in JobState] + ["locks", "cancel", "tmp", "corrupt"]
+        return [s.value for s in JobState] + ["locks", "cancel", "tmp", "corrupt", "index"]
 
     def _sub(self, name: str) -> FilePath[str]:
         return self.directory.child(name)
@@ -350,17 +365,161 @@ class SpoolFiles:
 
     def queued(self) -> list[Job]:
         """Return all QUEUED jobs in dispatch order."""
-        return sorted(self._listing(JobState.QUEUED), key=Job.sort_key)
+        return sorted(self._uncached_listing(JobState.QUEUED), key=Job.sort_key)
+
+    def queued_head(self, limit: int) -> list[Job]:
+        """Return the best ``limit`` QUEUED jobs in dispatch order (the index's first
+        names, then one record read each: never a read of the whole queue)."""
+        self._ensure_indexed()
+        if limit <= 0:
+            return []
+        # A few names more than asked for, so that a stale entry or two (a crash, a
+        # record moved by hand) do not shorten the head; reads stop at ``limit``.
+        names = heapq.nsmallest(limit + _HEAD_SLACK, self._index.names())
+        out: list[Job] = []
+        for name in names:
+            if len(out) >= limit:
+                break
+            entry = Entry.parse(name)
+            if entry is None:
+                continue
+            job = self._read_plain(self._active_path(JobState.QUEUED, entry.key), JobState.QUEUED)
+            if job is not None and job.job_id == entry.job_id:
+                out.append(job)  # else stale: the next reconciliation removes it
+        return sorted(out, key=Job.sort_key)
 
     def find(self, criteria: JobFilter) -> list[Job]:
-        """Return the jobs matching ``criteria`` (a listing of each state it names)."""
-        return [
-            job
-            for state in JobState
-            if state in criteria.states
-            for job in self._listing(state)
-            if criteria.matches(job)
-        ]
+        """Return the jobs matching ``criteria``.
+
+        Running jobs are few (one per worker) and listed; queued ones of a slide come
+        from the slide's index bucket; only a search of queued jobs by something other
+        than the slide, or of history, lists (and reads) a whole directory.
+        """
+        out: list[Job] = []
+        for state in JobState:
+            if state not in criteria.states:
+                continue
+            if state is JobState.QUEUED and criteria.slide_id is not None:
+                jobs = self._queued_of_slide(criteria.slide_id)
+            elif state is JobState.QUEUED:
+                jobs = self._uncached_listing(state)
+            else:
+                jobs = self._listing(state)
+            out.extend(job for job in jobs if criteria.matches(job))
+        return out
+
+    def _queued_of_slide(self, slide_id: str) -> list[Job]:
+        self._ensure_indexed()
+        out = []
+        for entry in self._index.for_slide(slide_id):
+            job = self._read_plain(self._active_path(JobState.QUEUED, entry.key), JobState.QUEUED)
+            if job is not None and job.job_id == entry.job_id:
+                out.append(job)
+        return out
+
+    def _uncached_listing(self, state: JobState) -> list[Job]:
+        """:meth:`_listing` without keeping the records: a queue can be large."""
+        jobs = self._listing(state)
+        self._cache.pop(state.value, None)
+        return jobs
+
+    def active_keys(self) -> set[str]:
+        """The keys of every QUEUED or RUNNING record (names only, no file read)."""
+        return {
+            m.group(1)
+            for state in FORWARD
+            for name in self._names(state)
+            if (m := ACTIVE_NAME.match(name)) is not None
+        }
+
+    # -- the index -----------------------------------------------------------------
+
+    def _ensure_indexed(self) -> None:
+        if not self._indexed:
+            self.check_index()
+
+    def check_index(self) -> bool:
+        """The quick check: as many index entries as queued records (two listings of
+        names, nothing parsed), else a full :meth:`reconcile_index`.  True if it
+        reconciled.  Counts that agree while the sets differ take two faults that
+        cancel out; the sweep's periodic full reconciliation repairs those too."""
+        queued = sum(1 for name in self._names(JobState.QUEUED) if name.endswith(".json"))
+        if queued == sum(1 for _ in self._index.names()):
+            self._indexed = True
+            return False
+        self.reconcile_index()
+        return True
+
+    def reconcile_index(self) -> int:
+        """Make the index agree with ``queued/``; return how many keys needed repair.
+
+        A listing of names on both sides; only keys whose entry is missing, stale or
+        doubled are then looked at, each under its stripe lock (its record read once).
+        """
+        with self._reconciling:
+            return self._reconcile_locked()
+
+    def _reconcile_locked(self) -> int:
+        queued = {
+            m.group(1)
+            for name in self._names(JobState.QUEUED)
+            if (m := ACTIVE_NAME.match(name)) is not None
+        }
+        entries: dict[str, str] = {}
+        repair: dict[str, list[str]] = {}
+        for name in self._index.names():
+            entry = Entry.parse(name)
+            if entry is None:
+                continue
+            if entry.key not in queued:
+                repair.setdefault(entry.key, []).append(name)
+            elif entry.key in entries:
+                # Doubled: which one is right is decided under the key's lock.
+                repair.setdefault(entry.key, [entries[entry.key]]).append(name)
+            else:
+                entries[entry.key] = name
+        for key in queued:
+            if key not in entries:
+                repair.setdefault(key, [])
+        del entries, queued
+        for key, names in repair.items():
+            with self._locked([key]):
+                self._reindex_locked(key, names)
+        self._indexed = True
+        return len(repair)
+
+    def _reindex_locked(self, key: str, names: list[str]) -> None:
+        """Give ``key``'s queued record (read under its lock) exactly its own entry."""
+        job = self._read(self._active_path(JobState.QUEUED, key), JobState.QUEUED)
+        keep = None
+        if job is not None:
+            self._index.put(job)
+            keep = Entry.parse(index_name(job))
+        for name in names:
+            if keep is None or name != keep.name:
+                self._index.unlink(name)
+
+    def _index_quietly(self, change: Callable[..., None], *jobs: Job) -> None:
+        """Apply an index change; a failure only leaves it for the next reconciliation."""
+        try:
+            change(*jobs)
+        except OSError as e:
+            log.warn(
+                "queue index of {path} not updated ({error}); the next sweep repairs it",
+                path=self.directory.path,
+                error=e.strerror or str(e),
+            )
+
+    def _queued_key_from_index(self, job_id: str) -> str | None:
+        """The key of queued ``job_id`` from the index's names (no record read)."""
+        self._ensure_indexed()
+        marker = f".{job_id}."
+        for name in self._index.names():
+            if marker in name:
+                entry = Entry.parse(name)
+                if entry is not None and entry.job_id == job_id:
+                    return entry.key
+        return None
 
     def counts(self) -> dict[JobState, int]:
         """Return the number of records in each state (a directory listing each)."""
@@ -411,12 +570,16 @@ class SpoolFiles:
                 if job is not None:
                     return job
             return None
-        # No hint (another daemon's job, or a restart): scan the active records, then
-        # look for the history file by name.
-        for state in FORWARD:
-            for job in self._listing(state):
-                if job.job_id == job_id:
-                    return job
+        # No hint (another daemon's job, or a restart): the index's names for a queued
+        # job, the (few) running records, then the history file by name.
+        key = self._queued_key_from_index(job_id)
+        if key is not None:
+            job = self._read_plain(self._active_path(JobState.QUEUED, key), JobState.QUEUED)
+            if job is not None and job.job_id == job_id:
+                return job
+        for job in self._listing(JobState.RUNNING):
+            if job.job_id == job_id:
+                return job
         suffix = f".{job_id}.json"
         for state in TERMINAL:
             for name in self._names(state):
@@ -443,6 +606,8 @@ class SpoolFiles:
         key = self._hint(job_id)
         if key is not None:
             return key
+        if state is JobState.QUEUED:
+            return self._queued_key_from_index(job_id)
         for job in self._listing(state):
             if job.job_id == job_id:
                 return job.key

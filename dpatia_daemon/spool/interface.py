@@ -104,6 +104,13 @@ class ISpool(Interface):
     def queued() -> Deferred[list[Job]]:
         """Return all QUEUED jobs in dispatch order (:meth:`Job.sort_key`)."""
 
+    def queued_head(limit: int) -> Deferred[list[Job]]:
+        """Return the best ``limit`` QUEUED jobs in dispatch order: the first ``limit``
+        of :meth:`queued`, without reading the rest of the queue."""
+
+    def active_keys() -> Deferred[set[str]]:
+        """Return the keys of every QUEUED or RUNNING job (no record need be read)."""
+
     def update(job: Job) -> Deferred[Job]:
         """Rewrite a QUEUED or RUNNING job's record durably.
 

@@ -8,6 +8,7 @@ dictionaries, and :class:`MemorySpool` runs it at once through
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -80,6 +81,12 @@ class _MemoryRecords:
 
     def queued(self) -> list[Job]:
         return sorted(self.queued_jobs.values(), key=Job.sort_key)
+
+    def queued_head(self, limit: int) -> list[Job]:
+        return heapq.nsmallest(max(0, limit), self.queued_jobs.values(), key=Job.sort_key)
+
+    def active_keys(self) -> set[str]:
+        return set(self.queued_jobs) | set(self.running)
 
     def counts(self) -> dict[JobState, int]:
         out = dict.fromkeys(JobState, 0)

@@ -24,6 +24,13 @@ from .transitions import conflicts, merge_added, merge_released_into, requeued, 
 
 log = Logger()
 
+#: How many queued jobs (the best) a sweep reads and announces: a backlog beyond it
+#: is read as the dispatcher gets to it, not at every sweep.
+SWEEP_HEAD = 512
+#: Every how many sweeps the queue's index is fully reconciled (names parsed and
+#: compared, key by key); the others only compare the counts (see ``check_index``).
+FULL_RECONCILE_EVERY = 10
+
 
 @define(eq=False)
 class SpoolStore(SpoolFiles):
@@ -35,6 +42,7 @@ class SpoolStore(SpoolFiles):
     """
 
     _held: dict[str, str] = field(init=False, factory=dict)  # job_id → key
+    _sweeps: int = field(init=False, default=0)
 
     def close(self) -> None:
         """Detach; jobs still held are abandoned (their run locks dropped, files kept).
@@ -127,6 +135,7 @@ class SpoolStore(SpoolFiles):
                 tmp = self._write_temp(job)
             if self._link_new(tmp, dest):
                 self._remember(job)
+                self._index_quietly(self._index.put, job)
                 return job
             existing = self._read(dest, JobState.QUEUED)
             if existing is None:
@@ -135,6 +144,7 @@ class SpoolStore(SpoolFiles):
             merged = merge(existing, job)
             merged_tmp = self._write_temp(merged)
             os.rename(merged_tmp.path, dest.path)
+            self._index_quietly(self._index.move, existing, merged)
             return merged
         if tmp is not None:
             self._unlink(tmp)
@@ -180,6 +190,7 @@ class SpoolStore(SpoolFiles):
                 raise
             with self._lock:
                 self._held[job_id] = key
+            self._index_quietly(self._index.drop, job)
         log.info("job {job_id} claimed by {owner}", job_id=job_id, key=key, owner=self.owner)
         return attrs.evolve(job, state=JobState.RUNNING)
 
@@ -307,6 +318,7 @@ class SpoolStore(SpoolFiles):
         os.rename(tmp.path, target.path)
         self._fsync_dir(self._sub("cancelled"))
         self._fsync_dir(self._sub("queued"))
+        self._index_quietly(self._index.drop, job)
         return final
 
     def retry(self, job_id: str) -> tuple[Job, bool] | None:
@@ -490,15 +502,27 @@ class SpoolStore(SpoolFiles):
         )
         return stored
 
-    def sweep(self, now: float | None = None) -> tuple[list[Job], list[Job]]:
+    def sweep(
+        self, now: float | None = None, head: int = SWEEP_HEAD
+    ) -> tuple[list[Job], list[Job]]:
         """Housekeeping for the periodic sweep; returns (recovered, queued) jobs.
 
         ``now``: the wall-clock time stale temp files are judged by (see ``open``).
+        The queued jobs are the best ``head`` of the queue (:meth:`queued_head`), after
+        the queue's index is reconciled with its records: a sweep lists names, and
+        reads only the records at the head and those whose entry needed repair.
         """
         self._clean_tmp(now)
         self._clean_markers()
         recovered = self.recover()
-        return recovered, self.queued()
+        with self._lock:
+            self._sweeps += 1
+            full = self._sweeps % FULL_RECONCILE_EVERY == 0
+        if full:
+            self.reconcile_index()
+        else:
+            self.check_index()
+        return recovered, self.queued_head(head)
 
     def held(self) -> dict[str, str]:
         """Return the jobs this store holds (job_id → key)."""

@@ -296,7 +296,7 @@ class ResultWriter:
     async def store_queued_frame(
         self,
         job: Job,
-        image_size: tuple[int, int] | None,
+        image_size: tuple[int, int] | None | Awaitable[tuple[int, int] | None],
         still_queued: Callable[[], Awaitable[bool]],
     ) -> Result:
         """The front door's "queued" frame: create or update the job's result (:meth:`find`).
@@ -306,11 +306,16 @@ class ResultWriter:
         has the job, its frames (and its answer) win and the result is returned
         unchanged.  With no result at all, the frame is created either way (a
         ``create`` must answer with a stored result; the runner then finds it).
+        ``image_size`` may be an awaitable (the slide's info, being read): it is then
+        read while the slide's results are, one round trip instead of two.
         """
-        frame = self.frame(job, Status.QUEUED, "queued", image_size=image_size)
 
         async def write() -> Result:
             existing = await self.find(job)
+            size = image_size
+            if size is not None and not isinstance(size, tuple):
+                size = await size
+            frame = self.frame(job, Status.QUEUED, "queued", image_size=size)
             if existing is not None and not await still_queued():
                 return existing
             if existing is not None:

@@ -6,9 +6,11 @@ workers from a :class:`~.pool.WorkerPool` (which knows nothing about jobs) and g
 them back when their job is over.
 
 Dispatch is push.  Jobs come from the spool's watch (a job became QUEUED) into an
-in-memory :class:`~.candidates.Candidates` list; an idle worker takes the best
-candidate the moment either appears, and ``spool.queued()`` (a directory listing) is
-read only when the list runs dry or on the periodic sweep.  A claimed job becomes a
+in-memory :class:`~.candidates.Candidates` window of the best queued jobs (bounded:
+a backlog stays on disk); an idle worker takes the best candidate the moment either
+appears, and the window is refilled from ``spool.queued_head()`` (the spool's index:
+the best jobs, not a read of the whole queue) when it runs low, when it runs dry after
+a job ended, or on the periodic sweep.  A claimed job becomes a
 :class:`~.run.JobRun`, which owns its SPS writes and its end in the spool; the
 dispatcher only tells it how the analysis ended.
 
@@ -112,6 +114,7 @@ class Dispatcher:
     _runs: dict[str, JobRun] = field(factory=dict, init=False)
     _on: dict[Worker, _Assignment] = field(factory=dict, init=False)
     _parked: dict[str, Job] = field(factory=dict, init=False)
+    _claiming: set[str] = field(factory=set, init=False)
     _accepting: bool = field(default=False, init=False)
     _need_refresh: bool = field(default=True, init=False)
     _pumping: bool = field(default=False, init=False)
@@ -234,6 +237,8 @@ class Dispatcher:
                 self._refresh()
                 return
             self._claim(worker, job)
+        if self._candidates.low:
+            self._refresh()  # before it runs dry, so idle workers need not wait for it
 
     def _sps_recovered(self, sps: str) -> None:
         """The health view: a failing SPS answers again; its waiting jobs resume."""
@@ -246,15 +251,31 @@ class Dispatcher:
         return self._waiting
 
     def _refresh(self) -> None:
-        """Refill the candidates from ``spool.queued()`` (when dry; once per need)."""
+        """Refill the candidates from the spool's head (when low or dry; once per need).
+
+        The head asked for is the window plus the jobs this dispatcher already has in
+        hand (waiting, being claimed, running, parked), which it skips.  A refill that
+        brings nothing new waits for the next reason (a job ended, the sweep) instead
+        of asking again at once.
+        """
         if self._refreshing or not (self._need_refresh or self._candidates.truncated):
             return
         self._refreshing = True
         self._need_refresh = False
+        in_hand = (
+            {job.job_id for job in self._waiting.jobs()}
+            | self._claiming
+            | set(self._runs)
+            | {job.job_id for job in self._parked.values()}
+        )
+        limit = self._candidates.limit + len(in_hand)
 
         def got(jobs: list[Job]) -> None:
             self._refreshing = False
-            self._candidates.offer_all(jobs)
+            fresh = [job for job in jobs if job.job_id not in in_hand]
+            new = self._candidates.refill(fresh, complete=len(jobs) < limit)
+            if not new:
+                self._candidates.truncated = False
             if len(self._candidates):
                 self._pump()
 
@@ -262,16 +283,22 @@ class Dispatcher:
             self._refreshing = False
             log.failure("listing queued jobs failed", f)
 
-        self.spool.queued().addCallbacks(got, failed)
+        self.spool.queued_head(limit).addCallbacks(got, failed)
 
     def _claim(self, worker: Worker, candidate: Job) -> None:
         self.pool.acquire(worker)
         job_id = candidate.job_id
+        self._claiming.add(job_id)
 
         def failed(f: Failure) -> None:
             log.failure("claiming job {job_id} failed", f, job_id=job_id)
 
+        def answered(result: Any) -> Any:
+            self._claiming.discard(job_id)
+            return result
+
         d = self.spool.claim(job_id, now=self.reactor.seconds())
+        d.addBoth(answered)
         d.addErrback(failed)
         d.addCallback(lambda job: self._claimed(worker, candidate, job))
         d.addErrback(lambda f: log.failure("dispatching job {job_id} failed", f, job_id=job_id))
@@ -605,11 +632,12 @@ class Dispatcher:
         self._pump()
         now = self.reactor.seconds()
 
-        def prune(jobs: list[Job]) -> Deferred[Any]:
-            keep = {job.key for job in jobs} | {run.job.key for run in self._runs.values()}
+        def prune(keys: set[str]) -> Deferred[Any]:
+            keep = keys | {run.job.key for run in self._runs.values()}
             return self.folders.prune(keep, now)
 
-        return self.spool.find().addCallback(prune)
+        # The keys only (file names): no record of the queue is read for this.
+        return self.spool.active_keys().addCallback(prune)
 
 
 __all__ = ["Dispatcher"]

@@ -72,7 +72,9 @@ def probe(
             raise ValueError("not the worker's answer")
     except ValueError:
         why = _last_line(done.stderr) or f"exit code {done.returncode}, no answer"
-        raise WorkerPythonError(f"{python} cannot run the dpatia worker ({why}); {install}") from None
+        raise WorkerPythonError(
+            f"{python} cannot run the dpatia worker ({why}); {install}"
+        ) from None
     if answer["version"] != __version__:
         raise WorkerPythonError(
             f"{python} has dpatia {answer['version']}, the daemon runs {__version__} "

@@ -1,0 +1,67 @@
+"""A create's SPS calls: the slide's info is read while its results are, so the click
+waits for two round trips one after another (results ∥ info, then create or update),
+not three (IA-API.md: the reuse rule needs the slide's results first)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import pytest_twisted
+from test_routes import Stack, stack  # noqa: F401  (the fixture)
+from twisted.internet.defer import Deferred
+
+from dpatia_daemon.sps.client import SPSClient
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_reads_slide_info_while_it_reads_the_results(
+    stack: Stack,  # noqa: F811
+    reactor: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The slide info's answer is held until the results are asked for: a create that
+    read them one after the other would time out here; the result is created after
+    both, and the answer is the stored queued result."""
+    events: list[str] = []
+    listing: Deferred[None] = Deferred()
+    slide_info, list_results = SPSClient.slide_info, SPSClient.list_results
+    create_result = SPSClient.create_result
+
+    async def held_info(self: SPSClient, *args: Any, **kw: Any) -> Any:
+        events.append("info asked")
+        await listing.addTimeout(5, reactor)
+        info = await slide_info(self, *args, **kw)
+        events.append("info answered")
+        return info
+
+    async def listed(self: SPSClient, *args: Any, **kw: Any) -> Any:
+        events.append("results asked")
+        if not listing.called:
+            listing.callback(None)
+        found = await list_results(self, *args, **kw)
+        events.append("results answered")
+        return found
+
+    async def created(self: SPSClient, *args: Any, **kw: Any) -> Any:
+        events.append("create")
+        return await create_result(self, *args, **kw)
+
+    monkeypatch.setattr(SPSClient, "slide_info", held_info)
+    monkeypatch.setattr(SPSClient, "list_results", listed)
+    monkeypatch.setattr(SPSClient, "create_result", created)
+    code, answer, _ = await stack.post("/dpatia", stack.invocation())
+    assert code == 200, answer
+    assert answer["displayProperties"]["Status"] == "Queued"
+    assert events.index("results asked") < events.index("info answered")
+    assert events[-1] == "create"
+    assert {"info answered", "results answered"} <= set(events[:-1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_create_for_an_unknown_slide_still_says_so(stack: Stack) -> None:  # noqa: F811
+    """The info read in parallel still decides: a slide the SPS does not know is an
+    error answer, and no result is created for it."""
+    code, answer, _ = await stack.post("/dpatia", stack.invocation(slideId="nowhere"))
+    assert code != 200
+    assert stack.fake.results_for("nowhere") == []
