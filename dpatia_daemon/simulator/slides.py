@@ -8,8 +8,9 @@
     <data>/<slide id>/<id>-tissue.png   the tissue mask, downsampled (ground truth)
     <data>/<slide id>/scan.json     scanner sidecar (only the "folder" layout)
 
-Each slide is a few irregular tissue blobs (pink stroma with texture and purple nuclei,
-or an IHC palette) on a white background.  The blobs are polygons, so their area is
+Each slide is a few irregular tissue blobs (pink stroma with texture, or an IHC
+palette) with haematoxylin nuclei painted inside them (:mod:`.nuclei`; their count is
+in the ground truth) on a white background.  The blobs are polygons, so their area is
 known exactly: the manifest stores each polygon (level-0 pixels and width-normalised
 IA-API coordinates) and its area in mm² (from the rasterised mask, and by shoelace),
 so a tissue analysis can be checked against it.
@@ -37,12 +38,13 @@ from typing import Any, Literal
 
 import numpy as np
 from attrs import asdict, field, frozen
-from PIL import Image, ImageChops, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 from ..pipeline.dzi import DZI
+from .nuclei import Nuclei, colour_of, paint_nuclei, place_nuclei
 
 #: Bump when the generated pixels or manifest change, so old data directories regenerate.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dpatia-sps-slides/1"
 
@@ -265,19 +267,17 @@ def _load(directory: Path, wanted: str) -> SlideSet | None:
 # --- generation -----------------------------------------------------------------------
 
 _PALETTES: dict[str, dict[str, tuple[int, int, int]]] = {
-    # Eosin-pink stroma in two shades, darker fibres, haematoxylin-purple nuclei.
+    # Eosin-pink stroma in two shades and darker fibres (nuclei: .nuclei.COLOURS).
     "H&E": {
         "light": (236, 176, 212),
         "dark": (214, 128, 178),
         "fibre": (196, 104, 160),
-        "nucleus": (92, 52, 140),
     },
-    # Haematoxylin counterstain with brown DAB-positive nuclei.
+    # A pale haematoxylin counterstain.
     "IHC": {
         "light": (198, 194, 228),
         "dark": (170, 164, 212),
         "fibre": (150, 144, 198),
-        "nucleus": (128, 82, 42),
     },
 }
 BACKGROUND = (243, 243, 241)
@@ -339,8 +339,9 @@ def _shoelace(points: list[tuple[float, float]]) -> float:
 
 def render_slide(
     spec: SlideSpec,
-) -> tuple[Image.Image, Image.Image, list[list[tuple[float, float]]]]:
-    """Level 0 of a slide, its tissue mask (L, 255 = tissue) and the blob polygons."""
+) -> tuple[Image.Image, Image.Image, list[list[tuple[float, float]]], Nuclei]:
+    """Level 0 of a slide, its tissue mask (L, 255 = tissue), the blob polygons and the
+    painted nuclei."""
     rng = np.random.default_rng(spec.seed)
     size = (spec.width, spec.height)
     colours = _palette(spec.stain)
@@ -359,25 +360,13 @@ def render_slide(
     tissue.paste(colours["fibre"], mask=fibres)
     del fibres
 
-    # Nuclei: dots of 5–9 µm across, only where there is tissue.
-    mask_array = np.asarray(mask)
-    area_px = int(np.count_nonzero(mask_array))
-    radius_px = 3.5 / spec.microns_per_pixel
-    count = int(area_px / (radius_px * 4.5) ** 2)
-    nuclei = Image.new("L", size, 0)
-    nuclei_draw = ImageDraw.Draw(nuclei)
-    xs = rng.uniform(0, spec.width, count * 2)
-    ys = rng.uniform(0, spec.height, count * 2)
-    radii = rng.uniform(0.7, 1.3, count * 2) * radius_px
-    shades = rng.integers(150, 256, count * 2)
-    for x, y, r, shade in zip(xs, ys, radii, shades, strict=True):
-        if mask_array[int(y), int(x)]:
-            nuclei_draw.ellipse((x - r, y - r * 0.8, x + r, y + r * 0.8), fill=int(shade))
-    tissue.paste(colours["nucleus"], mask=ImageChops.multiply(nuclei, mask))
-    del nuclei
     image = Image.new("RGB", size, BACKGROUND)
     image.paste(tissue, mask=mask)
-    return image, mask, polygons
+    del tissue
+    # Nuclei last, whole and on top: each lies inside the tissue (see .nuclei).
+    nuclei = place_nuclei(np.asarray(mask) > 0, 1, spec.microns_per_pixel, rng)
+    paint_nuclei(image, (0, 0), nuclei, colour_of(spec.stain))
+    return image, mask, polygons, nuclei
 
 
 def _label_image(spec: SlideSpec) -> Image.Image:
@@ -482,7 +471,7 @@ def generate_slide(spec: SlideSpec, directory: Path) -> GeneratedSlide:
     folder = directory / spec.slide_id
     folder.mkdir(parents=True, exist_ok=True)
     rel = spec.slide_id
-    image, mask, polygons = render_slide(spec)
+    image, mask, polygons, nuclei = render_slide(spec)
     tiff_name = f"{spec.slide_id}.tif"
     sizes = _write_pyramid(image, folder / tiff_name, spec)
     del image
@@ -533,6 +522,8 @@ def generate_slide(spec: SlideSpec, directory: Path) -> GeneratedSlide:
         "tissuePixels": tissue_px,
         "tissueAreaMm2": tissue_px * mm2_per_px,
         "tissueFraction": tissue_px / (spec.width * spec.height),
+        "nuclei": nuclei.count,
+        "nucleiPerMm2": nuclei.count / (tissue_px * mm2_per_px) if tissue_px else 0.0,
         "mask": {"path": f"{rel}/{mask_name}", "downsample": MASK_DOWNSAMPLE},
         "pyramid": [
             {"width": w, "height": h, "dziLevel": dzi.max_level - i}
