@@ -55,6 +55,8 @@ MASK_DOWNSAMPLE = 16
 TILE_SIZE = 256
 
 Layout = Literal["single", "folder"]
+#: How the slide's file is written: the generic TIFF, an Aperio SVS or a DICOM series.
+FileFormat = Literal["tiff", "svs", "dicom"]
 
 
 @frozen
@@ -63,6 +65,9 @@ class SlideSpec:
 
     ``layout`` is how ``slides/{id}/files`` serves it: ``single`` (one .tif as an
     octet-stream) or ``folder`` (the .tif with a label and a sidecar, as multipart).
+    ``file_format`` other than ``tiff`` replaces what is served by a scanner format
+    (:mod:`.formats`): ``svs`` one file, ``dicom`` one ``.dcm`` per level and the label
+    as multipart (``layout`` is then ignored).
     """
 
     slide_id: str
@@ -81,6 +86,7 @@ class SlideSpec:
     exam_code: str = "PAT01"
     description: str = "Biopsy"
     priority: int = 0
+    file_format: FileFormat = "tiff"
 
 
 def default_specs(scale: float = 1.0) -> list[SlideSpec]:
@@ -88,7 +94,8 @@ def default_specs(scale: float = 1.0) -> list[SlideSpec]:
 
     Three slides: a non-tile-aligned landscape H&E served as one file, a tile-aligned
     H&E of the same case served as a multipart folder, and a portrait IHC slide of
-    another case with no label whose sizes are odd and not tile-aligned.
+    another case with no label whose sizes are odd and not tile-aligned; then the
+    :func:`scanner_specs` (an Aperio SVS, a DICOM series).
     """
 
     def size(n: int, *, aligned: bool) -> int:
@@ -134,6 +141,34 @@ def default_specs(scale: float = 1.0) -> list[SlideSpec]:
             exam_code="PAT02",
             description="Core needle biopsy",
             priority=1,
+        ),
+        *scanner_specs(scale),
+    ]
+
+
+def scanner_specs(scale: float = 1.0) -> list[SlideSpec]:
+    """Two more H&E slides in scanner formats: an Aperio SVS and a DICOM WSI series."""
+    side = max(TILE_SIZE, round(8800 * scale))
+    return [
+        SlideSpec(
+            slide_id="sim-svs-1",
+            width=side | 1,
+            height=round(side * 0.7) | 1,
+            seed=404,
+            blobs=2,
+            file_format="svs",
+            accession_number="SIM-2025-0003",
+            block="C1",
+        ),
+        SlideSpec(
+            slide_id="sim-dicom-1",
+            width=side + 3,
+            height=round(side * 0.8) + 5,
+            seed=505,
+            blobs=2,
+            file_format="dicom",
+            accession_number="SIM-2025-0003",
+            block="C2",
         ),
     ]
 
@@ -515,6 +550,13 @@ def generate_slide(spec: SlideSpec, directory: Path) -> GeneratedSlide:
         if label_path is not None:
             files.append(("label.jpg", label_path))
 
+    layout: Layout = spec.layout
+    info = slide_info(spec)
+    if spec.file_format != "tiff":
+        files = _scanner_files(spec, folder, folder / "label.jpg" if label_path else None)
+        layout = "single" if len(files) == 1 else "folder"
+        if spec.file_format == "dicom":
+            info["fileFormat"] = {"mimeType": "application/dicom"}
     dzi = DZI(spec.width, spec.height, TILE_SIZE, microns_per_pixel=spec.microns_per_pixel)
     truth = {
         "imageSize": {"width": spec.width, "height": spec.height},
@@ -541,13 +583,32 @@ def generate_slide(spec: SlideSpec, directory: Path) -> GeneratedSlide:
     }
     return GeneratedSlide(
         slide_id=spec.slide_id,
-        layout=spec.layout,
+        layout=layout,
         tiff=f"{rel}/{tiff_name}",
         files=files,
         label=label_path,
-        info=slide_info(spec),
+        info=info,
         truth=truth,
     )
+
+
+def _scanner_files(
+    spec: SlideSpec, folder: Path, label: Path | None
+) -> list[tuple[str, str]]:
+    """Write the slide's generic TIFF again in ``spec.file_format``; the files served."""
+    from .formats import write_dicom, write_svs
+
+    tiff = folder / f"{spec.slide_id}.tif"
+    label_image = Image.open(label) if label is not None else None
+    rel = spec.slide_id
+    if spec.file_format == "svs":
+        write_svs(tiff, folder / f"{spec.slide_id}.svs", spec.microns_per_pixel, label_image)
+        return [(f"{spec.slide_id}.svs", f"{rel}/{spec.slide_id}.svs")]
+    uids = (_uid(spec, f"study/{spec.accession_number}"), _uid(spec, "series"))
+    written = write_dicom(
+        tiff, folder / "dicom", spec.slide_id, spec.microns_per_pixel, label_image, uids
+    )
+    return [(path.name, f"{rel}/dicom/{path.name}") for path in written]
 
 
 __all__ = [
@@ -561,5 +622,6 @@ __all__ = [
     "generate_slide",
     "load_or_generate",
     "render_slide",
+    "scanner_specs",
     "slide_info",
 ]

@@ -73,7 +73,9 @@ def test_metadata_is_plausible(slide_set: SlideSet) -> None:
         assert info["micronsPerPixel"] == 0.5
         assert {"jpg", "png"} <= {f["extension"] for f in info["availableTileFormats"]}
         assert info["storedTileFormat"]["extension"] == "jpg"
-        assert info["fileFormat"]["mimeType"] == "image/tiff"
+        assert info["fileFormat"]["mimeType"] == (
+            "application/dicom" if slide.slide_id == "sim-dicom-1" else "image/tiff"
+        )
         assert info["focalPlanes"] and info["opticalPaths"]
         for key in ("staining", "block", "specimen", "bodyPart", "examCode"):
             assert info[key]
