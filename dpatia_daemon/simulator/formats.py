@@ -3,8 +3,8 @@
 Each writer takes the slide's generic pyramidal TIFF (:mod:`.slides`) and re-encodes
 its levels tile by tile (:class:`~.tiles.PyramidReader`), so the pixels, pyramid and
 pixel size match the generic TIFF the tiles are served from.  The SVS writer holds a
-few tiles whatever the slide's size; the DICOM writer holds one level's encoded
-frames (its compressed size) while it writes that level's file:
+few tiles whatever the slide's size, and so does the DICOM writer (its frames are
+streamed to the file one by one):
 
 * :func:`write_svs`: one ``.svs`` file as an Aperio scanner writes it: JPEG-tiled
   levels, the first page's ImageDescription starting ``Aperio Image Library`` with
@@ -57,9 +57,7 @@ def _thumbnail(reader: PyramidReader, side: int) -> Image.Image:
     return image
 
 
-def write_svs(
-    tiff: Path, path: Path, microns_per_pixel: float, label: Image.Image | None
-) -> None:
+def write_svs(tiff: Path, path: Path, microns_per_pixel: float, label: Image.Image | None) -> None:
     """Write the pyramid in ``tiff`` as an Aperio SVS at ``path``."""
     import tifffile
 
@@ -91,6 +89,8 @@ def write_svs(
                     subfiletype=0,
                     description=description,
                     metadata=None,
+                    maxworkers=2,
+                    buffersize=16 * 2**20,
                 )
                 if level == 0:
                     thumbnail = _thumbnail(reader, THUMBNAIL_SIDE)
@@ -216,6 +216,28 @@ def _dicom_dataset(
     return ds
 
 
+#: Encapsulated Pixel Data (PS3.5 A.4), written by hand so frames stream to the file:
+#: the element with undefined length, an empty Basic Offset Table item, one item per
+#: frame, the sequence delimiter.  (Readers build the frame index from the items.)
+_PIXEL_DATA = b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff"
+_ITEM = b"\xfe\xff\x00\xe0"
+_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+def _save_streaming(ds: Any, path: Path, frames: Iterator[bytes]) -> None:
+    """Write ``ds`` and then its encapsulated frames one at a time (never all held)."""
+    import struct
+
+    with open(path, "wb") as f:
+        ds.save_as(f, enforce_file_format=True)
+        f.write(_PIXEL_DATA + _ITEM + struct.pack("<I", 0))
+        for frame in frames:
+            if len(frame) % 2:
+                frame += b"\x00"
+            f.write(_ITEM + struct.pack("<I", len(frame)) + frame)
+        f.write(_END)
+
+
 def write_dicom(
     tiff: Path,
     folder: Path,
@@ -226,7 +248,6 @@ def write_dicom(
 ) -> list[Path]:
     """Write the pyramid in ``tiff`` as a DICOM WSI series in ``folder`` (``name``-level-0.dcm,
     ... and ``name``-label.dcm); ``uids`` is (study, series); return the files written."""
-    from pydicom.encaps import encapsulate_extended
     from pydicom.uid import generate_uid
 
     study_uid, series_uid = uids
@@ -241,32 +262,36 @@ def write_dicom(
             cols, rows = -(-w // tile[0]), -(-h // tile[1])
             ds = _dicom_dataset(
                 generate_uid(entropy_srcs=[series_uid, str(level)]),
-                series_uid, study_uid, level + 1, "VOLUME", (w, h), tile, cols * rows,
-                microns_per_pixel, total,
+                series_uid,
+                study_uid,
+                level + 1,
+                "VOLUME",
+                (w, h),
+                tile,
+                cols * rows,
+                microns_per_pixel,
+                total,
             )
-            # One frame at a time: the encoded frames (a few % of the pixels) are all
-            # that is held; encapsulate_extended adds the offset table OpenSlide uses.
-            frames = [_jpeg(t) for t in _tiles(reader, level)]
-            ds.PixelData, ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = (
-                encapsulate_extended(frames)
-            )
-            del frames
             path = folder / f"{name}-level-{level}.dcm"
-            ds.save_as(path, enforce_file_format=True)
+            _save_streaming(ds, path, (_jpeg(t) for t in _tiles(reader, level)))
             written.append(path)
         if label is not None:
             rgb = np.asarray(label.convert("RGB"))
             lh, lw = rgb.shape[:2]
             ds = _dicom_dataset(
                 generate_uid(entropy_srcs=[series_uid, "label"]),
-                series_uid, study_uid, len(reader.sizes) + 1, "LABEL", (lw, lh), (lw, lh), 1,
-                microns_per_pixel, total,
-            )
-            ds.PixelData, ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = (
-                encapsulate_extended([_jpeg(rgb)])
+                series_uid,
+                study_uid,
+                len(reader.sizes) + 1,
+                "LABEL",
+                (lw, lh),
+                (lw, lh),
+                1,
+                microns_per_pixel,
+                total,
             )
             path = folder / f"{name}-label.dcm"
-            ds.save_as(path, enforce_file_format=True)
+            _save_streaming(ds, path, iter([_jpeg(rgb)]))
             written.append(path)
     finally:
         reader.close()

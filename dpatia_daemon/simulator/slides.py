@@ -41,6 +41,7 @@ from attrs import asdict, field, frozen
 from PIL import Image, ImageDraw, ImageFont
 
 from ..pipeline.dzi import DZI
+from . import large
 from .nuclei import Nuclei, colour_of, paint_nuclei, place_nuclei
 
 #: Bump when the generated pixels or manifest change, so old data directories regenerate.
@@ -501,22 +502,45 @@ def _write_pyramid(image: Image.Image, path: Path, spec: SlideSpec) -> list[tupl
     return sizes
 
 
-def generate_slide(spec: SlideSpec, directory: Path) -> GeneratedSlide:
-    """Generate one slide's files under ``directory/<slide id>/``; return its entry."""
+def generate_slide(
+    spec: SlideSpec, directory: Path, *, by_strips: bool | None = None
+) -> GeneratedSlide:
+    """Generate one slide's files under ``directory/<slide id>/``; return its entry.
+
+    A slide of more than 64 Mpx (or any, with ``by_strips``) is rendered strip by strip
+    from a scene (:mod:`.large`) in bounded memory; a smaller one whole.
+    """
     folder = directory / spec.slide_id
     folder.mkdir(parents=True, exist_ok=True)
     rel = spec.slide_id
-    image, mask, polygons, nuclei = render_slide(spec)
     tiff_name = f"{spec.slide_id}.tif"
-    sizes = _write_pyramid(image, folder / tiff_name, spec)
-    del image
-
     mm2_per_px = (spec.microns_per_pixel / 1000) ** 2
+    mask_name = f"{spec.slide_id}-tissue.png"
+    if by_strips if by_strips is not None else large.is_large(spec):
+        rng = np.random.default_rng(spec.seed)
+        polygons = _blob_polygons(spec, rng)
+        scene = large.build_scene(spec, polygons, rng, _palette(spec.stain))
+        sizes = large.write_large_pyramid(scene, folder / tiff_name, SMALLEST_LEVEL)
+        nuclei = scene.nuclei
+        tissue_px, _ = large.tissue_truth(scene)
+        Image.fromarray(scene.mask).convert("L").point(lambda v: 255 if v else 0).save(
+            folder / mask_name
+        )
+        scale, size = 1 / large.SCENE_MASK_DOWNSAMPLE, scene.mask.shape[::-1]
+    else:
+        image, mask, polygons, nuclei = render_slide(spec)
+        sizes = _write_pyramid(image, folder / tiff_name, spec)
+        del image
+        tissue_px = int(np.count_nonzero(np.asarray(mask)))
+        mask.reduce(MASK_DOWNSAMPLE).point(lambda v: 255 if v >= 128 else 0).save(
+            folder / mask_name
+        )
+        scale, size = 1.0, mask.size
     regions = []
     for points in polygons:
-        one = Image.new("L", mask.size, 0)
-        ImageDraw.Draw(one).polygon(points, fill=255)
-        pixels = int(np.count_nonzero(np.asarray(one)))
+        one = Image.new("L", size, 0)
+        ImageDraw.Draw(one).polygon([(x * scale, y * scale) for x, y in points], fill=255)
+        pixels = int(np.count_nonzero(np.asarray(one))) / scale**2
         regions.append(
             {
                 "areaMm2": pixels * mm2_per_px,
@@ -528,9 +552,6 @@ def generate_slide(spec: SlideSpec, directory: Path) -> GeneratedSlide:
                 ],
             }
         )
-    tissue_px = int(np.count_nonzero(np.asarray(mask)))
-    mask_name = f"{spec.slide_id}-tissue.png"
-    mask.reduce(MASK_DOWNSAMPLE).point(lambda v: 255 if v >= 128 else 0).save(folder / mask_name)
 
     label_path = None
     if spec.label:

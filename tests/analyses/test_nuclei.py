@@ -85,10 +85,14 @@ def test_cancellation_between_tiles(slide_set: SlideSet) -> None:
     progress: list[tuple[int, str]] = []
     job = _job(slide_set, slide, progress, tile_px="128")
     job = AnalysisJob(
-        **{**{f: getattr(job, f) for f in ("job_id", "slide_id", "input", "work_dir")},
-           "slide_info": job.slide_info, "settings": job.settings, "files": job.files,
-           "progress": job.progress,
-           "cancelled": lambda: sum("of the tiles" in t for _, t in progress) >= 3},
+        **{
+            **{f: getattr(job, f) for f in ("job_id", "slide_id", "input", "work_dir")},
+            "slide_info": job.slide_info,
+            "settings": job.settings,
+            "files": job.files,
+            "progress": job.progress,
+            "cancelled": lambda: sum("of the tiles" in t for _, t in progress) >= 3,
+        },
     )
     with pytest.raises(AnalysisCancelled):
         analyse(job)
@@ -169,13 +173,17 @@ def test_the_loader_and_the_command_line_find_it(slide_set: SlideSet, tmp_path: 
     slide = slide_set.get(SLIDE_IDS[2])
     out = io.StringIO()
     status = main(
-        ["analyse", str(slide_set.path(slide.tiff)), "--analysis", "nuclei",
-         "--out", str(tmp_path)],
+        [
+            "analyse",
+            str(slide_set.path(slide.tiff)),
+            "--analysis",
+            "nuclei",
+            "--out",
+            str(tmp_path),
+        ],
         out=out,
     )
     assert status == 0, out.getvalue()
     result = json.loads((tmp_path / f"{slide.slide_id}.result.json").read_text())
-    assert result["displayProperties"]["Nuclei"] == pytest.approx(
-        slide.truth["nuclei"], rel=0.1
-    )
+    assert result["displayProperties"]["Nuclei"] == pytest.approx(slide.truth["nuclei"], rel=0.1)
     assert "Counting nuclei" in out.getvalue()

@@ -40,9 +40,10 @@ def test_each_format_opens_as_its_vendor_with_the_same_pixels(slide_set: SlideSe
     for slide in slide_set.slides:
         path = str(slide_set.path(slide.files[0][1]))
         assert openslide.OpenSlide.detect_format(path) == VENDORS[slide.slide_id]
-        with openslide.OpenSlide(path) as osr, openslide.OpenSlide(
-            str(slide_set.path(slide.tiff))
-        ) as generic:
+        with (
+            openslide.OpenSlide(path) as osr,
+            openslide.OpenSlide(str(slide_set.path(slide.tiff))) as generic,
+        ):
             assert osr.level_dimensions == generic.level_dimensions
             assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(0.5)
             assert "label" in osr.associated_images
@@ -57,7 +58,9 @@ def test_the_dicom_series_is_one_file_per_level_and_the_label(slide_set: SlideSe
     slide = slide_set.get("sim-dicom-1")
     names = [name for name, _ in slide.files]
     levels = len(slide.truth["pyramid"])
-    assert names == [f"sim-dicom-1-level-{i}.dcm" for i in range(levels)] + ["sim-dicom-1-label.dcm"]
+    assert names == [f"sim-dicom-1-level-{i}.dcm" for i in range(levels)] + [
+        "sim-dicom-1-label.dcm"
+    ]
     assert slide.layout == "folder" and slide.info["fileFormat"]["mimeType"] == "application/dicom"
 
 
@@ -65,7 +68,9 @@ def _threads(reactor: Any) -> Any:
     return lambda f, *args: deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
 
-async def _download(reactor: Any, slide: GeneratedSlide, slide_set: SlideSet, folder: Path) -> list[str]:
+async def _download(
+    reactor: Any, slide: GeneratedSlide, slide_set: SlideSet, folder: Path
+) -> list[str]:
     fake = FakeSPS(clock=reactor)
     fake.add_slide(slide.slide_id).file_paths = [
         (name, slide_set.path(path)) for name, path in slide.files
@@ -77,7 +82,11 @@ async def _download(reactor: Any, slide: GeneratedSlide, slide_set: SlideSet, fo
     callback = Callback(f"http://127.0.0.1:{port.getHost().port}{BASE_PATH}", "t")
     try:
         files = await download_files(
-            client, callback, slide.slide_id, FilePath(str(folder)), clock=reactor,
+            client,
+            callback,
+            slide.slide_id,
+            FilePath(str(folder)),
+            clock=reactor,
             run_blocking=_threads(reactor),
         )
     finally:
@@ -100,8 +109,12 @@ async def test_downloaded_and_analysed_as_accurately_as_the_generic_tiff(
     for path, (_, source) in zip(files, slide.files, strict=True):
         assert Path(path).read_bytes() == slide_set.path(source).read_bytes()
     job = AnalysisJob(
-        job_id="j", slide_id=slide_id, input={"type": "wholeSlide"}, work_dir=str(tmp_path),
-        slide_info=slide.info, files=tuple(files),
+        job_id="j",
+        slide_id=slide_id,
+        input={"type": "wholeSlide"},
+        work_dir=str(tmp_path),
+        slide_info=slide.info,
+        files=tuple(files),
     )
     area = (await deferToThread(tissue, job)).context["tissue"]["areaMm2"]
     assert area == pytest.approx(slide.truth["tissueAreaMm2"], rel=0.05)

@@ -58,7 +58,8 @@ class NucleiSettings:
     def __attrs_post_init__(self) -> None:
         if self.min_area_um2 > self.max_area_um2:
             raise BadValue(
-                "min_area_um2", f"{self.min_area_um2} is larger than max_area_um2 {self.max_area_um2}"
+                "min_area_um2",
+                f"{self.min_area_um2} is larger than max_area_um2 {self.max_area_um2}",
             )
 
     def threads(self, environ: Mapping[str, str] | None = None) -> int:

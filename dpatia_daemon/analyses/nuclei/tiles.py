@@ -64,7 +64,9 @@ def grid_for(slide: Any, mpp: float, target_mpp: float) -> Grid:
     factor = max(1, math.floor(wanted / downsamples[level] + 1e-6))
     scale = downsamples[level] * factor
     width, height = slide.level_dimensions[0]
-    return Grid(level, factor, scale, mpp * scale, (math.ceil(width / scale), math.ceil(height / scale)))
+    return Grid(
+        level, factor, scale, mpp * scale, (math.ceil(width / scale), math.ceil(height / scale))
+    )
 
 
 def _tiles(
