@@ -4,9 +4,9 @@
 stock slides and impossible for a real one (24 GB of pixels).  Here a slide is a
 *scene* (:class:`Scene`: the tissue polygons, two coarse noise grids for the stroma,
 the nuclei placed on a coarse mask) small enough to hold, and each pyramid level is
-rendered from it one strip of tiles at a time (:func:`render_strip`) and written as
-JPEG tiles (tifffile, encoding in ``threads`` threads).  Memory is a strip or two of
-the widest level (about 80 MB) plus the scene (about 60 MB), whatever the size.  Each
+rendered from it one block of tiles at a time (:func:`render_block`) and written as
+JPEG tiles (tifffile, encoding in ``threads`` threads).  Memory is a block or two (8192 ×
+256 px) plus the scene (about 100 MB at full size), whatever the size.  Each
 level is a render of the same scene at its resolution (as a scanner's levels are
 resamplings of the same glass), so levels agree in tissue and nuclei, not pixel for
 pixel.
@@ -100,37 +100,40 @@ def build_scene(
 
 
 def _noise(
-    grid: npt.NDArray[np.uint8], cell: int, d: int, y0: int, rows: int, width: int
+    grid: npt.NDArray[np.uint8], cell: int, d: int, box: tuple[int, int, int, int]
 ) -> Image.Image:
-    """Rows ``[y0, y0+rows)`` of level ``1/d``'s smooth noise: the grid upsampled bicubically."""
-    g0 = max(0, (y0 * d) // cell - 2)
-    g1 = min(grid.shape[0], ((y0 + rows) * d) // cell + 3)
-    patch = Image.fromarray(np.ascontiguousarray(grid[g0:g1]), "L")
+    """``box`` (x0, y0, cols, rows) of level ``1/d``'s smooth noise: the grid upsampled
+    bicubically (a margin of two cells, so blocks meet without a seam)."""
+    x0, y0, cols, rows = box
+    r0 = max(0, (y0 * d) // cell - 2)
+    r1 = min(grid.shape[0], ((y0 + rows) * d) // cell + 3)
+    c0 = max(0, (x0 * d) // cell - 2)
+    c1 = min(grid.shape[1], ((x0 + cols) * d) // cell + 3)
+    patch = Image.fromarray(np.ascontiguousarray(grid[r0:r1, c0:c1]), "L")
     scale = cell / d
     size = (max(1, round(patch.width * scale)), max(1, round(patch.height * scale)))
     up = patch.resize(size, Image.Resampling.BICUBIC)
-    top = round(y0 - g0 * scale)
-    return up.crop((0, top, width, top + rows))
+    left, top = round(x0 - c0 * scale), round(y0 - r0 * scale)
+    return up.crop((left, top, left + cols, top + rows))
 
 
-def render_strip(scene: Scene, d: int, y0: int, rows: int) -> Image.Image:
-    """Rows ``[y0, y0+rows)`` of the level at downsample ``d`` (its full width)."""
-    width = -(-scene.width // d)
-    size = (width, rows)
+def render_block(scene: Scene, d: int, box: tuple[int, int, int, int]) -> Image.Image:
+    """``box`` (x0, y0, cols, rows, in its pixels) of the level at downsample ``d``."""
+    x0, y0, cols, rows = box
+    size = (cols, rows)
     mask = Image.new("L", size, 0)
     draw = ImageDraw.Draw(mask)
     for points in scene.polygons:
+        xs = [x / d - x0 for x, _ in points]
         ys = [y / d - y0 for _, y in points]
-        if max(ys) >= 0 and min(ys) < rows:
-            draw.polygon([(x / d, y) for (x, _), y in zip(points, ys, strict=True)], fill=255)
+        if max(ys) >= 0 and min(ys) < rows and max(xs) >= 0 and min(xs) < cols:
+            draw.polygon(list(zip(xs, ys, strict=True)), fill=255)
     image = Image.new("RGB", size, (243, 243, 241))
     if mask.getbbox() is None:
         return image
     tissue = Image.new("RGB", size, scene.colours["dark"])
-    tissue.paste(
-        scene.colours["light"], mask=_noise(scene.coarse, scene.coarse_cell, d, y0, rows, width)
-    )
-    fibres = _noise(scene.fine, scene.fine_cell, d, y0, rows, width)
+    tissue.paste(scene.colours["light"], mask=_noise(scene.coarse, scene.coarse_cell, d, box))
+    fibres = _noise(scene.fine, scene.fine_cell, d, box)
     tissue.paste(scene.colours["fibre"], mask=fibres.point(lambda v: 255 if v > 170 else v // 3))
     image.paste(tissue, mask=mask)
     n = scene.nuclei
@@ -142,7 +145,7 @@ def render_strip(scene: Scene, d: int, y0: int, rows: int) -> Image.Image:
         scaled = Nuclei(
             n.x[lo:hi] * k, n.y[lo:hi] * k, n.rx[lo:hi] * k, n.ry[lo:hi] * k, n.shade[lo:hi]
         )
-        paint_nuclei(image, (0, y0), scaled, scene.nucleus_colour)
+        paint_nuclei(image, (x0, y0), scaled, scene.nucleus_colour)
     return image
 
 
@@ -161,18 +164,23 @@ def _add_grain(strip: npt.NDArray[np.uint8]) -> None:
         part -= np.uint8(GRAIN)
 
 
+#: Columns rendered at once (a multiple of the tile): what bounds memory on a wide level.
+BLOCK = 32 * TILE
+
+
 def level_tiles(scene: Scene, d: int) -> Iterator[npt.NDArray[np.uint8]]:
-    """The tiles of the level at downsample ``d``, row by row, edges padded."""
+    """The tiles of the level at downsample ``d``, row by row, edges padded; rendered a
+    block of :data:`BLOCK` × :data:`TILE` pixels at a time."""
     width, height = -(-scene.width // d), -(-scene.height // d)
     for y0 in range(0, height, TILE):
-        strip = np.array(render_strip(scene, d, y0, min(TILE, height - y0)))
-        _add_grain(strip)
-        if strip.shape[0] < TILE or width % TILE:
-            padded = np.full((TILE, -(-width // TILE) * TILE, 3), 243, np.uint8)
-            padded[: strip.shape[0], :width] = strip
-            strip = padded
-        for x0 in range(0, width, TILE):
-            yield strip[:, x0 : x0 + TILE]
+        rows = min(TILE, height - y0)
+        for x0 in range(0, width, BLOCK):
+            cols = min(BLOCK, width - x0)
+            block = np.full((TILE, -(-cols // TILE) * TILE, 3), 243, np.uint8)
+            block[:rows, :cols] = np.asarray(render_block(scene, d, (x0, y0, cols, rows)))
+            _add_grain(block)
+            for tx in range(0, cols, TILE):
+                yield block[:, tx : tx + TILE]
 
 
 def write_large_pyramid(
@@ -263,7 +271,7 @@ __all__ = [
     "full_specs",
     "is_large",
     "level_tiles",
-    "render_strip",
+    "render_block",
     "tissue_truth",
     "write_large_pyramid",
 ]
