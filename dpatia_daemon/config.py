@@ -32,6 +32,7 @@ from twisted.python.filepath import FilePath
 from . import sections
 from .analyses.demo import DemoSettings
 from .analyses.loader import AnalysisLoadError, find_analysis
+from .analyses.nuclei.settings import NucleiSettings
 from .analyses.tissue.settings import TissueSettings
 from .frontdoor.notifications import NotificationRules
 from .models import InputType
@@ -514,7 +515,7 @@ def _allowed(prefixes: tuple[URLPrefix, ...], url: str) -> bool:
 
 #: The built-in analyses that have a section of their own: its settings go to the
 #: workers (``--setting``) of a daemon running that analysis.
-_ANALYSIS_SECTIONS = {"demo": "demo", "tissue": "tissue"}
+_ANALYSIS_SECTIONS = {"demo": "demo", "tissue": "tissue", "nuclei": "nuclei"}
 
 
 @frozen
@@ -534,6 +535,7 @@ class Config:
     demo: DemoSettings = field(factory=DemoSettings)
     pipeline: PipelineConfig = field(factory=PipelineConfig)
     tissue: TissueSettings = field(factory=TissueSettings)
+    nuclei: NucleiSettings = field(factory=NucleiSettings)
     notifications: NotificationRules = field(factory=NotificationRules)
     log: LogConfig = field(factory=LogConfig)
     admin: AdminConfig = field(factory=AdminConfig)

@@ -35,6 +35,7 @@ from . import Analysis
 BUILTINS: dict[str, str] = {
     "demo": "dpatia_daemon.analyses.demo:run",
     "tissue": "dpatia_daemon.analyses.tissue:analyse",
+    "nuclei": "dpatia_daemon.analyses.nuclei:analyse",
 }
 
 #: The entry-point group an installable analysis declares itself in.

@@ -3,7 +3,7 @@
 Commands::
 
     serve [options]                  run the simulator (same options as twistd dpatia-sps)
-    generate [--data D] [--scale S]  generate the slides only
+    generate [--data D] [--scale S|full]  generate the slides only (full: real size, cached)
     register [--app-url URL]         fetch the app's registration (the SPS config button)
     create SLIDE [--region X0 Y0 X1 Y1]   a user asks for an analysis of SLIDE (a region app:
                                      of that rectangle, width-normalised)
@@ -69,9 +69,14 @@ def _serve(argv: Sequence[str]) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from .large import default_cache, full_specs
     from .slides import default_specs, load_or_generate
 
-    slide_set = load_or_generate(args.data, default_specs(args.scale))
+    if args.scale == "full":
+        # Minutes the first time: cached (by default in ~/.cache/dpatia) and reused.
+        slide_set = load_or_generate(args.data or default_cache(), full_specs(default_specs()))
+    else:
+        slide_set = load_or_generate(args.data or DEFAULT_DATA, default_specs(float(args.scale)))
     print(
         ("generated" if slide_set.generated else "reused")
         + f" {len(slide_set.slides)} slides in {slide_set.directory}"
@@ -83,6 +88,18 @@ def _generate(args: argparse.Namespace) -> int:
             f"tissue {slide.truth['tissueAreaMm2']:.3f} mm², {slide.layout}"
         )
     return 0
+
+
+def _scale(text: str) -> str:
+    """``full`` or a positive number, for ``generate --scale``."""
+    if text == "full":
+        return text
+    try:
+        if float(text) > 0:
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is neither 'full' nor a positive number")
 
 
 def _print_result(result: dict[str, Any]) -> None:
@@ -163,8 +180,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the simulator (see: serve --help)", add_help=False)
     gen = sub.add_parser("generate", help="generate the slides only")
-    gen.add_argument("--data", default=DEFAULT_DATA)
-    gen.add_argument("--scale", type=float, default=1.0)
+    gen.add_argument(
+        "--data", default=None, help=f"where (default {DEFAULT_DATA}; for --scale full, "
+        "$DPATIA_SLIDE_CACHE or ~/.cache/dpatia/full-slides)"
+    )
+    gen.add_argument(
+        "--scale", type=_scale, default="1.0", help="a factor of the stock sizes, or "
+        "'full': 100 000 x 80 000 px at 0.25 um/px, one slide per format (cached)"
+    )
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)

@@ -8,8 +8,9 @@
     <data>/<slide id>/<id>-tissue.png   the tissue mask, downsampled (ground truth)
     <data>/<slide id>/scan.json     scanner sidecar (only the "folder" layout)
 
-Each slide is a few irregular tissue blobs (pink stroma with texture and purple nuclei,
-or an IHC palette) on a white background.  The blobs are polygons, so their area is
+Each slide is a few irregular tissue blobs (pink stroma with texture, or an IHC
+palette) with haematoxylin nuclei painted inside them (:mod:`.nuclei`; their count is
+in the ground truth) on a white background.  The blobs are polygons, so their area is
 known exactly: the manifest stores each polygon (level-0 pixels and width-normalised
 IA-API coordinates) and its area in mm² (from the rasterised mask, and by shoelace),
 so a tissue analysis can be checked against it.
@@ -37,12 +38,14 @@ from typing import Any, Literal
 
 import numpy as np
 from attrs import asdict, field, frozen
-from PIL import Image, ImageChops, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 from ..pipeline.dzi import DZI
+from . import large
+from .nuclei import Nuclei, colour_of, paint_nuclei, place_nuclei
 
 #: Bump when the generated pixels or manifest change, so old data directories regenerate.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dpatia-sps-slides/1"
 
@@ -53,6 +56,8 @@ MASK_DOWNSAMPLE = 16
 TILE_SIZE = 256
 
 Layout = Literal["single", "folder"]
+#: How the slide's file is written: the generic TIFF, an Aperio SVS or a DICOM series.
+FileFormat = Literal["tiff", "svs", "dicom"]
 
 
 @frozen
@@ -61,6 +66,9 @@ class SlideSpec:
 
     ``layout`` is how ``slides/{id}/files`` serves it: ``single`` (one .tif as an
     octet-stream) or ``folder`` (the .tif with a label and a sidecar, as multipart).
+    ``file_format`` other than ``tiff`` replaces what is served by a scanner format
+    (:mod:`.formats`): ``svs`` one file, ``dicom`` one ``.dcm`` per level and the label
+    as multipart (``layout`` is then ignored).
     """
 
     slide_id: str
@@ -79,6 +87,7 @@ class SlideSpec:
     exam_code: str = "PAT01"
     description: str = "Biopsy"
     priority: int = 0
+    file_format: FileFormat = "tiff"
 
 
 def default_specs(scale: float = 1.0) -> list[SlideSpec]:
@@ -86,7 +95,8 @@ def default_specs(scale: float = 1.0) -> list[SlideSpec]:
 
     Three slides: a non-tile-aligned landscape H&E served as one file, a tile-aligned
     H&E of the same case served as a multipart folder, and a portrait IHC slide of
-    another case with no label whose sizes are odd and not tile-aligned.
+    another case with no label whose sizes are odd and not tile-aligned; then the
+    :func:`scanner_specs` (an Aperio SVS, a DICOM series).
     """
 
     def size(n: int, *, aligned: bool) -> int:
@@ -132,6 +142,34 @@ def default_specs(scale: float = 1.0) -> list[SlideSpec]:
             exam_code="PAT02",
             description="Core needle biopsy",
             priority=1,
+        ),
+        *scanner_specs(scale),
+    ]
+
+
+def scanner_specs(scale: float = 1.0) -> list[SlideSpec]:
+    """Two more H&E slides in scanner formats: an Aperio SVS and a DICOM WSI series."""
+    side = max(TILE_SIZE, round(8800 * scale))
+    return [
+        SlideSpec(
+            slide_id="sim-svs-1",
+            width=side | 1,
+            height=round(side * 0.7) | 1,
+            seed=404,
+            blobs=2,
+            file_format="svs",
+            accession_number="SIM-2025-0003",
+            block="C1",
+        ),
+        SlideSpec(
+            slide_id="sim-dicom-1",
+            width=side + 3,
+            height=round(side * 0.8) + 5,
+            seed=505,
+            blobs=2,
+            file_format="dicom",
+            accession_number="SIM-2025-0003",
+            block="C2",
         ),
     ]
 
@@ -265,19 +303,17 @@ def _load(directory: Path, wanted: str) -> SlideSet | None:
 # --- generation -----------------------------------------------------------------------
 
 _PALETTES: dict[str, dict[str, tuple[int, int, int]]] = {
-    # Eosin-pink stroma in two shades, darker fibres, haematoxylin-purple nuclei.
+    # Eosin-pink stroma in two shades and darker fibres (nuclei: .nuclei.COLOURS).
     "H&E": {
         "light": (236, 176, 212),
         "dark": (214, 128, 178),
         "fibre": (196, 104, 160),
-        "nucleus": (92, 52, 140),
     },
-    # Haematoxylin counterstain with brown DAB-positive nuclei.
+    # A pale haematoxylin counterstain.
     "IHC": {
         "light": (198, 194, 228),
         "dark": (170, 164, 212),
         "fibre": (150, 144, 198),
-        "nucleus": (128, 82, 42),
     },
 }
 BACKGROUND = (243, 243, 241)
@@ -339,8 +375,9 @@ def _shoelace(points: list[tuple[float, float]]) -> float:
 
 def render_slide(
     spec: SlideSpec,
-) -> tuple[Image.Image, Image.Image, list[list[tuple[float, float]]]]:
-    """Level 0 of a slide, its tissue mask (L, 255 = tissue) and the blob polygons."""
+) -> tuple[Image.Image, Image.Image, list[list[tuple[float, float]]], Nuclei]:
+    """Level 0 of a slide, its tissue mask (L, 255 = tissue), the blob polygons and the
+    painted nuclei."""
     rng = np.random.default_rng(spec.seed)
     size = (spec.width, spec.height)
     colours = _palette(spec.stain)
@@ -359,25 +396,13 @@ def render_slide(
     tissue.paste(colours["fibre"], mask=fibres)
     del fibres
 
-    # Nuclei: dots of 5–9 µm across, only where there is tissue.
-    mask_array = np.asarray(mask)
-    area_px = int(np.count_nonzero(mask_array))
-    radius_px = 3.5 / spec.microns_per_pixel
-    count = int(area_px / (radius_px * 4.5) ** 2)
-    nuclei = Image.new("L", size, 0)
-    nuclei_draw = ImageDraw.Draw(nuclei)
-    xs = rng.uniform(0, spec.width, count * 2)
-    ys = rng.uniform(0, spec.height, count * 2)
-    radii = rng.uniform(0.7, 1.3, count * 2) * radius_px
-    shades = rng.integers(150, 256, count * 2)
-    for x, y, r, shade in zip(xs, ys, radii, shades, strict=True):
-        if mask_array[int(y), int(x)]:
-            nuclei_draw.ellipse((x - r, y - r * 0.8, x + r, y + r * 0.8), fill=int(shade))
-    tissue.paste(colours["nucleus"], mask=ImageChops.multiply(nuclei, mask))
-    del nuclei
     image = Image.new("RGB", size, BACKGROUND)
     image.paste(tissue, mask=mask)
-    return image, mask, polygons
+    del tissue
+    # Nuclei last, whole and on top: each lies inside the tissue (see .nuclei).
+    nuclei = place_nuclei(np.asarray(mask) > 0, 1, spec.microns_per_pixel, rng)
+    paint_nuclei(image, (0, 0), nuclei, colour_of(spec.stain))
+    return image, mask, polygons, nuclei
 
 
 def _label_image(spec: SlideSpec) -> Image.Image:
@@ -477,22 +502,45 @@ def _write_pyramid(image: Image.Image, path: Path, spec: SlideSpec) -> list[tupl
     return sizes
 
 
-def generate_slide(spec: SlideSpec, directory: Path) -> GeneratedSlide:
-    """Generate one slide's files under ``directory/<slide id>/``; return its entry."""
+def generate_slide(
+    spec: SlideSpec, directory: Path, *, by_strips: bool | None = None
+) -> GeneratedSlide:
+    """Generate one slide's files under ``directory/<slide id>/``; return its entry.
+
+    A slide of more than 64 Mpx (or any, with ``by_strips``) is rendered strip by strip
+    from a scene (:mod:`.large`) in bounded memory; a smaller one whole.
+    """
     folder = directory / spec.slide_id
     folder.mkdir(parents=True, exist_ok=True)
     rel = spec.slide_id
-    image, mask, polygons = render_slide(spec)
     tiff_name = f"{spec.slide_id}.tif"
-    sizes = _write_pyramid(image, folder / tiff_name, spec)
-    del image
-
     mm2_per_px = (spec.microns_per_pixel / 1000) ** 2
+    mask_name = f"{spec.slide_id}-tissue.png"
+    if by_strips if by_strips is not None else large.is_large(spec):
+        rng = np.random.default_rng(spec.seed)
+        polygons = _blob_polygons(spec, rng)
+        scene = large.build_scene(spec, polygons, rng, _palette(spec.stain))
+        sizes = large.write_large_pyramid(scene, folder / tiff_name, SMALLEST_LEVEL)
+        nuclei = scene.nuclei
+        tissue_px, _ = large.tissue_truth(scene)
+        Image.fromarray(scene.mask).convert("L").point(lambda v: 255 if v else 0).save(
+            folder / mask_name
+        )
+        scale, size = 1 / large.SCENE_MASK_DOWNSAMPLE, scene.mask.shape[::-1]
+    else:
+        image, mask, polygons, nuclei = render_slide(spec)
+        sizes = _write_pyramid(image, folder / tiff_name, spec)
+        del image
+        tissue_px = int(np.count_nonzero(np.asarray(mask)))
+        mask.reduce(MASK_DOWNSAMPLE).point(lambda v: 255 if v >= 128 else 0).save(
+            folder / mask_name
+        )
+        scale, size = 1.0, mask.size
     regions = []
     for points in polygons:
-        one = Image.new("L", mask.size, 0)
-        ImageDraw.Draw(one).polygon(points, fill=255)
-        pixels = int(np.count_nonzero(np.asarray(one)))
+        one = Image.new("L", size, 0)
+        ImageDraw.Draw(one).polygon([(x * scale, y * scale) for x, y in points], fill=255)
+        pixels = int(np.count_nonzero(np.asarray(one))) / scale**2
         regions.append(
             {
                 "areaMm2": pixels * mm2_per_px,
@@ -504,9 +552,6 @@ def generate_slide(spec: SlideSpec, directory: Path) -> GeneratedSlide:
                 ],
             }
         )
-    tissue_px = int(np.count_nonzero(np.asarray(mask)))
-    mask_name = f"{spec.slide_id}-tissue.png"
-    mask.reduce(MASK_DOWNSAMPLE).point(lambda v: 255 if v >= 128 else 0).save(folder / mask_name)
 
     label_path = None
     if spec.label:
@@ -526,6 +571,13 @@ def generate_slide(spec: SlideSpec, directory: Path) -> GeneratedSlide:
         if label_path is not None:
             files.append(("label.jpg", label_path))
 
+    layout: Layout = spec.layout
+    info = slide_info(spec)
+    if spec.file_format != "tiff":
+        files = _scanner_files(spec, folder, folder / "label.jpg" if label_path else None)
+        layout = "single" if len(files) == 1 else "folder"
+        if spec.file_format == "dicom":
+            info["fileFormat"] = {"mimeType": "application/dicom"}
     dzi = DZI(spec.width, spec.height, TILE_SIZE, microns_per_pixel=spec.microns_per_pixel)
     truth = {
         "imageSize": {"width": spec.width, "height": spec.height},
@@ -533,6 +585,8 @@ def generate_slide(spec: SlideSpec, directory: Path) -> GeneratedSlide:
         "tissuePixels": tissue_px,
         "tissueAreaMm2": tissue_px * mm2_per_px,
         "tissueFraction": tissue_px / (spec.width * spec.height),
+        "nuclei": nuclei.count,
+        "nucleiPerMm2": nuclei.count / (tissue_px * mm2_per_px) if tissue_px else 0.0,
         "mask": {"path": f"{rel}/{mask_name}", "downsample": MASK_DOWNSAMPLE},
         "pyramid": [
             {"width": w, "height": h, "dziLevel": dzi.max_level - i}
@@ -550,13 +604,32 @@ def generate_slide(spec: SlideSpec, directory: Path) -> GeneratedSlide:
     }
     return GeneratedSlide(
         slide_id=spec.slide_id,
-        layout=spec.layout,
+        layout=layout,
         tiff=f"{rel}/{tiff_name}",
         files=files,
         label=label_path,
-        info=slide_info(spec),
+        info=info,
         truth=truth,
     )
+
+
+def _scanner_files(
+    spec: SlideSpec, folder: Path, label: Path | None
+) -> list[tuple[str, str]]:
+    """Write the slide's generic TIFF again in ``spec.file_format``; the files served."""
+    from .formats import write_dicom, write_svs
+
+    tiff = folder / f"{spec.slide_id}.tif"
+    label_image = Image.open(label) if label is not None else None
+    rel = spec.slide_id
+    if spec.file_format == "svs":
+        write_svs(tiff, folder / f"{spec.slide_id}.svs", spec.microns_per_pixel, label_image)
+        return [(f"{spec.slide_id}.svs", f"{rel}/{spec.slide_id}.svs")]
+    uids = (_uid(spec, f"study/{spec.accession_number}"), _uid(spec, "series"))
+    written = write_dicom(
+        tiff, folder / "dicom", spec.slide_id, spec.microns_per_pixel, label_image, uids
+    )
+    return [(path.name, f"{rel}/dicom/{path.name}") for path in written]
 
 
 __all__ = [
@@ -570,5 +643,6 @@ __all__ = [
     "generate_slide",
     "load_or_generate",
     "render_slide",
+    "scanner_specs",
     "slide_info",
 ]

@@ -20,7 +20,7 @@ def test_the_built_in_analyses_load() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("nosuch", "unknown analysis 'nosuch': use a built-in name (demo, tissue)"),
+        ("nosuch", "unknown analysis 'nosuch': use a built-in name (demo, nuclei, tissue)"),
         ("no_such_module_x:run", "cannot import no_such_module_x (ModuleNotFoundError"),
         ("tests.analyses_for_tests:nope", "has no attribute 'nope'"),
         ("tests.analyses_for_tests:TEST_ANALYSIS_X", "has no attribute"),

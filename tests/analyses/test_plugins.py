@@ -60,7 +60,7 @@ def test_an_unknown_name_says_what_is_installed_in_one_line(site: Path) -> None:
     with pytest.raises(AnalysisLoadError) as info:
         load_analysis("nosuchmodel")
     message = str(info.value)
-    assert message.startswith("unknown analysis 'nosuchmodel': use a built-in name (demo, tissue)")
+    assert message.startswith("unknown analysis 'nosuchmodel': use a built-in name (demo, nuclei, tissue)")
     assert "othermodel" in message and "dpatia analyses" in message
     assert "\n" not in message
 

@@ -73,7 +73,9 @@ def test_metadata_is_plausible(slide_set: SlideSet) -> None:
         assert info["micronsPerPixel"] == 0.5
         assert {"jpg", "png"} <= {f["extension"] for f in info["availableTileFormats"]}
         assert info["storedTileFormat"]["extension"] == "jpg"
-        assert info["fileFormat"]["mimeType"] == "image/tiff"
+        assert info["fileFormat"]["mimeType"] == (
+            "application/dicom" if slide.slide_id == "sim-dicom-1" else "image/tiff"
+        )
         assert info["focalPlanes"] and info["opticalPaths"]
         for key in ("staining", "block", "specimen", "bodyPart", "examCode"):
             assert info[key]
@@ -150,11 +152,13 @@ def test_existing_data_is_reused_and_changed_specs_regenerate(tmp_path: Path) ->
 
 
 def test_generation_is_deterministic() -> None:
-    """The same spec renders the same pixels and polygons."""
+    """The same spec renders the same pixels, polygons and nuclei."""
     spec = SlideSpec("det", 600, 400, seed=9, blobs=2)
-    a_image, _, a_polys = render_slide(spec)
-    b_image, _, b_polys = render_slide(spec)
+    a_image, _, a_polys, a_nuclei = render_slide(spec)
+    b_image, _, b_polys, b_nuclei = render_slide(spec)
     assert a_polys == b_polys
+    assert a_nuclei.count == b_nuclei.count > 0
+    assert (a_nuclei.x == b_nuclei.x).all()
     assert a_image.tobytes() == b_image.tobytes()
 
 

@@ -1,0 +1,379 @@
+"""End-to-end cost of a slide: from the notification to the final result, per step.
+
+For each slide format (generic TIFF, Aperio SVS, DICOM series) and each analysis
+(``tissue``, ``nuclei``), in one run on one disk:
+
+1. **One slide, end to end.**  The SPS simulator's slides are served by the simulator
+   (its fake SPS, tile server and file streaming) in this process on loopback; a real
+   ``twistd dpatia`` (one worker) gets an image notification and runs the pipeline and
+   the analysis.  Reported per step, from the simulator's side (when each request
+   arrived) and the daemon's log lines (when each was printed): metadata (info → first
+   tile), thumbnail (tiles → label), label (→ files request), download (→ "slide
+   downloaded"), analysis ("analysis started" → "analysis done"), store (→ "result
+   stored"), and the total from the notification (after a first, warming job of the
+   same files: steady state, as the baselines).  Peak RSS (``VmHWM`` in
+   ``/proc/PID/status``) of the daemon (growth over its RSS before the job) and of the
+   worker.
+2. **Baselines, same slide, same disk.**  The same download as a raw HTTP copy
+   (urllib, to a file beside the daemon's work folder, fsynced); the same analysis
+   alone on the slide's files, in one process.  dpatia's overhead = total − raw copy
+   − analysis alone.
+3. **Throughput.**  ``--throughput N`` slides (8) notified at once through 1 and 2
+   workers (``[nuclei] cpu_threads = 1``, so each worker uses one core): slides per
+   hour, the ratio 2 workers / 1 worker, against the tighter of two limits measured
+   here: the disk's durable write rate (``dd conv=fsync``) for the downloads, and the
+   analysis alone on both cores (two processes at once).
+
+Goals (issue 14), on a 2-core machine in the same run: overhead ≤ 5 % of the total
+for nuclei and ≤ 2 s for tissue; daemon RSS growth ≤ 64 MiB; worker RSS bounded
+whatever the slide size; 2 workers ≥ 90 % of the tighter limit.
+
+Usage: ``python bench/slide.py [--size full|WxH] [--formats tiff,svs,dicom]
+[--analyses tissue,nuclei] [--throughput 8] [--throughput-analysis nuclei]
+[--workdir DIR]``.  ``--size full`` uses (and the first time generates, for minutes)
+the 100 000 × 80 000 px slides of ``python -m dpatia_daemon.simulator generate
+--scale full``; ``WxH`` generates smaller ones of the same kind (cached too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet import task
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.threads import deferToThread
+from twisted.web.server import Request, Site
+
+from dpatia_daemon.simulator.daemon_process import DaemonProcess
+from dpatia_daemon.simulator.large import default_cache, full_specs
+from dpatia_daemon.simulator.server import Simulator
+from dpatia_daemon.simulator.slides import SlideSet, default_specs, load_or_generate
+
+APP = "dpatia"
+BASE = "/SectraPathologyServer/external/imageanalysis/v1"
+MiB = 2**20
+
+
+def slide_set(size: str) -> SlideSet:
+    """The full-size set, or one of the same kind at ``WxH``."""
+    specs = full_specs(default_specs())
+    if size == "full":
+        return load_or_generate(default_cache(), specs)
+    width, height = (int(v) for v in size.lower().split("x"))
+    specs = [attrs.evolve(s, width=width, height=height) for s in specs]
+    return load_or_generate(default_cache().parent / f"bench-{width}x{height}", specs)
+
+
+class TimedRequest(Request):
+    """Records when each request to the simulator arrived."""
+
+    arrivals: list[tuple[float, str]] = []
+
+    def process(self) -> None:
+        TimedRequest.arrivals.append((time.perf_counter(), self.path.decode("latin-1")))
+        super().process()
+
+
+def status(pid: int, field: str) -> int:
+    """A ``/proc/PID/status`` field in bytes (0 if the process is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
+    return int(match.group(1)) * 1024 if match else 0
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (the workers of the daemon)."""
+    found = []
+    for task_dir in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task_dir / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def durable_write_rate(directory: Path, size: int) -> float:
+    """MB/s of ``dd conv=fsync`` writing ``size`` bytes (the download's disk ceiling)."""
+    target = directory / "dd.bin"
+    start = time.perf_counter()
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={target}", "bs=4M", f"count={max(1, size // (4 * MiB))}",
+         "conv=fsync", "status=none"],
+        check=True,
+    )
+    seconds = time.perf_counter() - start
+    target.unlink()
+    return size / seconds / 1e6
+
+
+def raw_copy(url: str, token: str, target: Path) -> float:
+    """Seconds to copy ``url`` to ``target`` as raw bytes, fsynced (blocking)."""
+    start = time.perf_counter()
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request) as answer, open(target, "wb") as out:
+        shutil.copyfileobj(answer, out, 1 * MiB)
+        out.flush()
+        os.fsync(out.fileno())
+    seconds = time.perf_counter() - start
+    target.unlink()
+    return seconds
+
+
+ALONE = """
+import json, resource, sys, time
+from dpatia_daemon.analyses import AnalysisJob
+from dpatia_daemon.analyses.loader import load_analysis
+spec, files, info, settings = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
+analysis = load_analysis(spec)
+job = AnalysisJob(job_id="alone", slide_id="alone", input={"type": "wholeSlide"},
+                  work_dir="/tmp", slide_info=info, files=tuple(files), settings=settings)
+analysis(job)  # warm: imports done, files in the page cache, as for a worker's later jobs
+start = time.perf_counter()
+analysis(job)
+print(json.dumps({"seconds": time.perf_counter() - start,
+                  "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def analysis_alone(spec: str, files: list[str], info: dict[str, Any], settings: dict[str, str],
+                   copies: int = 1) -> tuple[list[float], int]:
+    """The seconds of the (warm) analysis in each of ``copies`` processes run at once,
+    and the largest peak RSS among them."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", ALONE, spec, json.dumps(files), json.dumps(info),
+             json.dumps(settings)],
+            stdout=subprocess.PIPE,
+        )
+        for _ in range(copies)
+    ]
+    outs = [json.loads(p.communicate()[0].decode().strip().splitlines()[-1]) for p in procs]
+    return [o["seconds"] for o in outs], max(o["rss"] for o in outs)
+
+
+def first(arrivals: list[tuple[float, str]], fragment: str) -> float:
+    """When the first request whose path holds ``fragment`` arrived."""
+    return min(t for t, p in arrivals if fragment in p)
+
+
+def write_config(path: Path, workdir: Path, analysis: str, workers: int, threads: int) -> None:
+    path.write_text(
+        f"[app]\nanalysis = {analysis}\n"
+        f"[spool]\ndirectory = {workdir / 'spool'}\n"
+        f"[workers]\ncount = {workers}\nwork_directory = {workdir / 'work'}\n"
+        "job_timeout = 36000\nprogress_interval = 2\n"
+        "[sps]\nallowed_callback_urls = http://127.0.0.1:*/\n"
+        "[pipeline]\ndownload_wsi = true\n"
+        f"[nuclei]\ncpu_threads = {threads}\n"
+    )
+
+
+async def main(reactor: Any, args: argparse.Namespace) -> None:
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dpatia-bench-slide-", dir=os.getcwd()))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"slides: {args.size} (generating or reusing) ...", flush=True)
+    slides = await deferToThread(slide_set, args.size)
+    simulator = Simulator.create(reactor)
+    simulator.load(slides)
+    fake = simulator.sps
+    token = fake.issue_token()
+    site = Site(simulator.resource())
+    site.requestFactory = TimedRequest  # type: ignore[assignment]
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    callback = f"http://127.0.0.1:{port.getHost().port}{BASE}"
+    serial = [0]
+
+    async def notify(daemon: DaemonProcess, slide_id: str) -> None:
+        serial[0] += 1
+        body = {
+            "action": "newImageFiles", "applicationId": APP, "slideId": slide_id,
+            "callbackInfo": {"url": callback, "token": token},
+            "cancellationToken": f"ct-{serial[0]}", "context": {},
+            "imageInfo": fake.slides[slide_id].info,
+        }
+        data = json.dumps(body).encode()
+
+        def post() -> None:
+            request = urllib.request.Request(
+                daemon.url + "/dpatia/imagenotification", data=data,
+                headers={"Content-Type": "application/json"},
+            )
+            urllib.request.urlopen(request).read()
+
+        await deferToThread(post)
+
+    async def start_daemon(analysis: str, workers: int, threads: int, name: str) -> DaemonProcess:
+        folder = workdir / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        config = folder / "dpatia.ini"
+        write_config(config, folder, analysis, workers, threads)
+        daemon = DaemonProcess(reactor=reactor, config=str(config), cwd=str(folder))
+        await daemon.start(timeout=120)
+        while len(re.findall(rb"spawned", bytes(daemon.output))) < workers:
+            await task.deferLater(reactor, 0.1, lambda: None)
+        await task.deferLater(reactor, 1.0, lambda: None)  # let the workers import
+        return daemon
+
+    rows = []
+    for fmt in args.formats:
+        slide = next(s for s in slides.slides if s.slide_id == f"full-{fmt}-1")
+        files = [str(slides.path(p)) for _, p in slide.files]
+        size = sum(os.path.getsize(f) for f in files)
+        raw = await deferToThread(
+            raw_copy, f"{callback}/slides/{slide.slide_id}/files", token, workdir / "raw.bin"
+        )
+        for analysis in args.analyses:
+            daemon = await start_daemon(analysis, 1, 2, f"{fmt}-{analysis}")
+            try:
+                pid = daemon.pid
+                # A first job (the same files under another id) warms the worker, as
+                # the analysis alone is warmed: only steady-state costs are compared.
+                warm = f"{slide.slide_id}-warm-{analysis}"
+                fake.slides[warm] = attrs.evolve(
+                    fake.slides[slide.slide_id], slide_id=warm,
+                    info=dict(fake.slides[slide.slide_id].info, id=warm),
+                )
+                mark = len(daemon.output)
+                await notify(daemon, warm)
+                await daemon.wait_for(rb"result \d+ stored", since=mark, timeout=36000)
+                rss_before = status(pid, "VmRSS")
+                mark = len(daemon.output)
+                TimedRequest.arrivals.clear()
+                t0 = time.perf_counter()
+                await notify(daemon, slide.slide_id)
+                events = {}
+                for name, pattern in (
+                    ("downloaded", rb"slide downloaded"),
+                    ("started", rb"analysis started"),
+                    ("done", rb"analysis done"),
+                    ("stored", rb"result \d+ stored"),
+                ):
+                    await daemon.wait_for(pattern, since=mark, timeout=36000)
+                    events[name] = time.perf_counter()
+                workers = children(pid)
+                worker_rss = max((status(w, "VmHWM") for w in workers), default=0)
+                daemon_hwm = status(pid, "VmHWM")
+            finally:
+                await daemon.kill()
+            info_at, tile_at, label_at, files_at = (
+                first(TimedRequest.arrivals, fragment)
+                for fragment in (f"/slides/{slide.slide_id}/info", "/images/", "/label", "/files")
+            )
+            settings = {"cpu_threads": "2"} if analysis == "nuclei" else {}
+            (alone,), alone_rss = await deferToThread(
+                analysis_alone, analysis, files, slide.info, settings
+            )
+            total = events["stored"] - t0
+            rows.append({
+                "format": fmt, "analysis": analysis, "MiB": size / MiB,
+                "metadata": tile_at - info_at, "thumbnail": label_at - tile_at,
+                "label": files_at - label_at, "download": events["downloaded"] - files_at,
+                "analysis_s": events["done"] - events["started"],
+                "store": events["stored"] - events["done"], "total": total,
+                "raw_copy": raw, "alone": alone, "overhead": total - raw - alone,
+                "daemon_growth_MiB": (daemon_hwm - rss_before) / MiB,
+                "worker_MiB": worker_rss / MiB, "alone_MiB": alone_rss / MiB,
+            })
+            print_row(rows[-1])
+
+    print_table(rows)
+    if args.throughput:
+        await throughput(args, slides, fake, start_daemon, notify, workdir)
+    await port.stopListening()
+
+
+async def throughput(args: Any, slides: SlideSet, fake: Any, start_daemon: Any, notify: Any,
+                     workdir: Path) -> None:
+    """``args.throughput`` copies of the first format's slide through 1 and 2 workers."""
+    from twisted.internet import reactor
+
+    fmt, analysis, n = args.formats[0], args.throughput_analysis, args.throughput
+    slide = next(s for s in slides.slides if s.slide_id == f"full-{fmt}-1")
+    files = [str(slides.path(p)) for _, p in slide.files]
+    size = sum(os.path.getsize(f) for f in files)
+    base = fake.slides[slide.slide_id]
+    rates = {}
+    for workers in (1, 2):
+        ids = [f"{slide.slide_id}-w{workers}-{i}" for i in range(n)]
+        for slide_id in ids:
+            fake.slides[slide_id] = attrs.evolve(base, slide_id=slide_id, info=dict(base.info, id=slide_id))
+        daemon = await start_daemon(analysis, workers, 1, f"throughput-{workers}")
+        try:
+            mark = len(daemon.output)
+            t0 = time.perf_counter()
+            for slide_id in ids:
+                await notify(daemon, slide_id)
+            while len(re.findall(rb"result \d+ stored", bytes(daemon.output[mark:]))) < n:
+                await task.deferLater(reactor, 0.2, lambda: None)
+            rates[workers] = n * 3600 / (time.perf_counter() - t0)
+        finally:
+            await daemon.kill()
+    disk = durable_write_rate(workdir, size)
+    disk_rate = disk * 1e6 / size * 3600
+    settings = {"cpu_threads": "1"} if analysis == "nuclei" else {}
+    both, _ = await deferToThread(analysis_alone, analysis, files, slide.info, settings, 2)
+    cores_rate = sum(3600 / seconds for seconds in both)  # the two ran at the same time
+    limit = min(disk_rate, cores_rate)
+    print(f"\nthroughput: {n} x {fmt} / {analysis}, {size / MiB:.0f} MiB each")
+    print(f"  1 worker : {rates[1]:8.1f} slides/h")
+    print(f"  2 workers: {rates[2]:8.1f} slides/h   (x{rates[2] / rates[1]:.2f} of 1 worker)")
+    print(f"  disk durable write {disk:.0f} MB/s = {disk_rate:.0f} slides/h; analysis alone "
+          f"on both cores = {cores_rate:.1f} slides/h")
+    print(f"  2 workers / tighter limit = {rates[2] / limit:.2f} (goal >= 0.90)")
+
+
+COLUMNS = ("format", "analysis", "MiB", "metadata", "thumbnail", "label", "download",
+           "analysis_s", "store", "total", "raw_copy", "alone", "overhead",
+           "daemon_growth_MiB", "worker_MiB", "alone_MiB")
+
+
+def print_row(row: dict[str, Any]) -> None:
+    print("  " + "  ".join(
+        f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+    ), flush=True)
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print("\n" + " | ".join(COLUMNS))
+    for row in rows:
+        print(" | ".join(
+            f"{row[c]:.2f}" if isinstance(row[c], float) else str(row[c]) for c in COLUMNS
+        ))
+    for row in rows:
+        goal = 0.05 * row["total"] if row["analysis"] == "nuclei" else 2.0
+        print(f"{row['format']}/{row['analysis']}: overhead {row['overhead']:.2f} s = "
+              f"{100 * row['overhead'] / row['total']:.1f} % of {row['total']:.1f} s "
+              f"(goal <= {goal:.2f} s: {'met' if row['overhead'] <= goal else 'NOT met'}); "
+              f"daemon RSS growth {row['daemon_growth_MiB']:.0f} MiB (goal <= 64)")
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="full", help="full, or WxH (e.g. 25000x20000)")
+    parser.add_argument("--formats", default="tiff,svs,dicom", type=lambda s: s.split(","))
+    parser.add_argument("--analyses", default="tissue,nuclei", type=lambda s: s.split(","))
+    parser.add_argument("--throughput", type=int, default=8, help="slides; 0 to skip")
+    parser.add_argument("--throughput-analysis", default="nuclei")
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    task.react(lambda reactor: ensureDeferred(main(reactor, args)))
+
+
+if __name__ == "__main__":
+    cli()
