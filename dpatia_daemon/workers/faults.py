@@ -2,7 +2,8 @@
 
 Postfix's queue manager is the model.  A *transient* fault is not the job's: the SPS
 could not be reached or answered 5xx/429 (:func:`~dpatia_daemon.sps.errors.is_transient`),
-a 404 came on a retry (an SPS restarting may not know its slides yet), a download broke off or found
+a 404 came on a retry (an SPS restarting may not know its slides yet; that job only,
+not the SPS's health), a download broke off or found
 the disk full (:attr:`~dpatia_daemon.pipeline.failures.DownloadError.transient`), or
 the worker said so over AMP (:class:`~.commands.TransientFailure`).  Such a job is
 *deferred*: back to the queue with no attempt spent, not before a backoff.  Anything
@@ -45,8 +46,11 @@ def classify(error: BaseException, *, retrying: bool = False) -> Fault:
         # 401/403 reach here only once the token machinery (sps/tokens.py) found no
         # other token: a newer request brings one, so the attempt's retry (after a
         # backoff) may succeed; it counts as the job's own failure.
-        transient = is_transient(error) or (retrying and isinstance(error, SPSNotFound))
-        return Fault(transient, reason, error.retry_after if transient else None, transient)
+        failing = is_transient(error)
+        transient = failing or (retrying and isinstance(error, SPSNotFound))
+        # A 404 on a retry defers this job only: it is about one slide (or one result),
+        # so it must not mark the whole SPS failing and hold back its other jobs.
+        return Fault(transient, reason, error.retry_after if transient else None, failing)
     if isinstance(error, DownloadError):
         return Fault(error.transient, reason, sps=error.transient and not error.disk)
     return Fault(disk_full(error), reason)

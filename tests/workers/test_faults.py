@@ -79,6 +79,8 @@ def test_a_404_is_transient_only_on_a_retry() -> None:
     error = SPSNotFound("not found", endpoint="GET slides/{id}/info", status=404)
     assert classify(error).transient is False
     assert classify(error, retrying=True).transient is True
+    # ...of this job only: one slide's 404 does not mark the SPS failing for all.
+    assert classify(error, retrying=True).sps is False
 
 
 def test_retry_after_rides_on_the_error_and_over_amp() -> None:
