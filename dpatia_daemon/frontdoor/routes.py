@@ -533,23 +533,19 @@ class IAAPI:
             current = await self.spool.get(job.job_id)
             if current is None or current.state is not JobState.QUEUED:
                 raise _NotQueued()
-        size: tuple[int, int] | None | Deferred[tuple[int, int] | None] = image_size
+        size: tuple[int, int] | None | Callable[[], Deferred[tuple[int, int] | None]]
+        size = image_size
         if image_size is None and not job.is_region:
             # A region's frame outlines the region; only the slide's needs its size.
-            # Read at the same time as the slide's results (the writer's first call):
-            # two round trips one after another, not three.
-            size = Deferred.fromCoroutine(self._image_size(job))
+            # The writer reads it at the same time as the slide's results (two round
+            # trips one after another, not three), or not at all when it knows it.
+            size = lambda: Deferred.fromCoroutine(self._image_size(job))  # noqa: E731
 
         async def still_queued() -> bool:
             current = await self.spool.get(job.job_id)
             return current is not None and current.state is JobState.QUEUED
 
-        try:
-            stored = await self.writer.store_queued_frame(job, size, still_queued)
-        except BaseException:
-            if isinstance(size, Deferred):
-                size.addErrback(lambda _: None)  # the results' error is the one said
-            raise
+        stored = await self.writer.store_queued_frame(job, size, still_queued)
         if stored.id is not None and stored.id != job.result_id:
             await self._note_result(job, stored)
         return stored

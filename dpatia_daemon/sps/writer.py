@@ -28,13 +28,14 @@ back (IA-API.md §3.3).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 from attrs import define, field
-from twisted.internet.defer import DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -57,6 +58,18 @@ from .results import (
 from .tokens import TokenBook
 
 log = Logger()
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _bounded_put(table: OrderedDict[K, V], key: K, value: V, limit: int) -> None:
+    """``table[key] = value`` as the newest entry, dropping the oldest beyond ``limit``."""
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > limit:
+        table.popitem(last=False)
+
 
 T = TypeVar("T")
 
@@ -122,6 +135,17 @@ class ResultWriter:
     #: The SPS versions (``GET /info``, cached): quality control only where it exists.
     versions: SPSVersions | None = None
     _locks: dict[str, DeferredLock] = field(factory=dict, init=False)
+    #: The id and versionId of the result last written or read for each job key (and
+    #: callback base), newest last: a "queued" frame for a key whose result this
+    #: process knows is one PUT, not a listing then a PUT.  Bounded (LRU).
+    _known: OrderedDict[tuple[str, str, str], tuple[int, str | None]] = field(
+        factory=OrderedDict, init=False, repr=False
+    )
+    #: Each slide's image size, as its info gave it (for the full-slide frame).
+    _sizes: OrderedDict[tuple[str, str], tuple[int, int]] = field(
+        factory=OrderedDict, init=False, repr=False
+    )
+    known_limit: int = 10_000
 
     def callback(self, job: Job) -> Callback:
         """The callback to write ``job``'s result with: the newest for its slide."""
@@ -170,7 +194,10 @@ class ResultWriter:
             lock = self._locks[key] = DeferredLock()
         await lock.acquire()
         try:
-            return await step()
+            outcome = await step()
+            if isinstance(outcome, Result) and outcome.id is not None:
+                self._remember(job, outcome)
+            return outcome
         finally:
             lock.release()
             # release() hands the lock to the next waiter at once; only an unused lock
@@ -296,7 +323,7 @@ class ResultWriter:
     async def store_queued_frame(
         self,
         job: Job,
-        image_size: tuple[int, int] | None | Awaitable[tuple[int, int] | None],
+        image_size: tuple[int, int] | None | Callable[[], Deferred[tuple[int, int] | None]],
         still_queued: Callable[[], Awaitable[bool]],
     ) -> Result:
         """The front door's "queued" frame: create or update the job's result (:meth:`find`).
@@ -306,15 +333,38 @@ class ResultWriter:
         has the job, its frames (and its answer) win and the result is returned
         unchanged.  With no result at all, the frame is created either way (a
         ``create`` must answer with a stored result; the runner then finds it).
-        ``image_size`` may be an awaitable (the slide's info, being read): it is then
-        read while the slide's results are, one round trip instead of two.
+        ``image_size`` may be a function starting the read of the slide's info: it is
+        then read while the slide's results are, one round trip instead of two.  When
+        this process knows the key's result (its id and version) and the slide's size,
+        the frame is one PUT, and neither is read.
         """
 
         async def write() -> Result:
-            existing = await self.find(job)
-            size = image_size
-            if size is not None and not isinstance(size, tuple):
-                size = await size
+            key = self._known_key(job)
+            known = self._known.get(key)
+            size: Any = image_size
+            if callable(image_size):
+                size = self._sizes.get((job.callback.url, job.slide_id))
+            if (
+                known is not None
+                and job.result_id in (None, known[0])
+                and (size is not None or job.is_region)
+            ):
+                stored = await self._update_known(job, known, size, still_queued)
+                if stored is not None:
+                    return stored
+            if callable(image_size):
+                size = image_size()  # read while the results are
+            try:
+                existing = await self.find(job)
+                if isinstance(size, Deferred):
+                    size = await size
+            except BaseException:
+                if isinstance(size, Deferred):
+                    size.addErrback(lambda _: None)  # the results' error is the one said
+                raise
+            if size is not None:
+                _bounded_put(self._sizes, (job.callback.url, job.slide_id), size, self.known_limit)
             frame = self.frame(job, Status.QUEUED, "queued", image_size=size)
             if existing is not None and not await still_queued():
                 return existing
@@ -328,6 +378,40 @@ class ResultWriter:
             return await self.sps.create_result(self.callback(job), job.application_id, frame)
 
         return await self._serialised(job, write)
+
+    async def _update_known(
+        self,
+        job: Job,
+        known: tuple[int, str | None],
+        image_size: tuple[int, int] | None,
+        still_queued: Callable[[], Awaitable[bool]],
+    ) -> Result | None:
+        """The "queued" frame PUT straight onto the result this process knows for the
+        job's key (a version conflict re-reads it, as any update does); None when the
+        job is no longer queued or the result is gone: then the slide is read as usual."""
+        if not await still_queued():
+            return None
+        frame = self.frame(job, Status.QUEUED, "queued", image_size=image_size)
+        stub = Result(slideId=job.slide_id, id=known[0], versionId=known[1])
+        try:
+            return await self.sps.update_result(
+                self.callback(job),
+                job.application_id,
+                replacing(stub, frame),
+                reapply=lambda current: replacing(current, frame),
+            )
+        except SPSNotFound:
+            self._known.pop(self._known_key(job), None)  # deleted at the SPS meanwhile
+            return None
+
+    def _known_key(self, job: Job) -> tuple[str, str, str]:
+        return (job.callback.url, job.application_id, job.key)
+
+    def _remember(self, job: Job, result: Result) -> None:
+        assert result.id is not None
+        _bounded_put(
+            self._known, self._known_key(job), (result.id, result.versionId), self.known_limit
+        )
 
     # --- the slide's quality control --------------------------------------------------
 

@@ -65,3 +65,37 @@ async def test_a_create_for_an_unknown_slide_still_says_so(stack: Stack) -> None
     code, answer, _ = await stack.post("/dpatia", stack.invocation(slideId="nowhere"))
     assert code != 200
     assert stack.fake.results_for("nowhere") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_second_click_on_a_known_result_is_one_put(stack: Stack) -> None:  # noqa: F811
+    """Once this process has written the slide's result, the next create for the slide
+    is one PUT onto it (no listing, no slide info); the job stays the same result."""
+    code, first, _ = await stack.post("/dpatia", stack.invocation())
+    assert code == 200, first
+    before = len(stack.fake.requests)
+    code, second, _ = await stack.post("/dpatia", stack.invocation(cancellationToken="ct-2"))
+    assert code == 200, second
+    calls = [(r.method, r.path) for r in stack.fake.requests[before:]]
+    assert [method for method, _ in calls] == ["PUT"], calls
+    assert second["id"] == first["id"] and second["versionId"] != first["versionId"]
+    assert second["displayProperties"]["Status"] == "Queued"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_known_result_deleted_at_the_sps_is_found_anew(stack: Stack) -> None:  # noqa: F811
+    """The user deleted the result this process knew (the SPS removed it and sent the
+    delete, which stopped its job): the next create's PUT meets a 404, the create goes
+    back to the slide's listing, and a new result is created."""
+    code, first, _ = await stack.post("/dpatia", stack.invocation())
+    assert code == 200, first
+    stack.fake.results.pop(first["id"])  # as a user deleting the annotation
+    code, _, _ = await stack.post("/dpatia", stack.invocation("delete", input=first))
+    assert code == 200
+    before = len(stack.fake.requests)
+    code, second, _ = await stack.post("/dpatia", stack.invocation(cancellationToken="ct-2"))
+    assert code == 200, second
+    methods = [r.method for r in stack.fake.requests[before:]]
+    assert methods[0] == "PUT" and methods[-1] == "POST" and len(methods) == 4, methods
+    assert second["id"] != first["id"]
+    assert [r.id for r in stack.fake.results_for(stack.invocation()["slideId"])] == [second["id"]]
