@@ -184,8 +184,21 @@ def write_config(path: Path, workdir: Path, analysis: str, workers: int, threads
 
 
 async def main(reactor: Any, args: argparse.Namespace) -> None:
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dpatia-bench-slide-", dir=os.getcwd()))
-    workdir.mkdir(parents=True, exist_ok=True)
+    """The run, in ``--workdir`` (kept) or a temporary folder (removed at the end: the
+    downloads of full-size slides are many GB)."""
+    if args.workdir:
+        workdir = Path(args.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        await _run(reactor, args, workdir)
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="dpatia-bench-slide-", dir=os.getcwd()))
+    try:
+        await _run(reactor, args, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _run(reactor: Any, args: argparse.Namespace, workdir: Path) -> None:
     print(f"slides: {args.size} (generating or reusing) ...", flush=True)
     slides = await deferToThread(slide_set, args.size)
     simulator = Simulator.create(reactor)
