@@ -16,24 +16,15 @@ from typing import Any
 import attrs
 import pytest
 import pytest_twisted
-import treq
-from twisted.python.filepath import FilePath
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
+from live_stack import start_live_stack
 
-from dpatia_daemon import __version__
-from dpatia_daemon.config import Config, SPSConfig, URLPrefix, WorkersConfig
-from dpatia_daemon.frontdoor.routes import IAAPI
-from dpatia_daemon.frontdoor.site import make_site
+from dpatia_daemon.config import Config
 from dpatia_daemon.jobs import JobKind
 from dpatia_daemon.models import Result, ResultData, ResultPayload, unstructure
-from dpatia_daemon.simulator.fake import BASE_PATH, FakeSPS
+from dpatia_daemon.simulator.fake import FakeSPS
 from dpatia_daemon.spool import DirectorySpool
-from dpatia_daemon.sps.client import SPSClient, make_http_client
 from dpatia_daemon.sps.results import CONTEXT_KEY
-from dpatia_daemon.sps.tokens import TokenBook
-from dpatia_daemon.sps.writer import ResultWriter
-from dpatia_daemon.workers.supervisor import Supervisor, SupervisorEvent
+from dpatia_daemon.workers.supervisor import SupervisorEvent
 
 pytestmark = pytest.mark.integration
 
@@ -103,73 +94,21 @@ def _gallery(fake: FakeSPS) -> Result:
 
 
 async def _rig(reactor: Any, tmp_path: Path, on_action: str) -> Any:
-    fake = FakeSPS(clock=reactor)
-    fake.add_slide(SLIDE, width=2000, height=1000)
-    sps_port = reactor.listenTCP(0, Site(fake.resource()), interface="127.0.0.1")
-    callback = f"http://127.0.0.1:{sps_port.getHost().port}{BASE_PATH}"
-    spool = DirectorySpool(directory=FilePath(str(tmp_path / "spool")), reactor=reactor)
-    spool.startService()
-    http = make_http_client(reactor)
-    sps = SPSClient(
-        http=http.client, clock=reactor, software_version=__version__, timeout=5.0, retries=1
+    app = attrs.evolve(Config().app, on_action=on_action)
+    stack = start_live_stack(
+        reactor, tmp_path, SLIDE, count=1, analysis="tests.analyses_for_tests:noop", app=app
     )
-    tokens = TokenBook()
-    writer = ResultWriter(sps=sps, clock=reactor, display_name="dpatia", tokens=tokens)
-    supervisor = Supervisor(
-        reactor=reactor,
-        spool=spool,
-        writer=writer,
-        config=WorkersConfig(
-            count=1,
-            work_directory=FilePath(str(tmp_path / "work")),
-            kill_grace=2.0,
-            heartbeat_interval=1.0,
-            progress_interval=0.1,
-            shutdown_grace=5.0,
-        ),
-        analysis="tests.analyses_for_tests:noop",
-        tokens=tokens,
-        restart_initial=0.1,
-        cancel_poll_interval=0.2,
-    )
-    config = attrs.evolve(
-        Config(),
-        app=attrs.evolve(Config().app, on_action=on_action),
-        sps=SPSConfig(
-            allowed_callback_urls=(URLPrefix.parse("http://127.0.0.1:*/"),), timeout=5.0, retries=1
-        ),
-    )
-    api = IAAPI(
-        config=config,
-        spool=spool,
-        cancel_running=supervisor.cancel,
-        sps=sps,
-        clock=reactor,
-        writer=writer,
-        tokens=tokens,
-    )
-    api_port = reactor.listenTCP(0, make_site(api.resource(), config), interface="127.0.0.1")
-    pool = HTTPConnectionPool(reactor, persistent=False)
     rig = Rig(
         reactor=reactor,
-        url=f"http://127.0.0.1:{api_port.getHost().port}",
-        callback=callback,
-        fake=fake,
-        spool=spool,
-        client=treq.client.HTTPClient(Agent(reactor, pool=pool)),
+        url=stack.url,
+        callback=stack.callback,
+        fake=stack.fake,
+        spool=stack.spool,
+        client=stack.client,
     )
-    supervisor.observe(rig.events.append)
-    supervisor.startService()
-
-    async def stop() -> None:
-        await supervisor.stopService()
-        await api.background.drain()
-        await api_port.stopListening()
-        await spool.stopService()
-        await http.close()
-        await sps_port.stopListening()
-
-    return rig, supervisor, stop
+    stack.supervisor.observe(rig.events.append)
+    stack.supervisor.startService()
+    return rig, stack.supervisor, stack.stop
 
 
 @pytest_twisted.ensureDeferred

@@ -16,25 +16,16 @@ from typing import Any
 import attrs
 import pytest
 import pytest_twisted
-import treq
+from live_stack import start_live_stack
 from twisted.internet.defer import Deferred
-from twisted.python.filepath import FilePath
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
 
-from dpatia_daemon import __version__
-from dpatia_daemon.config import Config, SPSConfig, URLPrefix, WorkersConfig
-from dpatia_daemon.frontdoor.routes import IAAPI
-from dpatia_daemon.frontdoor.site import make_site
+from dpatia_daemon.config import Config
 from dpatia_daemon.jobs import JobState
 from dpatia_daemon.models import InputType, Result
 from dpatia_daemon.simulator.driver import rectangle_input
-from dpatia_daemon.simulator.fake import BASE_PATH, FakeSPS
+from dpatia_daemon.simulator.fake import FakeSPS
 from dpatia_daemon.spool import DirectorySpool
-from dpatia_daemon.sps.client import SPSClient, make_http_client
 from dpatia_daemon.sps.results import Status, frame_status, result_key
-from dpatia_daemon.sps.tokens import TokenBook
-from dpatia_daemon.sps.writer import ResultWriter
 from dpatia_daemon.workers.supervisor import Supervisor, SupervisorEvent
 
 pytestmark = pytest.mark.integration
@@ -115,73 +106,24 @@ def _region(x: float) -> dict[str, Any]:
 
 @pytest_twisted.async_yield_fixture
 async def daemon(reactor: Any, tmp_path: Path) -> Any:
-    fake = FakeSPS(clock=reactor)
-    fake.add_slide(SLIDE, width=2000, height=1000)
-    token = fake.issue_token()
-    sps_port = reactor.listenTCP(0, Site(fake.resource()), interface="127.0.0.1")
-    callback = f"http://127.0.0.1:{sps_port.getHost().port}{BASE_PATH}"
-    spool = DirectorySpool(directory=FilePath(str(tmp_path / "spool")), reactor=reactor)
-    spool.startService()
-    http = make_http_client(reactor)
-    sps = SPSClient(
-        http=http.client, clock=reactor, software_version=__version__, timeout=5.0, retries=1
+    app = attrs.evolve(Config().app, input_type=InputType.TAGGED_POLYGON, tags=("T",))
+    stack = start_live_stack(
+        reactor, tmp_path, SLIDE, count=2, analysis="tests.analyses_for_tests:run", app=app
     )
-    tokens = TokenBook()
-    writer = ResultWriter(sps=sps, clock=reactor, display_name="dpatia", tokens=tokens)
-    supervisor = Supervisor(
-        reactor=reactor,
-        spool=spool,
-        writer=writer,
-        config=WorkersConfig(
-            count=2,
-            work_directory=FilePath(str(tmp_path / "work")),
-            kill_grace=2.0,
-            heartbeat_interval=1.0,
-            progress_interval=0.1,
-            shutdown_grace=5.0,
-        ),
-        analysis="tests.analyses_for_tests:run",
-        tokens=tokens,
-        restart_initial=0.1,
-        cancel_poll_interval=0.2,
-    )
-    config = attrs.evolve(
-        Config(),
-        app=attrs.evolve(Config().app, input_type=InputType.TAGGED_POLYGON, tags=("T",)),
-        sps=SPSConfig(
-            allowed_callback_urls=(URLPrefix.parse("http://127.0.0.1:*/"),), timeout=5.0, retries=1
-        ),
-    )
-    api = IAAPI(
-        config=config,
-        spool=spool,
-        cancel_running=supervisor.cancel,
-        sps=sps,
-        clock=reactor,
-        writer=writer,
-        tokens=tokens,
-    )
-    api_port = reactor.listenTCP(0, make_site(api.resource(), config), interface="127.0.0.1")
-    pool = HTTPConnectionPool(reactor, persistent=False)
     the_daemon = Daemon(
         reactor=reactor,
-        url=f"http://127.0.0.1:{api_port.getHost().port}",
-        callback=callback,
-        token=token,
-        fake=fake,
-        spool=spool,
-        supervisor=supervisor,
-        client=treq.client.HTTPClient(Agent(reactor, pool=pool)),
+        url=stack.url,
+        callback=stack.callback,
+        token=stack.fake.issue_token(),
+        fake=stack.fake,
+        spool=stack.spool,
+        supervisor=stack.supervisor,
+        client=stack.client,
     )
-    supervisor.observe(the_daemon.seen)
-    supervisor.startService()
+    stack.supervisor.observe(the_daemon.seen)
+    stack.supervisor.startService()
     yield the_daemon
-    await supervisor.stopService()
-    await api.background.drain()
-    await api_port.stopListening()
-    await spool.stopService()
-    await http.close()
-    await sps_port.stopListening()
+    await stack.stop()
 
 
 @pytest_twisted.ensureDeferred
