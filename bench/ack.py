@@ -56,6 +56,39 @@ BASE = "/SectraPathologyServer/external/imageanalysis/v1"
 HERE = Path(__file__).resolve().parent
 
 
+class SlideRequests:
+    """IA-API requests, each for a new slide of ``fake`` (a real slide, so that each
+    notification's "queued" frame is really stored): ``self()`` an image notification,
+    ``self("create")`` a whole-slide create, ``self.many(n)`` n notifications;
+    ``serial`` counts them."""
+
+    def __init__(self, fake: FakeSPS, callback: str, token: str, app: str = APP) -> None:
+        self.fake, self.callback, self.token, self.app = fake, callback, token, app
+        self.serial = 0
+
+    def __call__(self, action: str = "newImageFiles") -> dict[str, Any]:
+        self.serial += 1
+        slide = f"bench-{self.serial:07d}"
+        self.fake.add_slide(slide)
+        common = {
+            "applicationId": self.app,
+            "slideId": slide,
+            "callbackInfo": {"url": self.callback, "token": self.token},
+            "cancellationToken": f"ct-{self.serial}",
+            "context": {},
+        }
+        if action == "create":
+            return {"action": "create", "input": {"type": "wholeSlide"}, **common}
+        return {
+            "action": "newImageFiles",
+            "imageInfo": {"imageSize": {"width": 4000, "height": 3000}},
+            **common,
+        }
+
+    def many(self, n: int) -> list[dict[str, Any]]:
+        return [self() for _ in range(n)]
+
+
 def raw_durable_creates(directory: Path, count: int) -> float:
     """Creates per second: write, fsync, rename, fsync dir — one at a time.
 
@@ -168,28 +201,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     token = fake.issue_token()
     port = reactor.listenTCP(0, Site(fake.resource()), interface="127.0.0.1", backlog=256)
     callback = f"http://127.0.0.1:{port.getHost().port}{BASE}"
-    serial = 0
-
-    def body(action: str) -> dict[str, Any]:
-        nonlocal serial
-        serial += 1
-        slide = f"bench-{serial:06d}"
-        # A real slide, so that each notification's "queued" frame is really stored.
-        fake.add_slide(slide)
-        common = {
-            "applicationId": APP,
-            "slideId": slide,
-            "callbackInfo": {"url": callback, "token": token},
-            "cancellationToken": f"ct-{serial}",
-            "context": {},
-        }
-        if action == "create":
-            return {"action": "create", "input": {"type": "wholeSlide"}, **common}
-        return {
-            "action": "newImageFiles",
-            "imageInfo": {"imageSize": {"width": 4000, "height": 3000}},
-            **common,
-        }
+    body = SlideRequests(fake, callback, token)
 
     async def frames_stored(expected: int, timeout: float = 120.0) -> float:
         """Seconds until the fake SPS holds ``expected`` results (the background
@@ -227,7 +239,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
                 pids = daemon_pids(daemon)
                 notify = daemon.url + "/dpatia/imagenotification"
                 await load(notify, [body("notify") for _ in range(100)], 8, workdir)
-                await frames_stored(serial)
+                await frames_stored(body.serial)
                 for concurrency in (1, 16, 64):
                     n = args.requests if concurrency > 1 else max(100, args.requests // 4)
                     bodies = [body("notify") for _ in range(n)]
@@ -236,7 +248,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
                     after = total_cpu(pids)
                     cpu = None if before is None or after is None else (after - before) / n * 1e6
                     # Every frame stored before the next round (and this figure said).
-                    drain = await frames_stored(serial)
+                    drain = await frames_stored(body.serial)
                     p50, p99 = percentile(lat, 0.5), percentile(lat, 0.99)
                     goal = 20.0 if concurrency == 64 else None
                     rows.append(

@@ -44,7 +44,7 @@ from twisted.web.server import Site
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ack import load, percentile  # noqa: E402
+from ack import SlideRequests, load, percentile  # noqa: E402
 
 from dpatia_daemon.jobs import Callback, Job, JobKind  # noqa: E402
 from dpatia_daemon.simulator.daemon_process import DaemonProcess  # noqa: E402
@@ -107,22 +107,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     callback = f"http://127.0.0.1:{port.getHost().port}{BASE}"
     for n in range(50):  # the first backlog jobs to run find their slide
         fake.add_slide(f"backlog-{n:07d}")
-    serial = 0
-
-    def body() -> dict[str, Any]:
-        nonlocal serial
-        serial += 1
-        slide = f"bench-{serial:06d}"
-        fake.add_slide(slide)
-        return {
-            "action": "newImageFiles",
-            "applicationId": APP,
-            "slideId": slide,
-            "callbackInfo": {"url": callback, "token": token},
-            "cancellationToken": f"ct-{serial}",
-            "context": {},
-            "imageInfo": {"imageSize": {"width": 4000, "height": 3000}},
-        }
+    body = SlideRequests(fake, callback, token)
 
     rows: list[dict[str, Any]] = []
     try:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ack import APP, BASE, load, percentile
+from ack import APP, BASE, SlideRequests, load, percentile
 from twisted.internet import task, threads
 from twisted.internet.defer import ensureDeferred
 from twisted.web.server import Site
@@ -95,22 +95,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     token = fake.issue_token()
     port = reactor.listenTCP(0, Site(fake.resource()), interface="127.0.0.1", backlog=256)
     callback = f"http://127.0.0.1:{port.getHost().port}{BASE}"
-    serial = 0
-
-    def notification() -> dict[str, Any]:
-        nonlocal serial
-        serial += 1
-        slide = f"bench-{serial:06d}"
-        fake.add_slide(slide)
-        return {
-            "action": "newImageFiles",
-            "applicationId": APP,
-            "slideId": slide,
-            "callbackInfo": {"url": callback, "token": token},
-            "cancellationToken": f"ct-{serial}",
-            "context": {},
-            "imageInfo": {"imageSize": {"width": 4000, "height": 3000}},
-        }
+    notification = SlideRequests(fake, callback, token)
 
     config = workdir / "dpatia.ini"
     config.write_text(

@@ -37,7 +37,7 @@ from twisted.web.server import Site
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ack import BASE, daemon_pids, load, percentile, total_cpu  # noqa: E402
+from ack import BASE, SlideRequests, daemon_pids, load, percentile, total_cpu  # noqa: E402
 
 from dpatia_daemon.simulator.daemon_process import DaemonProcess  # noqa: E402
 from dpatia_daemon.simulator.fake import FakeSPS  # noqa: E402
@@ -51,28 +51,15 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     token = fake.issue_token()
     port = reactor.listenTCP(0, Site(fake.resource()), interface="127.0.0.1", backlog=256)
     callback = f"http://127.0.0.1:{port.getHost().port}{BASE}"
-    serial = 0
-
-    def notification() -> dict[str, Any]:
-        nonlocal serial
-        serial += 1
-        slide = f"bench-{serial:06d}"
-        fake.add_slide(slide)
-        return {
-            "action": "newImageFiles",
-            "applicationId": "dpatia",
-            "slideId": slide,
-            "callbackInfo": {"url": callback, "token": token},
-            "cancellationToken": f"ct-{serial}",
-            "context": {},
-            "imageInfo": {"imageSize": {"width": 4000, "height": 3000}},
-        }
+    notification = SlideRequests(fake, callback, token, app="dpatia")
 
     async def frames_stored(timeout: float = 120.0) -> None:
         start = time.perf_counter()
-        while len(fake.results) < serial:
+        while len(fake.results) < notification.serial:
             if time.perf_counter() - start > timeout:
-                raise RuntimeError(f"only {len(fake.results)} of {serial} frames stored")
+                raise RuntimeError(
+                    f"only {len(fake.results)} of {notification.serial} frames stored"
+                )
             await task.deferLater(reactor, 0.05, lambda: None)
 
     results: list[tuple[int, str, list[float], list[float], list[float | None], int]] = []

@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ack import load  # noqa: E402  (bench/ack.py: loadgen.py in its own process)
+from ack import SlideRequests, load  # noqa: E402  (bench/ack.py: loadgen.py in its own process)
 from twisted.internet import task  # noqa: E402
 from twisted.internet.defer import ensureDeferred  # noqa: E402
 from twisted.web.server import Site  # noqa: E402
@@ -154,27 +154,7 @@ async def acks(
     token = fake.issue_token()
     port = reactor.listenTCP(0, Site(fake.resource()), interface="127.0.0.1", backlog=256)
     callback = f"http://127.0.0.1:{port.getHost().port}{BASE}"
-    serial = 0
-
-    def bodies(n: int) -> list[dict[str, Any]]:
-        nonlocal serial
-        out = []
-        for _ in range(n):
-            serial += 1
-            slide = f"bench-{serial:07d}"
-            fake.add_slide(slide)
-            out.append(
-                {
-                    "action": "newImageFiles",
-                    "applicationId": APP,
-                    "slideId": slide,
-                    "callbackInfo": {"url": callback, "token": token},
-                    "cancellationToken": f"ct-{serial}",
-                    "context": {},
-                    "imageInfo": {"imageSize": {"width": 4000, "height": 3000}},
-                }
-            )
-        return out
+    bodies = SlideRequests(fake, callback, token).many
 
     rows: list[dict[str, Any]] = []
     try:
