@@ -61,6 +61,7 @@ from .http import (
     is_tls_failure,
     make_http_client,
     make_tls_policy,
+    prepared_url,
     read_body,
     retry_after,
     within_deadline,
@@ -573,8 +574,7 @@ class SPSClient:
         """Send the request and read the body (unless streaming a success)."""
         d = self.http.request(
             spec.method,
-            spec.url,
-            params=list(spec.params),
+            prepared_url(spec.url, spec.params),
             headers=self._headers(spec),
             data=None if spec.body is None else BytesProducer(spec.body),
             # Redirects are not part of the IA-API; following one would either drop
