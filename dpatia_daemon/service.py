@@ -214,7 +214,8 @@ def build_service(
         parse_outside=parse_process,
         tally=no_tally if metrics is None else metrics.count,
     )
-    api_service = Stopper(api.background.close)
+    # At stop: the background SPS writes, then the result notes still in flight.
+    api_service = Stopper(lambda: api.background.close().addCallback(lambda _: api.notes_written()))
     api_service.setName("api")
     api_service.setServiceParent(root)
 

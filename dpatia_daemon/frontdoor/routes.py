@@ -34,9 +34,10 @@ from typing import Any
 import attrs
 from attrs import Factory, define, field
 from klein import Klein
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
@@ -62,7 +63,7 @@ from ..spool import ISpool, JobMoved
 from ..sps.client import SPSClient, SPSConflict, SPSError
 from ..sps.results import Status, image_size_of, result_key
 from ..sps.tokens import TokenBook
-from ..sps.writer import ResultGone, ResultWriter
+from ..sps.writer import ReadAhead, ResultGone, ResultWriter
 from ..workers.health import SPSHealth
 from .background import BackgroundQueue, reporting
 from .capacity import NO_ROOM, AcceptGate
@@ -123,6 +124,8 @@ class IAAPI:
     writer: ResultWriter
     notification_counts: NotificationCounts = field(factory=NotificationCounts)
     _answering: int = field(default=0, init=False)
+    #: The result notes (:meth:`_note_result`) written after the answer, in flight.
+    _notes: set[Deferred[None]] = field(factory=set, init=False)
     #: The in-progress frames written after the answer; by default on ``clock``.
     background: BackgroundQueue = field(
         default=Factory(lambda self: BackgroundQueue(clock=self.clock), takes_self=True)
@@ -316,19 +319,33 @@ class IAAPI:
                 f"this app is registered for {declared} input, not {parsed.type}",
                 "$.input.type",
             )
-        job = await self._accept(
-            invocation, JobKind.CREATE, "analysis requested", input=unstructure(parsed)
-        )
+        incoming = await self._admit(invocation, JobKind.CREATE, input=unstructure(parsed))
+        # The slide's results (and size) are read while the job is committed: reads
+        # only, so nothing is written at the SPS before the job is safe on disk.
+        ahead = self.writer.read_ahead(incoming, self._size_reader(incoming))
+        try:
+            job = await self._commit(incoming, "analysis requested")
+        except BaseException:
+            if ahead is not None:
+                ahead.discard()
+            raise
         # The SPS wants the stored result (with id and versionId) as the answer.  The job
         # is already safe on disk: if the SPS cannot be reached, the analysis still runs
         # and writes its result later; the user sees this error now.
-        stored = await self._store_frame(job, None, only_if_queued=False)
+        stored = await self._store_frame(job, None, only_if_queued=False, ahead=ahead)
         return json_answer(request, unstructure(stored))
 
     async def _accept(
         self, call: Invocation | ImageNotification, kind: JobKind, what: str, **fields: Any
     ) -> Job:
         """Commit the job a validated request asks for to the spool (durably)."""
+        return await self._commit(await self._admit(call, kind, **fields), what)
+
+    async def _admit(
+        self, call: Invocation | ImageNotification, kind: JobKind, **fields: Any
+    ) -> Job:
+        """The job a validated request asks for, once the spool may take it; its token
+        is from now on the slide's newest."""
         incoming = Job(
             slide_id=call.slideId,
             application_id=call.applicationId,
@@ -346,8 +363,12 @@ class IAAPI:
         self.tokens.record(
             incoming.application_id, incoming.slide_id, incoming.callback, incoming.created
         )
+        return incoming
+
+    async def _commit(self, incoming: Job, what: str) -> Job:
+        """Commit ``incoming`` (from :meth:`_admit`) to the spool, durably."""
         job = await self.gate.commit(self.spool.add(incoming))
-        self.tally("accepted", kind.value)
+        self.tally("accepted", incoming.kind.value)
         log.info(
             "job {job_id} accepted: {what} for slide {slide_id}",
             job_id=job.job_id,
@@ -437,6 +458,7 @@ class IAAPI:
         # The SPS deletes the result itself; the app stops any work that would write it.
         if not isinstance(result, Result) or result.id is None:
             return json_answer(request, {})
+        await self.notes_written()  # a job's result id may be on its way to the spool
         jobs = await self.spool.find(slide_id=invocation.slideId, result_id=result.id)
         for job in jobs:
             await self._stop(job, "the result was deleted")
@@ -448,6 +470,7 @@ class IAAPI:
         # slide: on a region app that would stop the other regions' analyses.
         jobs: list[Job] = []
         if invocation.cancellationToken:
+            await self.notes_written()  # a result id on its way: the Cancelled frame's
             jobs = await self.spool.find(
                 slide_id=invocation.slideId, cancellation_token=invocation.cancellationToken
             )
@@ -520,7 +543,12 @@ class IAAPI:
             _could_not(job, "store the queued frame at the SPS", e, "; the analysis will still run")
 
     async def _store_frame(
-        self, job: Job, image_size: tuple[int, int] | None, *, only_if_queued: bool
+        self,
+        job: Job,
+        image_size: tuple[int, int] | None,
+        *,
+        only_if_queued: bool,
+        ahead: ReadAhead | None = None,
     ) -> Result:
         """Create or update the job's result (the slide's latest for a whole-slide job,
         the region's own for a region job) to say "queued".
@@ -533,22 +561,47 @@ class IAAPI:
             current = await self.spool.get(job.job_id)
             if current is None or current.state is not JobState.QUEUED:
                 raise _NotQueued()
-        size: tuple[int, int] | None | Callable[[], Deferred[tuple[int, int] | None]]
-        size = image_size
-        if image_size is None and not job.is_region:
-            # A region's frame outlines the region; only the slide's needs its size.
-            # The writer reads it at the same time as the slide's results (two round
-            # trips one after another, not three), or not at all when it knows it.
-            size = lambda: Deferred.fromCoroutine(self._image_size(job))  # noqa: E731
+        size = image_size if image_size is not None else self._size_reader(job)
 
         async def still_queued() -> bool:
             current = await self.spool.get(job.job_id)
             return current is not None and current.state is JobState.QUEUED
 
-        stored = await self.writer.store_queued_frame(job, size, still_queued)
+        stored = await self.writer.store_queued_frame(job, size, still_queued, ahead)
         if stored.id is not None and stored.id != job.result_id:
-            await self._note_result(job, stored)
+            # Not awaited: the answer need not wait for a second durable write.  A
+            # delete waits for it (it finds jobs by result id), and so does a stop.
+            note = Deferred.fromCoroutine(self._note_result(job, stored))
+            self._notes.add(note)
+            note.addErrback(self._note_failed, job, stored)
+            note.addBoth(lambda _: self._notes.discard(note))
         return stored
+
+    @staticmethod
+    def _note_failed(failure: Failure, job: Job, stored: Result) -> None:
+        log.failure(
+            "job {job_id}: could not note result {result_id} in the spool (the worker "
+            "finds the result itself)",
+            failure,
+            job_id=job.job_id,
+            result_id=stored.id,
+        )
+
+    def _size_reader(
+        self, job: Job
+    ) -> tuple[int, int] | None | Callable[[], Deferred[tuple[int, int] | None]]:
+        """What the frame needs to know of the slide's size: nothing for a region (its
+        frame outlines the region), else a function reading the slide's info, which
+        the writer calls while it reads the slide's results (two round trips one after
+        another, not three), or not at all when it knows the size."""
+        if job.is_region:
+            return None
+        return lambda: Deferred.fromCoroutine(self._image_size(job))
+
+    def notes_written(self) -> Deferred[None]:
+        """Fire once every result note in flight is written (or has failed)."""
+        pending = list(self._notes)
+        return DeferredList(pending, consumeErrors=True).addCallback(lambda _: None)
 
     async def _image_size(self, job: Job) -> tuple[int, int] | None:
         info = await self.sps.slide_info(job.callback, job.slide_id, extended=False)

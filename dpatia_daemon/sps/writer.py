@@ -34,7 +34,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import attrs
-from attrs import define, field
+from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -114,6 +114,29 @@ def final_result(
     )
 
 
+ImageSize = tuple[int, int] | None
+
+
+@frozen
+class ReadAhead:
+    """The reads of a "queued" frame, started before the job is committed
+    (:meth:`ResultWriter.read_ahead`): the slide's results and, when the frame needs
+    it, its size.  Only reads: nothing is written at the SPS before the job is safe on
+    disk, so a crash in between leaves no "queued" annotation without a job."""
+
+    key: tuple[str, str, str]
+    #: The writer's write count when the reads started (see ``_written``).
+    since: int
+    results: Deferred[list[Result]]
+    size: Deferred[ImageSize] | ImageSize
+
+    def discard(self) -> None:
+        """Not used: their errors (if any) are nobody's to report."""
+        for d in (self.results, self.size):
+            if isinstance(d, Deferred):
+                d.addErrback(lambda _: None)
+
+
 @define
 class ResultWriter:
     """Writes a job's result at the SPS: finds or creates it, frames, final answers.
@@ -146,6 +169,14 @@ class ResultWriter:
         factory=OrderedDict, init=False, repr=False
     )
     known_limit: int = 10_000
+    #: How many writes (lock-holding steps) have ended, and at which count each key's
+    #: last one did (LRU; ``_forgotten`` is the newest count dropped from it): a
+    #: :class:`ReadAhead` is only used when no write of its key ended after it began.
+    _writes: int = field(default=0, init=False)
+    _written: OrderedDict[tuple[str, str, str], int] = field(
+        factory=OrderedDict, init=False, repr=False
+    )
+    _forgotten: int = field(default=0, init=False)
 
     def callback(self, job: Job) -> Callback:
         """The callback to write ``job``'s result with: the newest for its slide."""
@@ -199,6 +230,7 @@ class ResultWriter:
                 self._remember(job, outcome)
             return outcome
         finally:
+            self._note_write(self._known_key(job))
             lock.release()
             # release() hands the lock to the next waiter at once; only an unused lock
             # is dropped, so the table stays as small as the slides being written.
@@ -320,11 +352,57 @@ class ResultWriter:
 
         return await self._serialised(job, read_and_put)
 
+    def _note_write(self, key: tuple[str, str, str]) -> None:
+        self._writes += 1
+        self._written.pop(key, None)
+        self._written[key] = self._writes
+        if len(self._written) > self.known_limit:
+            _, count = self._written.popitem(last=False)
+            self._forgotten = max(self._forgotten, count)
+
+    def read_ahead(
+        self,
+        job: Job,
+        image_size: ImageSize | Callable[[], Deferred[ImageSize]],
+    ) -> ReadAhead | None:
+        """Start the reads :meth:`store_queued_frame` will make for a job about to be
+        committed (the slide's results, and its size when ``image_size`` is a function
+        reading it), so that they overlap the commit; None when it would make none
+        (this process knows the key's result: the frame is one PUT)."""
+        key = self._known_key(job)
+        known_size = (
+            self._sizes.get((job.callback.url, job.slide_id)) if callable(image_size) else image_size
+        )
+        if job.result_id is not None or (
+            key in self._known and (known_size is not None or job.is_region)
+        ):
+            return None
+        size: Deferred[ImageSize] | ImageSize = known_size
+        if known_size is None and callable(image_size):
+            size = image_size()
+        results = Deferred.fromCoroutine(
+            self.sps.list_results(self.callback(job), job.application_id, job.slide_id)
+        )
+        return ReadAhead(key=key, since=self._writes, results=results, size=size)
+
+    def _usable(self, ahead: ReadAhead | None, job: Job) -> ReadAhead | None:
+        """``ahead`` if it read what :meth:`find` would read now, for ``job`` as
+        committed (a merge may have given it a result id) and with no write of its key
+        ended since it began; else None (and it is discarded)."""
+        if ahead is None:
+            return None
+        fresh = self._written.get(ahead.key, self._forgotten) <= ahead.since
+        if fresh and job.result_id is None and ahead.key == self._known_key(job):
+            return ahead
+        ahead.discard()
+        return None
+
     async def store_queued_frame(
         self,
         job: Job,
         image_size: tuple[int, int] | None | Callable[[], Deferred[tuple[int, int] | None]],
         still_queued: Callable[[], Awaitable[bool]],
+        ahead: ReadAhead | None = None,
     ) -> Result:
         """The front door's "queued" frame: create or update the job's result (:meth:`find`).
 
@@ -336,27 +414,35 @@ class ResultWriter:
         ``image_size`` may be a function starting the read of the slide's info: it is
         then read while the slide's results are, one round trip instead of two.  When
         this process knows the key's result (its id and version) and the slide's size,
-        the frame is one PUT, and neither is read.
+        the frame is one PUT, and neither is read.  ``ahead`` (:meth:`read_ahead`) holds
+        those reads already under way, used when they are still what would be read.
         """
 
         async def write() -> Result:
             key = self._known_key(job)
             known = self._known.get(key)
+            started = self._usable(ahead, job)
             size: Any = image_size
             if callable(image_size):
                 size = self._sizes.get((job.callback.url, job.slide_id))
             if (
-                known is not None
+                started is None
+                and known is not None
                 and job.result_id in (None, known[0])
                 and (size is not None or job.is_region)
             ):
                 stored = await self._update_known(job, known, size, still_queued)
                 if stored is not None:
                     return stored
-            if callable(image_size):
+            if started is not None:
+                size = started.size
+            elif callable(image_size):
                 size = image_size()  # read while the results are
             try:
-                existing = await self.find(job)
+                if started is not None:
+                    existing = latest(await started.results, job.key, region=job.is_region)
+                else:
+                    existing = await self.find(job)
                 if isinstance(size, Deferred):
                     size = await size
             except BaseException:

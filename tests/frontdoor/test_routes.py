@@ -416,6 +416,8 @@ async def test_create_spools_the_job_and_answers_the_stored_queued_result(stack:
     assert [r.id for r in stored] == [answer["id"]]
     (job,) = await stack.spool.queued()
     assert job.kind is JobKind.CREATE and job.slide_id == "slide-1"
+    await stack.api.notes_written()  # the result id is noted after the answer
+    (job,) = await stack.spool.queued()
     assert job.result_id == answer["id"]
     # Every call to the SPS carried the token and the version header.
     for recorded in stack.fake.requests:
@@ -445,6 +447,7 @@ async def test_notification_answers_at_once_and_stores_the_frame_afterwards(stac
     (job,) = await stack.spool.queued()
     assert job.kind is JobKind.NOTIFICATION
     await stack.api.background.drain()
+    await stack.api.notes_written()
     (result,) = stack.fake.results_for("slide-9")
     assert result.displayProperties["Status"] == "Queued"
     (job,) = await stack.spool.queued()
@@ -499,6 +502,7 @@ async def test_delete_cancels_the_job_of_that_result(stack: Stack) -> None:
 async def test_delete_of_a_running_job_requests_its_cancellation(stack: Stack) -> None:
     """delete while the job runs: a durable cancellation request for its holder."""
     _, created, _ = await stack.post("/dpatia", stack.invocation())
+    await stack.api.notes_written()  # (a worker that claims it first notes it itself)
     (job,) = await stack.spool.queued()
     claimed = await stack.spool.claim(job.job_id)
     assert claimed is not None
@@ -702,6 +706,7 @@ async def test_each_region_create_is_its_own_job_and_result(stack: Stack) -> Non
     )
     assert code == 200, second
     assert first["id"] != second["id"]
+    await stack.api.notes_written()
     jobs = await stack.spool.queued()
     assert len(jobs) == 2 and {j.result_id for j in jobs} == {first["id"], second["id"]}
     by_id = {r.id: r for r in stack.fake.results_for("slide-1")}
@@ -774,6 +779,7 @@ async def test_a_cancel_matching_nothing_cancels_nothing_and_says_so(
         code, answer, _ = await stack.post("/dpatia", body)
     assert (code, answer) == (200, [])
     await stack.api.background.drain()
+    await stack.api.notes_written()
     (job,) = await stack.spool.queued()
     assert job.result_id == created["id"]
     (result,) = stack.fake.results_for("slide-1")

@@ -188,11 +188,13 @@ class FrontDoor:
         return await exchange(self.reactor, self.site, raw, client)
 
     async def settle(self) -> None:
-        """Wait until the background SPS writes of earlier answers are done."""
+        """Wait until the background SPS writes of earlier answers, and the result
+        notes they made, are done."""
         await self.api.background.drain()
+        await self.api.notes_written()
 
     async def close(self) -> None:
-        await self.api.background.drain()
+        await self.settle()
         for close in reversed(self.closers):
             await close()
 
