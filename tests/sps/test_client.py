@@ -826,8 +826,15 @@ def test_a_results_list_with_foreign_items_skips_them_with_one_warning() -> None
     """list_results keeps every item it can read (nulls of fields with a default read as
     absent) and skips the others, with one warning naming each by index, without
     their content."""
-    readable = {"id": 16, "slideId": SLIDE, "versionId": "v16", "displayResult": None,
-                "displayProperties": None, "data": None, "attachments": None}
+    readable = {
+        "id": 16,
+        "slideId": SLIDE,
+        "versionId": "v16",
+        "displayResult": None,
+        "displayProperties": None,
+        "data": None,
+        "attachments": None,
+    }
     body = json.dumps([*FOREIGN_RESULTS[:3], readable, *FOREIGN_RESULTS[3:]]).encode()
     e = make_env(Scripted([(200, {"content-type": "application/json"}, body)]))
     with capturedLogs() as events:
