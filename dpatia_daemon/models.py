@@ -10,6 +10,9 @@ Shapes and choices follow ``IA-API.md``; where sources disagree, §6 there decid
 
 from __future__ import annotations
 
+import json
+import re
+import secrets
 from enum import Enum, StrEnum
 from typing import Any, Literal
 
@@ -86,11 +89,22 @@ class PrimitiveItem:
 
 
 @frozen
+class RawJSON:
+    """JSON text already serialised, spliced as it is into a body by :func:`dumps`.
+
+    A large result's content (thousands of shapes, MiB) as the worker wrote it: the
+    daemon sends it on without parsing and re-encoding it, which cost it seconds."""
+
+    text: str
+
+
+@frozen
 class ResultPayload:
     """``data.result``: ``type`` is primitive or patchCollection; ``content`` stays JSON.
 
     Content is kept as JSON because both the list and the single-object primitive forms
     exist in the field (IA-API.md §2.6); :mod:`dpatia_daemon.sps.results` builds it.
+    In a result read from a worker's ``result.json`` it is a :class:`RawJSON`.
     """
 
     type: str
@@ -387,8 +401,32 @@ def parse_invocation(data: Any) -> tuple[Invocation, AnalysisInput | Result | No
 
 
 def unstructure(value: Any) -> Any:
-    """Turn a model into JSON-ready data."""
+    """Turn a model into JSON-ready data (a :class:`RawJSON` in it stays as it is:
+    :func:`dumps` encodes it)."""
     return converter.unstructure(value)
+
+
+def dumps(value: Any) -> bytes:
+    """``json.dumps(value)`` in UTF-8, with the text of each :class:`RawJSON` in
+    ``value`` spliced in where it stands."""
+    raws: list[str] = []
+    # A fresh nonce per call: no string of the value can be mistaken for a placeholder.
+    nonce = secrets.token_hex(16)
+
+    def placeholder(obj: Any) -> str:
+        if isinstance(obj, RawJSON):
+            raws.append(obj.text)
+            return f"{nonce}:{len(raws) - 1}"
+        raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+    text = json.dumps(value, default=placeholder)
+    if not raws:
+        return text.encode("utf-8")
+    pieces = re.split(f'"{nonce}:(\\d+)"', text)
+    out = [pieces[0]]
+    for i in range(1, len(pieces), 2):
+        out += [raws[int(pieces[i])], pieces[i + 1]]
+    return "".join(out).encode("utf-8")
 
 
 #: Result keys with a default: a ``null`` the SPS stores for one reads as absent.
@@ -424,6 +462,7 @@ __all__ = [
     "Point",
     "Polygon",
     "PrimitiveItem",
+    "RawJSON",
     "Registration",
     "Result",
     "ResultData",
@@ -433,6 +472,7 @@ __all__ = [
     "VersionInfo",
     "WholeSlideInput",
     "converter",
+    "dumps",
     "parse",
     "parse_invocation",
     "result_from_json",

@@ -37,7 +37,15 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from ..jobs import Callback
-from ..models import InvalidInput, Result, VersionInfo, parse, result_from_json, unstructure
+from ..models import (
+    InvalidInput,
+    Result,
+    VersionInfo,
+    dumps,
+    parse,
+    result_from_json,
+    unstructure,
+)
 from .errors import (
     REDACTED,
     SPSConflict,
@@ -345,7 +353,7 @@ class SPSClient:
             "POST",
             endpoint,
             f"applications/{_seg(app_id)}/results",
-            body=json.dumps(unstructure(body)).encode("utf-8"),
+            body=dumps(unstructure(body)),
             # A POST that reached the SPS may have stored a result even if no answer
             # came back; repeating it could leave a duplicate annotation the app can
             # never delete (IA-API.md §3.1).  So only retry when the request surely
@@ -424,7 +432,7 @@ class SPSClient:
         self, callback: Callback, endpoint: str, path: str, payload: object
     ) -> tuple[Answer, _Spec]:
         """PUT a JSON ``payload`` that carries a ``versionId`` (a stale one: SPSConflict)."""
-        body = json.dumps(payload).encode("utf-8")
+        body = dumps(payload)
         spec = self._spec(callback, "PUT", endpoint, path, body=body, conflict_aware=True)
         return await self._call(spec), spec
 

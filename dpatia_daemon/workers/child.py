@@ -85,7 +85,7 @@ from .commands import (
 )
 from .faults import classify
 from .limits import apply_memory_limit, out_of_memory
-from .workfolder import JOB_FILE, RESULT_FILE, SLIDE_INFO_FILE
+from .workfolder import CONTENT_KEY, JOB_FILE, RESULT_FILE, SLIDE_INFO_FILE
 
 log = Logger()
 
@@ -410,7 +410,16 @@ class WorkerProtocol(AMP):
             result, verdict = as_result(answer, job.slide_id)
         except TypeError as e:
             raise AnalysisFailed(str(e)) from None
-        record: dict[str, Any] = {"jobId": job.job_id, "result": unstructure(result)}
+        record: dict[str, Any] = {"jobId": job.job_id}
+        payload = result.data.result
+        if payload is not None and payload.content is not None:
+            # The content (thousands of shapes: MiB) as one JSON string: the daemon
+            # reads it in a blink and sends it on as it is, never parsed and re-encoded.
+            record[CONTENT_KEY] = json.dumps(payload.content, allow_nan=False)
+            result = attrs.evolve(
+                result, data=attrs.evolve(result.data, result=attrs.evolve(payload, content=None))
+            )
+        record["result"] = unstructure(result)
         reply: dict[str, Any] = {}
         if verdict is not None:
             # Sent with the slide's QC state as the metadata had it (none if unknown).

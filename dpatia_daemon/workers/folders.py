@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from attrs import define, frozen
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -23,8 +24,8 @@ from twisted.python.filepath import FilePath
 
 from ..durable import write_atomically
 from ..jobs import Job
-from ..models import InvalidInput, Result, result_from_json
-from .workfolder import JOB_FILE, LABEL_STEM, RESULT_FILE, WSI_DIR
+from ..models import InvalidInput, RawJSON, Result, result_from_json
+from .workfolder import CONTENT_KEY, JOB_FILE, LABEL_STEM, RESULT_FILE, WSI_DIR
 
 log = Logger()
 
@@ -159,6 +160,9 @@ class WorkFolders:
             raise UnusableResult(
                 f"the analysis returned an invalid result: {e} at {e.field}"
             ) from None
+        content = data.get(CONTENT_KEY)
+        if content is not None:
+            result = _with_content(result, content)
         return Outcome(
             result, Verdict.of(data.get("qualityControl"), data.get("qualityControlVersion"))
         )
@@ -233,6 +237,19 @@ class WorkFolders:
         except Exception:
             d.errback(Failure())
         return d
+
+
+def _with_content(result: Result, content: Any) -> Result:
+    """``result`` with the content the worker serialised beside it (:data:`CONTENT_KEY`)."""
+    payload = result.data.result
+    text = content.strip() if isinstance(content, str) else ""
+    # The worker wrote it with json.dumps: a cheap look at its ends, not a parse of MiB.
+    if payload is None or payload.content is not None or text[:1] not in ("[", "{"):
+        raise UnusableResult(f"{RESULT_FILE} has a {CONTENT_KEY} that is not a result's content")
+    return attrs.evolve(
+        result,
+        data=attrs.evolve(result.data, result=attrs.evolve(payload, content=RawJSON(text))),
+    )
 
 
 __all__ = ["Outcome", "UnusableResult", "Verdict", "WorkFolders"]

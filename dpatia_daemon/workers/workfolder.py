@@ -13,8 +13,13 @@ from __future__ import annotations
 #: holds the callback token) and the worker reads.
 JOB_FILE = "job.json"
 #: In a job's work folder: the final result the worker writes, as
-#: ``{"jobId": ..., "result": <Result JSON>}``; its path is RunJob's answer.
+#: ``{"jobId": ..., "result": <Result JSON>, "resultContent": <text>}``; its path is
+#: RunJob's answer.
 RESULT_FILE = "result.json"
+#: In ``result.json``: the result's ``data.result.content`` serialised to a JSON text
+#: (a string), taken out of ``result``.  Parsing a string is quick, and the daemon
+#: sends the text to the SPS as it is; absent (older workers), the content is inline.
+CONTENT_KEY = "resultContent"
 #: In a job's work folder, optional: slide metadata fetched by a pipeline step.
 SLIDE_INFO_FILE = "slide_info.json"
 #: In a job's work folder, optional: the case's slides (``slides/{id}/request/images/info``).

@@ -146,6 +146,38 @@ def test_the_point_cap_draws_an_even_sample(slide_set: SlideSet) -> None:
     assert result.display_properties["Nuclei drawn"] == f"{drawn} of {count} (an even sample)"
 
 
+def test_each_nucleus_is_a_diamond_around_its_centre_in_short_numbers() -> None:
+    """to_result draws a closed diamond of MARKER_UM around each centre, its corners
+    rounded to COORDINATE_DIGITS decimals (short JSON numbers)."""
+    from dpatia_daemon.analyses.nuclei.analysis import COORDINATE_DIGITS, MARKER_UM, to_result
+    from dpatia_daemon.analyses.nuclei.tiles import NucleiCount
+    from dpatia_daemon.analyses.tissue.detection import TissueFindings
+
+    centres = np.array([[1234.567, 2000.25], [98765.4321, 3.0]], dtype=np.float32)
+    counted = NucleiCount(x=centres[:, 0], y=centres[:, 1], tiles=1, tiles_in_grid=1, mpp=0.5)
+    findings = TissueFindings(
+        regions=[],
+        tissue_pixels=1,
+        tissue_area_mm2=1.0,
+        tissue_fraction=0.1,
+        analysis_mpp=8.0,
+        threshold=0.1,
+        tolerance_px=1.0,
+        points=0,
+    )
+    width, mpp = 100_000, 0.25
+    result = to_result(counted, findings, NucleiSettings(), image_width=width, mpp=mpp)
+    (shapes,) = result.items
+    half = MARKER_UM / mpp / width
+    for (cx, cy), polygon in zip(centres.astype(float) / width, shapes.polygons, strict=True):
+        corners = [(p.x, p.y) for p in polygon.points]
+        expected = [(cx, cy - half), (cx + half, cy), (cx, cy + half), (cx - half, cy)]
+        assert corners[0] == corners[-1]
+        assert np.allclose(corners[:4], expected, rtol=0, atol=10**-COORDINATE_DIGITS)
+        for x, y in corners:
+            assert round(x, COORDINATE_DIGITS) == x and round(y, COORDINATE_DIGITS) == y
+
+
 def test_without_the_slide_file_it_says_what_to_turn_on() -> None:
     """No WSI: a clear error naming [pipeline] download_wsi."""
     job = AnalysisJob(job_id="j", slide_id="s", input={"type": "wholeSlide"}, work_dir="/x")

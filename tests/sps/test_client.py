@@ -42,7 +42,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
 from dpatia_daemon.jobs import Callback
-from dpatia_daemon.models import Result
+from dpatia_daemon.models import RawJSON, Result, ResultData, ResultPayload, dumps
 from dpatia_daemon.simulator.fake import BASE_PATH, FakeSPS
 from dpatia_daemon.sps.client import (
     AccessToken,
@@ -340,6 +340,33 @@ def test_update_result(env: Env) -> None:
     assert updated.displayResult == "new"
     assert updated.versionId != stored.versionId
     assert json.loads(env.fake.requests[-1].body)["versionId"] == stored.versionId
+
+
+def test_update_result_sends_raw_content_as_it_is(env: Env) -> None:
+    """A result whose content is RawJSON (a worker's serialised shapes) is PUT with that
+    text spliced in unchanged, and the SPS stores the content it says."""
+    stored = env.fake.store_result(APP, Result(slideId=SLIDE, displayResult="old"))
+    text = '[{"polygons": [{"points": [{"x": 0.1, "y": 0.2}]}], "labels": ["\\"q\\""]}]'
+    new = attrs.evolve(
+        stored,
+        displayResult="new",
+        data=ResultData(context={}, result=ResultPayload(type="primitive", content=RawJSON(text))),
+    )
+    updated = success_result_of(run(env.client.update_result(env.callback, APP, new)))
+    assert text.encode() in env.fake.requests[-1].body
+    assert updated.data.result is not None
+    assert updated.data.result.content == json.loads(text)
+
+
+def test_dumps_splices_raw_json_and_nothing_that_looks_like_it() -> None:
+    """dumps puts each RawJSON's text where it stands; a string of the value that has
+    the placeholder's shape stays a string; other objects are still refused."""
+    raw = RawJSON('{"a": [1, 2]}')
+    value = {"s": ":0", "x": [raw, "0:0"], "y": RawJSON("[]")}
+    assert json.loads(dumps(value)) == {"s": ":0", "x": [{"a": [1, 2]}, "0:0"], "y": []}
+    assert dumps({"plain": 1.5}) == json.dumps({"plain": 1.5}).encode()
+    with pytest.raises(TypeError):
+        dumps({"x": object()})
 
 
 def test_set_quality_control(env: Env) -> None:
@@ -799,8 +826,15 @@ def test_a_results_list_with_foreign_items_skips_them_with_one_warning() -> None
     """list_results keeps every item it can read (nulls of fields with a default read as
     absent) and skips the others, with one warning naming each by index, without
     their content."""
-    readable = {"id": 16, "slideId": SLIDE, "versionId": "v16", "displayResult": None,
-                "displayProperties": None, "data": None, "attachments": None}
+    readable = {
+        "id": 16,
+        "slideId": SLIDE,
+        "versionId": "v16",
+        "displayResult": None,
+        "displayProperties": None,
+        "data": None,
+        "attachments": None,
+    }
     body = json.dumps([*FOREIGN_RESULTS[:3], readable, *FOREIGN_RESULTS[3:]]).encode()
     e = make_env(Scripted([(200, {"content-type": "application/json"}, body)]))
     with capturedLogs() as events:

@@ -19,7 +19,7 @@ from twisted.web.server import Site
 
 from dpatia_daemon import __version__
 from dpatia_daemon.jobs import Callback, Job, JobKind
-from dpatia_daemon.models import Result
+from dpatia_daemon.models import RawJSON, Result
 from dpatia_daemon.simulator.fake import BASE_PATH, FakeSPS
 from dpatia_daemon.sps.client import SPSClient, make_http_client
 from dpatia_daemon.sps.results import Status, frame_status
@@ -217,6 +217,37 @@ def test_work_folders_are_private_and_hold_the_job(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(folder / "job.json").st_mode) == 0o600
     assert Job.from_json((folder / "job.json").read_bytes()) == job
+
+
+def test_a_results_serialised_content_is_read_as_raw_json(tmp_path: Path) -> None:
+    """A worker's result.json with its content as a JSON text (resultContent) reads as
+    RawJSON of that text; the inline content of an older worker still reads; a
+    resultContent that is not a content, or beside inline content, is refused."""
+    folders = WorkFolders(FilePath(str(tmp_path / "work")))
+    job = folder_job()
+    folder = Path(folders.prepare(job).path)
+    path = folder / "result.json"
+    content = [{"polygons": [{"points": [{"x": 0.5, "y": 0.25}]}]}]
+
+    def write(payload: dict[str, Any], **extra: Any) -> None:
+        result = {"slideId": "s", "displayResult": "n", "data": {"result": payload}}
+        path.write_text(json.dumps({"jobId": job.job_id, "result": result, **extra}))
+
+    write({"type": "primitive"}, resultContent=json.dumps(content))
+    read = folders.read_result(job, str(path))
+    assert read.data.result is not None
+    assert read.data.result.content == RawJSON(json.dumps(content))
+    write({"type": "primitive", "content": content})
+    inline = folders.read_result(job, str(path))
+    assert inline.data.result is not None and inline.data.result.content == content
+    for payload, text in (
+        ({"type": "primitive"}, "not json"),
+        ({"type": "primitive"}, 42),
+        ({"type": "primitive", "content": content}, json.dumps(content)),
+    ):
+        write(payload, resultContent=text)
+        with pytest.raises(UnusableResult):
+            folders.read_result(job, str(path))
 
 
 def test_a_result_is_reused_only_by_the_same_job(tmp_path: Path) -> None:
