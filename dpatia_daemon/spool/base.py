@@ -11,7 +11,7 @@ works (group commit, or at once).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
 from attrs import define, field
@@ -68,7 +68,7 @@ class SpoolCore(Protocol):
 
     def queued(self) -> list[Job]: ...
 
-    def queued_head(self, limit: int) -> list[Job]: ...
+    def queued_head(self, limit: int, skip: Collection[str] = ()) -> list[Job]: ...
 
     def active_keys(self) -> set[str]: ...
 
@@ -156,9 +156,9 @@ class SpoolService(Service):
         """Return all QUEUED jobs in dispatch order."""
         return self._call(self._core().queued)
 
-    def queued_head(self, limit: int) -> Deferred[list[Job]]:
-        """Return the best ``limit`` QUEUED jobs in dispatch order."""
-        return self._call(self._core().queued_head, limit)
+    def queued_head(self, limit: int, skip: Collection[str] = ()) -> Deferred[list[Job]]:
+        """Return the best ``limit`` QUEUED jobs in dispatch order, but those in ``skip``."""
+        return self._call(self._core().queued_head, limit, frozenset(skip))
 
     def active_keys(self) -> Deferred[set[str]]:
         """Return the keys of every QUEUED or RUNNING job."""

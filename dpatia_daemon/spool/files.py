@@ -19,7 +19,7 @@ import stat
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 
 import attrs
@@ -29,7 +29,7 @@ from twisted.python.filepath import FilePath
 
 from ..durable import fsync_directory, write_new_file
 from ..jobs import Job, JobState
-from .index import Entry, QueueIndex
+from .index import Entry, QueueIndex, job_id_of
 from .index import entry_name as index_name
 from .interface import ACTIVE, FORWARD, TERMINAL, SpoolError, SpoolRoom, check_id, check_job
 from .locks import (
@@ -367,15 +367,20 @@ class SpoolFiles:
         """Return all QUEUED jobs in dispatch order."""
         return sorted(self._uncached_listing(JobState.QUEUED), key=Job.sort_key)
 
-    def queued_head(self, limit: int) -> list[Job]:
-        """Return the best ``limit`` QUEUED jobs in dispatch order (the index's first
-        names, then one record read each: never a read of the whole queue)."""
+    def queued_head(self, limit: int, skip: Collection[str] = ()) -> list[Job]:
+        """Return the best ``limit`` QUEUED jobs in dispatch order, but those whose ids
+        are in ``skip`` (the index's first names, then one record read each: never a
+        read of the whole queue, nor of a skipped job)."""
         self._ensure_indexed()
         if limit <= 0:
             return []
+        names: Iterable[str] = self._index.names()
+        if skip:
+            # By the job id in the name (its 4th field), before any record is read.
+            names = (name for name in names if job_id_of(name) not in skip)
         # A few names more than asked for, so that a stale entry or two (a crash, a
         # record moved by hand) do not shorten the head; reads stop at ``limit``.
-        names = heapq.nsmallest(limit + _HEAD_SLACK, self._index.names())
+        names = heapq.nsmallest(limit + _HEAD_SLACK, names)
         out: list[Job] = []
         for name in names:
             if len(out) >= limit:

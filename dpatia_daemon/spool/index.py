@@ -59,6 +59,12 @@ def entry_name(job: Job) -> str:
     return f"{rank}.{prio:08x}.{created:014x}.{job.job_id}.{job.key}.{slide_tag(job.slide_id)}"
 
 
+def job_id_of(name: str) -> str | None:
+    """The job id an entry's name carries (its 4th field), without a full parse."""
+    parts = name.split(".", 5)
+    return parts[3] if len(parts) == 6 else None
+
+
 @frozen
 class Entry:
     """A parsed index entry name."""
@@ -164,4 +170,4 @@ class QueueIndex:
         return out
 
 
-__all__ = ["ENTRY_NAME", "Entry", "QueueIndex", "entry_name", "slide_tag"]
+__all__ = ["ENTRY_NAME", "Entry", "QueueIndex", "entry_name", "job_id_of", "slide_tag"]

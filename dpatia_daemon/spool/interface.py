@@ -9,7 +9,7 @@ implementations validate them with :func:`check_id` / :func:`check_job` first.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
@@ -104,9 +104,10 @@ class ISpool(Interface):
     def queued() -> Deferred[list[Job]]:
         """Return all QUEUED jobs in dispatch order (:meth:`Job.sort_key`)."""
 
-    def queued_head(limit: int) -> Deferred[list[Job]]:
-        """Return the best ``limit`` QUEUED jobs in dispatch order: the first ``limit``
-        of :meth:`queued`, without reading the rest of the queue."""
+    def queued_head(limit: int, skip: Collection[str] = ()) -> Deferred[list[Job]]:
+        """Return the best ``limit`` QUEUED jobs in dispatch order whose ids are not in
+        ``skip``: the first ``limit`` of :meth:`queued` without those, reading neither
+        the rest of the queue nor the skipped jobs' records."""
 
     def active_keys() -> Deferred[set[str]]:
         """Return the keys of every QUEUED or RUNNING job (no record need be read)."""

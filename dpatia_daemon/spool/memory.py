@@ -9,7 +9,7 @@ dictionaries, and :class:`MemorySpool` runs it at once through
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import attrs
@@ -82,8 +82,9 @@ class _MemoryRecords:
     def queued(self) -> list[Job]:
         return sorted(self.queued_jobs.values(), key=Job.sort_key)
 
-    def queued_head(self, limit: int) -> list[Job]:
-        return heapq.nsmallest(max(0, limit), self.queued_jobs.values(), key=Job.sort_key)
+    def queued_head(self, limit: int, skip: Collection[str] = ()) -> list[Job]:
+        jobs = (job for job in self.queued_jobs.values() if job.job_id not in skip)
+        return heapq.nsmallest(max(0, limit), jobs, key=Job.sort_key)
 
     def active_keys(self) -> set[str]:
         return set(self.queued_jobs) | set(self.running)

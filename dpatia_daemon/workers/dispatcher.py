@@ -253,22 +253,26 @@ class Dispatcher:
     def _refresh(self) -> None:
         """Refill the candidates from the spool's head (when low or dry; once per need).
 
-        The head asked for is the window plus the jobs this dispatcher already has in
-        hand (waiting, being claimed, running, parked), which it skips.  A refill that
-        brings nothing new waits for the next reason (a job ended, the sweep) instead
-        of asking again at once.
+        The head asked for is the best ``window`` queued jobs this dispatcher does not
+        already have in hand (waiting, being claimed, running, parked): the spool skips
+        those by their index names, before reading any record, so a refill reads at
+        most a window of records however many jobs wait (a long outage of an SPS can
+        leave the whole backlog in the waiting room, walked once, a window at a time).
+        A refill that brings nothing new waits for the next reason (a job ended, the
+        sweep) instead of asking again at once.
         """
         if self._refreshing or not (self._need_refresh or self._candidates.truncated):
             return
         self._refreshing = True
         self._need_refresh = False
+        # A frozen copy: the file spool reads it in a thread while this one goes on.
         in_hand = (
-            {job.job_id for job in self._waiting.jobs()}
+            self._waiting.ids()
             | self._claiming
             | set(self._runs)
             | {job.job_id for job in self._parked.values()}
         )
-        limit = self._candidates.limit + len(in_hand)
+        limit = self._candidates.limit
 
         def got(jobs: list[Job]) -> None:
             self._refreshing = False
@@ -283,7 +287,7 @@ class Dispatcher:
             self._refreshing = False
             log.failure("listing queued jobs failed", f)
 
-        self.spool.queued_head(limit).addCallbacks(got, failed)
+        self.spool.queued_head(limit, skip=in_hand).addCallbacks(got, failed)
 
     def _claim(self, worker: Worker, candidate: Job) -> None:
         self.pool.acquire(worker)

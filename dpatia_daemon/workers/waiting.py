@@ -8,13 +8,20 @@ due) hands it back when it may.  When a failing SPS answers again, every job wai
 for it is handed back at once, and a job deferred *because of* that SPS has its
 deferral cleared in the spool first (:meth:`resume`), so that no daemon on the spool
 waits out its backoff.
+
+Only a :class:`Waiting` note of each job is kept (its id, key, SPS and deferral: a few
+hundred bytes), not the job: an outage can leave the whole backlog waiting here, and
+the parsed requests stay on disk.  A job handed back is read again from its record
+(``spool.queued_of``: one file read), which is also the truth after a merge or a
+claim by another daemon meanwhile.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
-from attrs import define, field
+from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -28,27 +35,64 @@ from .timers import cancel_call
 log = Logger()
 
 
+def _shared(text: str | None) -> str | None:
+    # The same SPS URL and deferral reason recur across a whole backlog: one copy each.
+    return sys.intern(text) if text is not None else None
+
+
+@frozen
+class Waiting:
+    """What the waiting room keeps of a job: enough to know when it may go, and to
+    read it again then."""
+
+    job_id: str
+    key: str
+    url: str
+    not_before: float | None
+    kind: DeferralKind | None
+    reason: str | None
+
+    @classmethod
+    def of(cls, job: Job) -> Waiting:
+        url = _shared(job.callback.url)
+        assert url is not None
+        return cls(
+            job.job_id, job.key, url, job.not_before, job.deferral_kind, _shared(job.deferred_reason)
+        )
+
+    def ready(self, now: float) -> bool:
+        return self.not_before is None or self.not_before <= now
+
+
 @define(eq=False)
 class WaitingRoom:
     """Jobs held back from dispatch, and the timer that hands them back.
 
-    Collaborators: the ``clock``, the ``spool`` (to clear a deferral), the shared
-    ``health`` view, and ``offer``, which gives a job back to the dispatcher.
+    Collaborators: the ``clock``, the ``spool`` (to read a job again, and to clear a
+    deferral), the shared ``health`` view, and ``offer``, which gives a job back to the
+    dispatcher.
     """
 
     clock: IReactorTime
     spool: ISpool
     health: SPSHealth
     offer: Callable[[Job], None]
-    _jobs: dict[str, Job] = field(factory=dict, init=False)
+    _jobs: dict[str, Waiting] = field(factory=dict, init=False)
     _timer: IDelayedCall | None = field(default=None, init=False)
     _timer_at: float = field(default=float("inf"), init=False)
 
     def __len__(self) -> int:
         return len(self._jobs)
 
-    def jobs(self) -> list[Job]:
-        """The jobs waiting here (for the status page and tests)."""
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._jobs
+
+    def ids(self) -> frozenset[str]:
+        """The ids of the jobs waiting here (a refill of the candidates skips them)."""
+        return frozenset(self._jobs)
+
+    def jobs(self) -> list[Waiting]:
+        """What is kept of the jobs waiting here (for the status page and tests)."""
         return list(self._jobs.values())
 
     def admit(self, job: Job) -> bool:
@@ -71,24 +115,24 @@ class WaitingRoom:
                 return False
             if job.ready(now) and self.health.is_probe(url, job.job_id):
                 return True
-            self._hold(job)
+            self._hold(Waiting.of(job))
             return False
         if job.ready(now):
             return True
-        self._hold(job)
+        self._hold(Waiting.of(job))
         return False
 
-    def _hold(self, job: Job) -> None:
-        self._jobs[job.job_id] = job
-        due = self._due(job)
+    def _hold(self, waiting: Waiting) -> None:
+        self._jobs[waiting.job_id] = waiting
+        due = self._due(waiting)
         if due < self._timer_at:
             self._schedule(due)
 
-    def _due(self, job: Job) -> float:
-        probe = self.health.next_probe(job.callback.url)
+    def _due(self, waiting: Waiting) -> float:
+        probe = self.health.next_probe(waiting.url)
         if probe is not None:
             return probe
-        return job.not_before if job.not_before is not None else self.clock.seconds()
+        return waiting.not_before if waiting.not_before is not None else self.clock.seconds()
 
     def _schedule(self, at: float) -> None:
         cancel_call(self._timer)
@@ -99,26 +143,49 @@ class WaitingRoom:
         """Hand back every job whose time came; wait for the next one."""
         self._timer, self._timer_at = None, float("inf")
         now = self.clock.seconds()
-        due = [job for job in self._jobs.values() if self._due(job) <= now]
-        for job in due:
-            del self._jobs[job.job_id]
-        later = min((self._due(job) for job in self._jobs.values()), default=None)
+        due = [waiting for waiting in self._jobs.values() if self._due(waiting) <= now]
+        for waiting in due:
+            del self._jobs[waiting.job_id]
+        later = min((self._due(waiting) for waiting in self._jobs.values()), default=None)
         if later is not None:
             self._schedule(later)
-        for job in due:
+        for waiting in due:
+            self._hand_back(waiting)
+
+    def _hand_back(self, waiting: Waiting) -> None:
+        """Read ``waiting``'s job again and give it to the dispatcher, if still queued."""
+
+        def read(found: tuple[object, Job | None]) -> None:
+            job = found[1]
+            if job is None or job.job_id != waiting.job_id or job.state is not JobState.QUEUED:
+                # Claimed, cancelled or merged away meanwhile: whatever is queued for
+                # its key now was announced on its own.
+                self.health.probe_ended(waiting.url, waiting.job_id)
+                return
             self.offer(job)
+
+        d = self.spool.queued_of(waiting.key)
+        d.addCallback(read)
+        d.addErrback(
+            lambda f: log.failure(
+                "job {job_id}: reading it again failed; the next sweep finds it",
+                f,
+                job_id=waiting.job_id,
+            )
+        )
 
     def sps_recovered(self, sps: str) -> None:
         """The SPS ``sps`` answers again: its jobs go back now (their deferral cleared)."""
-        mine = [job for job in self._jobs.values() if sps_of(job.callback.url) == sps]
-        for job in mine:
-            del self._jobs[job.job_id]
-            if job.deferral_kind is DeferralKind.SPS:
-                self.resume(job)
-            elif job.ready(self.clock.seconds()):
-                self.offer(job)
+        mine = [waiting for waiting in self._jobs.values() if sps_of(waiting.url) == sps]
+        now = self.clock.seconds()
+        for waiting in mine:
+            del self._jobs[waiting.job_id]
+            if waiting.kind is DeferralKind.SPS:
+                self._resume_later(waiting)
+            elif waiting.ready(now):
+                self._hand_back(waiting)
             else:
-                self._hold(job)
+                self._hold(waiting)
 
     def discard(self, job_id: str) -> None:
         """Forget ``job_id`` (it was cancelled, say)."""
@@ -126,30 +193,40 @@ class WaitingRoom:
 
     def resume(self, job: Job) -> None:
         """Clear ``job``'s deferral in the spool, then give it back."""
-        d = Deferred.fromCoroutine(self._resume(job))
+        self._run_resume(Waiting.of(job), job)
+
+    def _resume_later(self, waiting: Waiting) -> None:
+        self._run_resume(waiting, None)
+
+    def _run_resume(self, waiting: Waiting, job: Job | None) -> None:
+        d = Deferred.fromCoroutine(self._resume(waiting, job))
         d.addErrback(
-            lambda f: log.failure("job {job_id}: resuming it failed", f, job_id=job.job_id)
+            lambda f: log.failure("job {job_id}: resuming it failed", f, job_id=waiting.job_id)
         )
 
-    async def _resume(self, job: Job) -> None:
+    async def _latest(self, waiting: Waiting) -> Job:
+        """The queued record of ``waiting``'s job as it is now; JobMoved if it is not."""
+        _, latest = await self.spool.queued_of(waiting.key)
+        if latest is None or latest.job_id != waiting.job_id:
+            raise JobMoved(waiting.job_id)
+        return latest
+
+    async def _resume(self, waiting: Waiting, job: Job | None) -> None:
         try:
             try:
-                stored = await self.spool.update(resumed(job))
+                stored = await self.spool.update(resumed(job or await self._latest(waiting)))
             except JobChanged:
                 # A newer request was merged in meanwhile: resume the record as it is now.
-                latest = await self.spool.get(job.job_id)
-                if latest is None or latest.state is not JobState.QUEUED:
-                    raise JobMoved(job.job_id) from None
-                stored = await self.spool.update(resumed(latest))
+                stored = await self.spool.update(resumed(await self._latest(waiting)))
         except JobMoved:
             # Claimed, cancelled or gone meanwhile: nothing to resume (and if it was to
             # probe its SPS, the next job will).
-            self.health.probe_ended(job.callback.url, job.job_id)
+            self.health.probe_ended(waiting.url, waiting.job_id)
             return
         log.info(
             "job {job_id}: resumed at once (it was deferred: {reason})",
             job_id=stored.job_id,
-            reason=job.deferred_reason,
+            reason=waiting.reason,
         )
         self.offer(stored)
 
@@ -160,4 +237,4 @@ class WaitingRoom:
         self._jobs.clear()
 
 
-__all__ = ["WaitingRoom"]
+__all__ = ["Waiting", "WaitingRoom"]

@@ -116,6 +116,21 @@ def test_head_of_a_large_queue_reads_only_the_head(store: SpoolStore, monkeypatc
         fresh.close()
 
 
+def test_a_head_that_skips_jobs_reads_none_of_them(store: SpoolStore, monkeypatch: Any) -> None:
+    """queued_head(limit, skip): the best ``limit`` jobs but the skipped ones (those the
+    dispatcher already holds), reading ``limit`` records whatever ``skip`` holds."""
+    _fill(store, _mixed(300))
+    order = store.queued()
+    skip = {j.job_id for j in order[:200:2]}  # every other one of the best 200
+    reads = _Reads(store, monkeypatch)
+    head = store.queued_head(20, skip=skip)
+    assert reads.count <= 20
+    assert [j.job_id for j in head] == [j.job_id for j in order if j.job_id not in skip][:20]
+    reads.count = 0
+    assert store.queued_head(20, skip={j.job_id for j in order}) == []
+    assert reads.count == 0
+
+
 def test_find_for_a_slide_reads_its_bucket_only(store: SpoolStore, monkeypatch: Any) -> None:
     """find(slide_id=...) reads the slide's queued records, not the queue's."""
     jobs = _fill(store, _mixed(300))

@@ -7,6 +7,7 @@ daemon starting on a large queue dispatches after reading the head, not the queu
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ from dpatia_daemon.spool import MemorySpool
 from dpatia_daemon.sps.tokens import TokenBook
 from dpatia_daemon.workers.candidates import Candidates
 from dpatia_daemon.workers.folders import WorkFolders
+from dpatia_daemon.workers.health import SPSHealth
 from dpatia_daemon.workers.supervisor import Supervisor
+from dpatia_daemon.workers.waiting import Waiting
 
 
 def _backlog(n: int) -> list[Job]:
@@ -77,7 +80,7 @@ def test_refill_says_whether_the_spool_holds_more() -> None:
 
 @attrs.define(eq=False)
 class CountingSpool(MemorySpool):
-    """A memory spool that counts the queued records its listings hand out."""
+    """A memory spool that counts the queued records its listings and reads hand out."""
 
     handed: int = 0
     full_listings: int = 0
@@ -87,8 +90,15 @@ class CountingSpool(MemorySpool):
         d = super().queued()
         return d.addCallback(self._count)
 
-    def queued_head(self, limit: int) -> Deferred[list[Job]]:
-        return super().queued_head(limit).addCallback(self._count)
+    def queued_head(self, limit: int, skip: Collection[str] = ()) -> Deferred[list[Job]]:
+        return super().queued_head(limit, skip).addCallback(self._count)
+
+    def queued_of(self, key: str, seen: object = None) -> Deferred[tuple[object, Job | None]]:
+        def count(found: tuple[object, Job | None]) -> tuple[object, Job | None]:
+            self.handed += found[1] is not None
+            return found
+
+        return super().queued_of(key, seen).addCallback(count)
 
     def find(self, **kw: Any) -> Deferred[list[Job]]:
         self.full_listings += 1
@@ -144,3 +154,45 @@ def test_first_dispatch_on_a_backlog_reads_the_head_not_the_queue(tmp_path: Path
     while (job := dispatcher._candidates.pop()) is not None:
         window_order.append(job.job_id)
     assert window_order == [j.job_id for j in best[2 : 2 + len(window_order)]]
+
+
+def test_an_outage_walks_the_backlog_once_and_keeps_notes_not_jobs(tmp_path: Path) -> None:
+    """With the SPS failing, a daemon on 3 000 queued jobs holds them all back: it reads
+    each record about once (a refill skips the jobs already waiting, by their index
+    names, instead of reading them again: the old refill re-read them all each time),
+    and the waiting room keeps a small note of each, not the parsed job.  When the SPS
+    answers again the jobs come back from their records, best first."""
+    reactor = ProcessClock(amp=True)
+    spool = CountingSpool()
+    spool.startService()
+    jobs = _backlog(3000)
+    for job in jobs:
+        success_result_of(spool.add(job))
+    health = SPSHealth(reactor, probe_interval=600.0)
+    health.failed("http://127.0.0.1:1/sps", "HTTP 503")
+    supervisor = attrs.evolve(_supervisor(tmp_path, spool, reactor), health=health)
+    supervisor.startService()
+    for _ in range(50):
+        reactor.advance(0)
+    dispatcher = supervisor._dispatcher
+    assert dispatcher is not None
+    waiting = dispatcher.waiting
+    assert len(waiting) == len(jobs)
+    assert all(isinstance(note, Waiting) for note in waiting.jobs())
+    assert spool.handed <= len(jobs) + 2 * 512  # each record once, and a window more
+    assert spool.full_listings == 0
+    started = [p.worker.jobs for _, p, *_ in reactor.spawned if p.worker is not None]
+    assert not any(started)
+
+    handed = spool.handed
+    health.succeeded("http://127.0.0.1:1/sps")
+    for _ in range(50):
+        reactor.advance(0)
+    assert len(waiting) == 0
+    running = [p.worker.jobs for _, p, *_ in reactor.spawned if p.worker is not None]
+    first = sorted(job_id for worker_jobs in running for job_id in worker_jobs)
+    assert first == sorted([jobs[-1].job_id, jobs[-2].job_id])  # the click, then priority 5
+    assert len(dispatcher._candidates) <= 512
+    # Back from the records: one read each, no listing of the queue.
+    assert spool.handed - handed <= len(jobs) + 2 * 512
+    assert spool.full_listings == 0
