@@ -19,6 +19,13 @@ For each queue size (0, 10 000 and 100 000 queued jobs by default; ``--sizes`` a
 Goals (issue 15): with 100 000 queued, start to ready and to first dispatch <= 2 s,
 main-process RSS <= 2x the empty spool's, acks at c=16 >= 0.9x the empty spool's.
 
+``--outage N`` adds a row for memory per *waiting* job: N queued jobs whose SPS refuses
+connections (a closed loopback port).  The first job's SPS call fails, the SPS is
+marked failing, and the dispatcher walks the whole queue into its waiting room (a note
+per job, not the job).  Reported: the time from "is failing" until the main process is
+idle (no CPU for 2 s: the walk is over), the CPU it spent on that walk, and its RSS
+then, against the empty spool's.
+
 Usage: ``python bench/backlog.py [--sizes 0,10000,100000] [--requests 2000]``.
 Run it on the disk the spool would live on (``--workdir``; the default is a temp dir
 in the current directory).
@@ -81,6 +88,34 @@ def fast_fill(directory: Path, count: int, callback: str, token: str) -> float:
     return time.perf_counter() - start
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of process ``pid`` (Linux), else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, TypeError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def until_idle(
+    reactor: Any, pid: int | None, quiet: float = 2.0, timeout: float = 900.0
+) -> None:
+    """Wait until process ``pid`` used no CPU for ``quiet`` seconds (bounded)."""
+    deadline = time.monotonic() + timeout
+    last, since = cpu_seconds(pid), time.monotonic()
+    while time.monotonic() < deadline:
+        await task.deferLater(reactor, 0.25, lambda: None)
+        now = cpu_seconds(pid)
+        if now is None:
+            return
+        if last is None or now - last > 0.02:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+    raise TimeoutError(f"process {pid} still busy after {timeout:g} s")
+
+
 def rss_kib(pid: int | None) -> int | None:
     """The resident set of process ``pid`` in KiB (Linux), else None."""
     try:
@@ -109,11 +144,19 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         fake.add_slide(f"backlog-{n:07d}")
     body = SlideRequests(fake, callback, token)
 
+    # A port that refuses connections: listened on, then closed (the outage row's SPS).
+    closed = reactor.listenTCP(0, Site(fake.resource()), interface="127.0.0.1")
+    dead = f"http://127.0.0.1:{closed.getHost().port}{BASE}"
+    await closed.stopListening()
+
     rows: list[dict[str, Any]] = []
+    runs = [(size, False) for size in args.sizes]
+    if args.outage:
+        runs.append((args.outage, True))
     try:
-        for size in args.sizes:
-            spool = workdir / f"spool-{size}"
-            fill = fast_fill(spool, size, callback, token) if size else 0.0
+        for size, outage in runs:
+            spool = workdir / f"spool-{size}{'-outage' if outage else ''}"
+            fill = fast_fill(spool, size, dead if outage else callback, token) if size else 0.0
             config = workdir / f"dpatia-{size}.ini"
             config.write_text(
                 "[app]\nanalysis = demo\n[demo]\nstep_seconds = 600\n"
@@ -125,7 +168,12 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             spawned = time.perf_counter()
             await daemon.start(timeout=600.0)
             ready = time.perf_counter()
-            row: dict[str, Any] = {"size": size, "fill": fill, "ready": ready - spawned}
+            row: dict[str, Any] = {
+                "size": size,
+                "fill": fill,
+                "ready": ready - spawned,
+                "outage": outage,
+            }
             try:
                 worker = await daemon.wait_for(rb"worker 1\.\d+ ready", 600, since=0)
                 row["worker"] = time.perf_counter() - ready
@@ -134,7 +182,14 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
                     await daemon.wait_for(rb"job \w+ claimed by", 600, since=0)
                     row["dispatch"] = time.perf_counter() - ready
                 row["rss_start"] = rss_kib(daemon.pid)
-                if size <= args.max_load_size:
+                if outage:
+                    await daemon.wait_for(rb"is failing", 600, since=0)
+                    failing, cpu = time.perf_counter(), cpu_seconds(daemon.pid) or 0.0
+                    await until_idle(reactor, daemon.pid)
+                    row["walk"] = time.perf_counter() - failing - 2.0
+                    row["walk_cpu"] = (cpu_seconds(daemon.pid) or 0.0) - cpu
+                    row["rss_start"] = rss_kib(daemon.pid)
+                elif size <= args.max_load_size:
                     notify = daemon.url + "/dpatia/imagenotification"
                     await load(notify, [body() for _ in range(100)], 8, workdir)
                     rate, lat = await load(
@@ -156,7 +211,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    empty = next((r for r in rows if r["size"] == 0), None)
+    empty = next((r for r in rows if r["size"] == 0 and not r["outage"]), None)
 
     def ratio(row: dict[str, Any], name: str) -> str:
         if empty is None or row.get(name) is None or not empty.get(name):
@@ -171,6 +226,8 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
+        if r["outage"]:
+            continue
         disp = "-" if r.get("dispatch") is None else f"{r['dispatch']:.2f}"
         rss = r.get("rss_start") or 0
         rss_end = r.get("rss_end") or 0
@@ -192,7 +249,16 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         "<= 2 s, RSS <= 2x empty, acks >= 0.9x empty."
     )
     for r in rows:
-        if r["size"] < 100_000:
+        if not r["outage"]:
+            continue
+        print(
+            f"\nOutage: {r['size']} queued for an SPS that refuses connections.  From 'is "
+            f"failing' to idle (the walk into\nthe waiting room): {r['walk']:.2f} s, "
+            f"{r['walk_cpu']:.2f} s of CPU; RSS then {(r['rss_start'] or 0) / 1024:.1f} MiB "
+            f"({ratio(r, 'rss_start')} the empty spool's)."
+        )
+    for r in rows:
+        if r["size"] < 100_000 or r["outage"]:
             continue
         verdicts = [
             ("ready <= 2 s", r["ready"] <= 2.0),
@@ -220,6 +286,12 @@ if __name__ == "__main__":
         type=int,
         default=100_000,
         help="no ack load above this queue size (1 000 000: time and RSS only)",
+    )
+    parser.add_argument(
+        "--outage",
+        type=int,
+        default=0,
+        help="also N queued jobs whose SPS refuses connections: memory per waiting job",
     )
     parser.add_argument("--workdir", help="keep the run's files here (default: a temp dir)")
     task.react(lambda reactor: ensureDeferred(main(reactor, parser.parse_args())))
