@@ -22,9 +22,9 @@ main-process RSS <= 2x the empty spool's, acks at c=16 >= 0.9x the empty spool's
 ``--outage N`` adds a row for memory per *waiting* job: N queued jobs whose SPS refuses
 connections (a closed loopback port).  The first job's SPS call fails, the SPS is
 marked failing, and the dispatcher walks the whole queue into its waiting room (a note
-per job, not the job).  Reported: the time from "is failing" until the main process is
-idle (no CPU for 2 s: the walk is over), the CPU it spent on that walk, and its RSS
-then, against the empty spool's.
+per job, not the job).  Reported: the time from "ready" until the main process is idle
+(no CPU for 2 s after the first job's deferral: the walk is over), the CPU it spent meanwhile, and
+its RSS then, against the empty spool's.
 
 Usage: ``python bench/backlog.py [--sizes 0,10000,100000] [--requests 2000]``.
 Run it on the disk the spool would live on (``--workdir``; the default is a temp dir
@@ -167,7 +167,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             daemon = DaemonProcess(reactor=reactor, config=str(config), cwd=str(workdir))
             spawned = time.perf_counter()
             await daemon.start(timeout=600.0)
-            ready = time.perf_counter()
+            ready, ready_cpu = time.perf_counter(), cpu_seconds(daemon.pid) or 0.0
             row: dict[str, Any] = {
                 "size": size,
                 "fill": fill,
@@ -183,11 +183,12 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
                     row["dispatch"] = time.perf_counter() - ready
                 row["rss_start"] = rss_kib(daemon.pid)
                 if outage:
-                    await daemon.wait_for(rb"is failing", 600, since=0)
-                    failing, cpu = time.perf_counter(), cpu_seconds(daemon.pid) or 0.0
+                    # The first job deferred (after its SPS was marked failing): the walk
+                    # begins.  Idle then means it is over.
+                    await daemon.wait_for(rb"no attempt spent", 600, since=0)
                     await until_idle(reactor, daemon.pid)
-                    row["walk"] = time.perf_counter() - failing - 2.0
-                    row["walk_cpu"] = (cpu_seconds(daemon.pid) or 0.0) - cpu
+                    row["walk"] = time.perf_counter() - ready - 2.0
+                    row["walk_cpu"] = (cpu_seconds(daemon.pid) or 0.0) - ready_cpu
                     row["rss_start"] = rss_kib(daemon.pid)
                 elif size <= args.max_load_size:
                     notify = daemon.url + "/dpatia/imagenotification"
@@ -252,8 +253,8 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         if not r["outage"]:
             continue
         print(
-            f"\nOutage: {r['size']} queued for an SPS that refuses connections.  From 'is "
-            f"failing' to idle (the walk into\nthe waiting room): {r['walk']:.2f} s, "
+            f"\nOutage: {r['size']} queued for an SPS that refuses connections.  From 'ready' "
+            f"to idle (the first job failing, the\nwalk into the waiting room): {r['walk']:.2f} s, "
             f"{r['walk_cpu']:.2f} s of CPU; RSS then {(r['rss_start'] or 0) / 1024:.1f} MiB "
             f"({ratio(r, 'rss_start')} the empty spool's)."
         )

@@ -21,10 +21,15 @@ verdicts take the median over rounds.  Without a seed, ratios are against the fi
 issue 15 quotes for this machine kind (midpoints of c=1 p50 7.4-10.5 ms, p99 11-19 ms,
 c=16 202-244/s; 71 ms p50 at 20 ms SPS), labelled as quoted.
 
+With ``--floor``, ``bench/floor.py`` is measured the same way too: a bare Twisted +
+treq server making the same two SPS calls one after the other and nothing else (no
+validation, spool, reuse rule, logging).  It is the least this stack takes for a click
+here: what dpatia adds over it is its own work, and a goal below it is beyond the stack.
+
 Goals (issue 15): 20 ms SPS, c=1: p50 <= 45 ms (the seed: 71 ms); no added latency:
 p50 and p99 <= 0.7x the seed's under gunicorn; c=16 >= 1.5x the seed's throughput.
 
-Usage: ``python bench/click.py [--requests 400] [--rounds 2] [--seed PATH]``.
+Usage: ``python bench/click.py [--requests 400] [--rounds 2] [--seed PATH] [--floor]``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import os
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -42,6 +48,7 @@ from typing import Any
 
 from twisted.internet import task, threads
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import deferLater
 from twisted.web.server import Site
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,6 +81,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     rows: list[dict[str, Any]] = []
     daemon = DaemonProcess(reactor=reactor, config=str(config), cwd=str(workdir))
     seed = seed_module.Seed(args.seed, workdir) if args.seed else None
+    floor: subprocess.Popen[bytes] | None = None
     try:
         await daemon.start()
         pids = daemon_pids(daemon)
@@ -85,18 +93,41 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             await threads.deferToThread(seed.start)
             seed_pids: list[int | None] = list(seed.pids())
             targets.append(("seed", seed.url + seed_module.ROUTE, lambda: seed_pids))
+        if args.floor:
+            port_file = workdir / "floor.port"
+            floor = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("floor.py")), str(port_file)]
+            )
+            for _ in range(300):  # bounded: 30 s for the floor server to listen
+                if port_file.exists() and port_file.read_text():
+                    break
+                if floor.poll() is not None:
+                    raise SystemExit(f"bench/floor.py exited ({floor.returncode})")
+                await deferLater(reactor, 0.1, lambda: None)
+            else:
+                raise SystemExit("bench/floor.py did not listen within 30 s")
+            floor_url = f"http://127.0.0.1:{port_file.read_text()}/create"
+            floor_pids: list[int | None] = [floor.pid]
+            targets.append(("floor", floor_url, lambda: floor_pids))
         for _, url, _ in targets:
             await load(url, [body("create") for _ in range(50)], 4, workdir)  # warm up
         for round_ in range(args.rounds):
             for latency in LATENCIES:
                 fake.faults.latency = latency
-                order = targets if round_ % 2 == 0 else targets[::-1]
+                # Each round in the other order (with three targets: rotated).
+                shift = round_ % len(targets)
+                order = targets[shift:] + targets[:shift]
+                if round_ % 2:
+                    order = order[::-1]
                 for name, url, processes in order:
                     row = await measure(fake, body, url, processes(), args.requests, workdir)
                     rows.append({"who": name, "round": round_ + 1, "latency": latency, **row})
     finally:
         if seed is not None:
             await threads.deferToThread(seed.stop)
+        if floor is not None:
+            floor.terminate()
+            floor.wait(10)
         if daemon.pid is not None:
             await daemon.kill(signal.SIGTERM)
         await port.stopListening()
@@ -191,7 +222,8 @@ def report(rows: list[dict[str, Any]], *, measured_seed: bool) -> None:
     print()
     # What 20 ms per call adds to the median click, in calls: the sequential round
     # trips, whatever the machine's load does to the rest.
-    for who in ("dpatia", "seed") if measured_seed else ("dpatia",):
+    measured = {r["who"] for r in rows}
+    for who in [w for w in ("dpatia", "seed", "floor") if w in measured]:
         trips = (median(who, 0.020, "p50") - median(who, 0.0, "p50")) / 20.0
         cpu = median(who, 0.0, "cpu")
         calls = median(who, 0.0, "calls")
@@ -209,6 +241,14 @@ def report(rows: list[dict[str, Any]], *, measured_seed: bool) -> None:
         "daemon's per create at c=1,\nuser + system, summed over all its processes "
         "(the seed: gunicorn's master and 4 workers)."
     )
+    if "floor" in measured:
+        for latency in LATENCIES:
+            mine, least = median("dpatia", latency, "p50"), median("floor", latency, "p50")
+            print(
+                f"floor at {latency * 1000:.0f} ms SPS: c=1 p50 {least:.1f} ms (a bare Twisted + "
+                f"treq server, the same two calls); dpatia {mine:.1f} ms, "
+                f"{mine - least:+.1f} ms over it"
+            )
     if not measured_seed:
         print("The seed was not run (no --seed): its ratios are against QUOTED figures.")
 
@@ -218,6 +258,9 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=400, help="creates at c=1 per round")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
     seed_module.add_argument(parser)
+    parser.add_argument(
+        "--floor", action="store_true", help="also measure bench/floor.py (the stack's floor)"
+    )
     arguments = parser.parse_args()
     if arguments.seed:
         seed_module.example_dir(arguments.seed)  # a wrong path fails before any start

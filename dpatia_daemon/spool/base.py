@@ -68,7 +68,9 @@ class SpoolCore(Protocol):
 
     def queued(self) -> list[Job]: ...
 
-    def queued_head(self, limit: int, skip: Collection[str] = ()) -> list[Job]: ...
+    def queued_head(
+        self, limit: int, skip: Collection[str] = (), after: Job | None = None
+    ) -> list[Job]: ...
 
     def active_keys(self) -> set[str]: ...
 
@@ -156,9 +158,12 @@ class SpoolService(Service):
         """Return all QUEUED jobs in dispatch order."""
         return self._call(self._core().queued)
 
-    def queued_head(self, limit: int, skip: Collection[str] = ()) -> Deferred[list[Job]]:
-        """Return the best ``limit`` QUEUED jobs in dispatch order, but those in ``skip``."""
-        return self._call(self._core().queued_head, limit, frozenset(skip))
+    def queued_head(
+        self, limit: int, skip: Collection[str] = (), after: Job | None = None
+    ) -> Deferred[list[Job]]:
+        """Return the best ``limit`` QUEUED jobs in dispatch order, but those in ``skip``
+        and, with ``after``, those not after it."""
+        return self._call(self._core().queued_head, limit, frozenset(skip), after)
 
     def active_keys(self) -> Deferred[set[str]]:
         """Return the keys of every QUEUED or RUNNING job."""

@@ -10,6 +10,7 @@ are :class:`~dpatia_daemon.spool.store.SpoolStore`'s.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import fcntl
 import heapq
@@ -17,6 +18,7 @@ import os
 import re
 import stat
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -55,6 +57,9 @@ _NOT_TIGHTENED = "could not tighten {path}: {error}; job files hold callback tok
 _HINTS_MAX = 65536
 # Index names read beyond a head's length, in case some are stale.
 _HEAD_SLACK = 16
+# How long a sorted listing of the index serves the heads that continue after a job
+# (``queued_head(after=...)``): a walk of a large queue lists it once, not per window.
+_LISTING_TTL = 2.0
 
 
 def gone(e: OSError) -> bool:
@@ -88,6 +93,8 @@ class SpoolFiles:
     _index: QueueIndex = field(init=False)
     _indexed: bool = field(init=False, default=False)
     _reconciling: threading.Lock = field(init=False, factory=threading.Lock)
+    #: The index's names, sorted, and when they were listed (``time.monotonic``).
+    _sorted: tuple[float, list[str]] | None = field(init=False, default=None)
 
     @_index.default
     def _make_index(self) -> QueueIndex:
@@ -367,20 +374,41 @@ class SpoolFiles:
         """Return all QUEUED jobs in dispatch order."""
         return sorted(self._uncached_listing(JobState.QUEUED), key=Job.sort_key)
 
-    def queued_head(self, limit: int, skip: Collection[str] = ()) -> list[Job]:
+    def queued_head(
+        self, limit: int, skip: Collection[str] = (), after: Job | None = None
+    ) -> list[Job]:
         """Return the best ``limit`` QUEUED jobs in dispatch order, but those whose ids
-        are in ``skip`` (the index's first names, then one record read each: never a
-        read of the whole queue, nor of a skipped job)."""
+        are in ``skip`` and, with ``after``, those before or at ``after`` (the index's
+        names, then one record read each: never a read of the whole queue, nor of a
+        skipped job).
+
+        A head from the start lists the index afresh.  One that continues ``after`` a
+        job (the next window of a walk through the queue) uses a sorted listing up to
+        ``_LISTING_TTL`` seconds old, so that walking a large queue costs a listing
+        per ``_LISTING_TTL``, not one per window: a job another daemon queued since is
+        seen by the next head from the start (this daemon's own come by its watch).
+        """
         self._ensure_indexed()
         if limit <= 0:
             return []
-        names: Iterable[str] = self._index.names()
-        if skip:
-            # By the job id in the name (its 4th field), before any record is read.
-            names = (name for name in names if job_id_of(name) not in skip)
         # A few names more than asked for, so that a stale entry or two (a crash, a
         # record moved by hand) do not shorten the head; reads stop at ``limit``.
-        names = heapq.nsmallest(limit + _HEAD_SLACK, names)
+        wanted = limit + _HEAD_SLACK
+        names: list[str]
+        if after is None:
+            listed: Iterable[str] = self._index.names()
+            if skip:
+                # By the job id in the name (its 4th field), before any record is read.
+                listed = (name for name in listed if job_id_of(name) not in skip)
+            names = heapq.nsmallest(wanted, listed)
+        else:
+            ordered = self._sorted_names()
+            names = []
+            for i in range(bisect.bisect_right(ordered, index_name(after)), len(ordered)):
+                if len(names) >= wanted:
+                    break
+                if not skip or job_id_of(ordered[i]) not in skip:
+                    names.append(ordered[i])
         out: list[Job] = []
         for name in names:
             if len(out) >= limit:
@@ -392,6 +420,16 @@ class SpoolFiles:
             if job is not None and job.job_id == entry.job_id:
                 out.append(job)  # else stale: the next reconciliation removes it
         return sorted(out, key=Job.sort_key)
+
+    def _sorted_names(self) -> list[str]:
+        """The index's names, sorted: a listing at most ``_LISTING_TTL`` seconds old."""
+        now = time.monotonic()
+        cached = self._sorted
+        if cached is not None and now - cached[0] < _LISTING_TTL:
+            return cached[1]
+        ordered = sorted(self._index.names())
+        self._sorted = (now, ordered)
+        return ordered
 
     def find(self, criteria: JobFilter) -> list[Job]:
         """Return the jobs matching ``criteria``.

@@ -104,10 +104,15 @@ class ISpool(Interface):
     def queued() -> Deferred[list[Job]]:
         """Return all QUEUED jobs in dispatch order (:meth:`Job.sort_key`)."""
 
-    def queued_head(limit: int, skip: Collection[str] = ()) -> Deferred[list[Job]]:
+    def queued_head(
+        limit: int, skip: Collection[str] = (), after: Job | None = None
+    ) -> Deferred[list[Job]]:
         """Return the best ``limit`` QUEUED jobs in dispatch order whose ids are not in
-        ``skip``: the first ``limit`` of :meth:`queued` without those, reading neither
-        the rest of the queue nor the skipped jobs' records."""
+        ``skip`` (and, with ``after``, that come after the job ``after`` in dispatch
+        order: the next window of a walk): the first ``limit`` of :meth:`queued`
+        without those, reading neither the rest of the queue nor the skipped jobs'
+        records.  A head ``after`` a job may miss a job queued by another process in
+        the last seconds; a head from the start does not."""
 
     def active_keys() -> Deferred[set[str]]:
         """Return the keys of every QUEUED or RUNNING job (no record need be read)."""

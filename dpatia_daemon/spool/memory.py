@@ -82,8 +82,15 @@ class _MemoryRecords:
     def queued(self) -> list[Job]:
         return sorted(self.queued_jobs.values(), key=Job.sort_key)
 
-    def queued_head(self, limit: int, skip: Collection[str] = ()) -> list[Job]:
-        jobs = (job for job in self.queued_jobs.values() if job.job_id not in skip)
+    def queued_head(
+        self, limit: int, skip: Collection[str] = (), after: Job | None = None
+    ) -> list[Job]:
+        start = after.sort_key() if after is not None else None
+        jobs = (
+            job
+            for job in self.queued_jobs.values()
+            if job.job_id not in skip and (start is None or job.sort_key() > start)
+        )
         return heapq.nsmallest(max(0, limit), jobs, key=Job.sort_key)
 
     def active_keys(self) -> set[str]:

@@ -120,6 +120,9 @@ class Dispatcher:
     _pumping: bool = field(default=False, init=False)
     _pump_again: bool = field(default=False, init=False)
     _refreshing: bool = field(default=False, init=False)
+    #: Where the next refill continues: the last job the window took from the spool,
+    #: while every queued job before it is known to be in the window or in hand.
+    _cursor: Job | None = field(default=None, init=False)
     _unwatch: Callable[[], None] | None = field(default=None, init=False)
     _untoken: Callable[[], None] | None = field(default=None, init=False)
     _loops: list[LoopingCall] = field(factory=list, init=False)
@@ -203,7 +206,8 @@ class Dispatcher:
 
     def _on_queued(self, job: Job) -> None:
         """The spool's watch: ``job`` is QUEUED (new, released, recovered or swept)."""
-        self._candidates.offer(job)
+        if not self._candidates.offer(job):
+            self._cursor = None  # left out: the next refill starts from the head
         self._pump()
 
     def _pump(self) -> None:
@@ -258,12 +262,16 @@ class Dispatcher:
         those by their index names, before reading any record, so a refill reads at
         most a window of records however many jobs wait (a long outage of an SPS can
         leave the whole backlog in the waiting room, walked once, a window at a time).
-        A refill that brings nothing new waits for the next reason (a job ended, the
-        sweep) instead of asking again at once.
+        A refill only because the window ran low continues after the last job it took
+        (the cursor), so that walking the queue reads each window once; a refill for
+        another reason (a job ended, the sweep, the start) reads the head from the
+        start, and sees the jobs other daemons queued meanwhile.  A refill that brings
+        nothing new waits for the next reason instead of asking again at once.
         """
         if self._refreshing or not (self._need_refresh or self._candidates.truncated):
             return
         self._refreshing = True
+        after = None if self._need_refresh else self._cursor
         self._need_refresh = False
         # A frozen copy: the file spool reads it in a thread while this one goes on.
         in_hand = (
@@ -277,7 +285,11 @@ class Dispatcher:
         def got(jobs: list[Job]) -> None:
             self._refreshing = False
             fresh = [job for job in jobs if job.job_id not in in_hand]
-            new = self._candidates.refill(fresh, complete=len(jobs) < limit)
+            complete = len(jobs) < limit
+            new = self._candidates.refill(fresh, complete=complete)
+            # The last job taken: a full window may have left the worst of them out.
+            taken = [job for job in jobs if job.job_id in self._candidates or job.job_id in in_hand]
+            self._cursor = taken[-1] if taken and not complete else None
             if not new:
                 self._candidates.truncated = False
             if len(self._candidates):
@@ -287,7 +299,7 @@ class Dispatcher:
             self._refreshing = False
             log.failure("listing queued jobs failed", f)
 
-        self.spool.queued_head(limit, skip=in_hand).addCallbacks(got, failed)
+        self.spool.queued_head(limit, skip=in_hand, after=after).addCallbacks(got, failed)
 
     def _claim(self, worker: Worker, candidate: Job) -> None:
         self.pool.acquire(worker)

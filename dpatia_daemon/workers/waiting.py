@@ -57,7 +57,12 @@ class Waiting:
         url = _shared(job.callback.url)
         assert url is not None
         return cls(
-            job.job_id, job.key, url, job.not_before, job.deferral_kind, _shared(job.deferred_reason)
+            job.job_id,
+            job.key,
+            url,
+            job.not_before,
+            job.deferral_kind,
+            _shared(job.deferred_reason),
         )
 
     def ready(self, now: float) -> bool:

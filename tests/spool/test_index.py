@@ -18,7 +18,7 @@ from twisted.python.filepath import FilePath
 
 from dpatia_daemon.jobs import Job, JobKind, JobState
 from dpatia_daemon.spool import SpoolStore
-from dpatia_daemon.spool.index import Entry, entry_name
+from dpatia_daemon.spool.index import Entry, QueueIndex, entry_name
 from dpatia_daemon.spool.transitions import JobFilter
 
 
@@ -129,6 +129,33 @@ def test_a_head_that_skips_jobs_reads_none_of_them(store: SpoolStore, monkeypatc
     reads.count = 0
     assert store.queued_head(20, skip={j.job_id for j in order}) == []
     assert reads.count == 0
+
+
+def test_a_head_after_a_job_continues_the_walk(store: SpoolStore, monkeypatch: Any) -> None:
+    """queued_head(limit, after=job): the next window after ``job`` in dispatch order,
+    ``limit`` records read; the sorted listing is reused by the next windows, and a
+    head from the start lists afresh (it sees a job queued meanwhile)."""
+    _fill(store, _mixed(300))
+    order = store.queued()
+    reads = _Reads(store, monkeypatch)
+    window = store.queued_head(20, after=order[49])
+    assert [j.job_id for j in window] == [j.job_id for j in order[50:70]]
+    assert reads.count <= 20
+    listings = 0
+    names = QueueIndex.names
+
+    def counting(index: QueueIndex) -> Iterator[str]:
+        nonlocal listings
+        listings += 1
+        return names(index)
+
+    monkeypatch.setattr(QueueIndex, "names", counting)
+    skip = {j.job_id for j in order[70:80]}
+    nxt = store.queued_head(20, skip=skip, after=window[-1])
+    assert [j.job_id for j in nxt] == [j.job_id for j in order[80:100]]
+    assert listings == 0  # the walk's listing, sorted once
+    late = store.add(make_job("late", kind=JobKind.CREATE, priority=99, created=5000.0))
+    assert store.queued_head(1)[0].job_id == late.job_id and listings == 1
 
 
 def test_find_for_a_slide_reads_its_bucket_only(store: SpoolStore, monkeypatch: Any) -> None:

@@ -90,8 +90,10 @@ class CountingSpool(MemorySpool):
         d = super().queued()
         return d.addCallback(self._count)
 
-    def queued_head(self, limit: int, skip: Collection[str] = ()) -> Deferred[list[Job]]:
-        return super().queued_head(limit, skip).addCallback(self._count)
+    def queued_head(
+        self, limit: int, skip: Collection[str] = (), after: Job | None = None
+    ) -> Deferred[list[Job]]:
+        return super().queued_head(limit, skip, after).addCallback(self._count)
 
     def queued_of(self, key: str, seen: object = None) -> Deferred[tuple[object, Job | None]]:
         def count(found: tuple[object, Job | None]) -> tuple[object, Job | None]:
