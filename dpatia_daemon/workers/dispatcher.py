@@ -290,6 +290,12 @@ class Dispatcher:
             # The last job taken: a full window may have left the worst of them out.
             taken = [job for job in jobs if job.job_id in self._candidates or job.job_id in in_hand]
             self._cursor = taken[-1] if taken and not complete else None
+            if complete and after is not None and len(self._waiting):
+                # A walk through the queue ended: say why nothing runs, once per walk.
+                log.info(
+                    "walked the queue: {count} queued jobs wait (deferred, or for a failing SPS)",
+                    count=len(self._waiting),
+                )
             if not new:
                 self._candidates.truncated = False
             if len(self._candidates):
