@@ -11,7 +11,7 @@ works (group commit, or at once).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Container
 from typing import Any, Protocol
 
 from attrs import define, field
@@ -69,7 +69,7 @@ class SpoolCore(Protocol):
     def queued(self) -> list[Job]: ...
 
     def queued_head(
-        self, limit: int, skip: Collection[str] = (), after: Job | None = None
+        self, limit: int, skip: Container[str] = (), after: Job | None = None
     ) -> list[Job]: ...
 
     def active_keys(self) -> set[str]: ...
@@ -159,11 +159,13 @@ class SpoolService(Service):
         return self._call(self._core().queued)
 
     def queued_head(
-        self, limit: int, skip: Collection[str] = (), after: Job | None = None
+        self, limit: int, skip: Container[str] = (), after: Job | None = None
     ) -> Deferred[list[Job]]:
         """Return the best ``limit`` QUEUED jobs in dispatch order, but those in ``skip``
-        and, with ``after``, those not after it."""
-        return self._call(self._core().queued_head, limit, frozenset(skip), after)
+        and, with ``after``, those not after it.  ``skip`` is read (``in`` only) from the
+        spool's thread while the call runs: a frozen set, or a live container whose
+        single lookups the GIL keeps safe (the dispatcher's jobs in hand)."""
+        return self._call(self._core().queued_head, limit, skip, after)
 
     def active_keys(self) -> Deferred[set[str]]:
         """Return the keys of every QUEUED or RUNNING job."""

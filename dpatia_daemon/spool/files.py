@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from contextlib import contextmanager
 
 import attrs
@@ -375,7 +375,7 @@ class SpoolFiles:
         return sorted(self._uncached_listing(JobState.QUEUED), key=Job.sort_key)
 
     def queued_head(
-        self, limit: int, skip: Collection[str] = (), after: Job | None = None
+        self, limit: int, skip: Container[str] = (), after: Job | None = None
     ) -> list[Job]:
         """Return the best ``limit`` QUEUED jobs in dispatch order, but those whose ids
         are in ``skip`` and, with ``after``, those before or at ``after`` (the index's

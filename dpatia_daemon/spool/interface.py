@@ -9,7 +9,7 @@ implementations validate them with :func:`check_id` / :func:`check_job` first.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Container
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
@@ -105,7 +105,7 @@ class ISpool(Interface):
         """Return all QUEUED jobs in dispatch order (:meth:`Job.sort_key`)."""
 
     def queued_head(
-        limit: int, skip: Collection[str] = (), after: Job | None = None
+        limit: int, skip: Container[str] = (), after: Job | None = None
     ) -> Deferred[list[Job]]:
         """Return the best ``limit`` QUEUED jobs in dispatch order whose ids are not in
         ``skip`` (and, with ``after``, that come after the job ``after`` in dispatch

@@ -9,7 +9,7 @@ dictionaries, and :class:`MemorySpool` runs it at once through
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Container, Iterator
 from typing import Any
 
 import attrs
@@ -83,7 +83,7 @@ class _MemoryRecords:
         return sorted(self.queued_jobs.values(), key=Job.sort_key)
 
     def queued_head(
-        self, limit: int, skip: Collection[str] = (), after: Job | None = None
+        self, limit: int, skip: Container[str] = (), after: Job | None = None
     ) -> list[Job]:
         start = after.sort_key() if after is not None else None
         jobs = (

@@ -85,6 +85,28 @@ class _Assignment:
 
 
 @define(eq=False)
+class _InHand:
+    """The jobs a dispatcher has in hand (waiting, being claimed, running, parked), as a
+    live container: a refill's ``skip``.  Not a copy: with a backlog waiting out an
+    outage, a copy per refill is a set of every waiting id each time (and the heap
+    fragments under them).  The file spool asks ``in`` from its thread, which the GIL
+    makes safe beside the reactor thread's changes."""
+
+    waiting: WaitingRoom
+    claiming: set[str]
+    runs: dict[str, JobRun]
+    parked: dict[str, Job]
+
+    def __contains__(self, job_id: object) -> bool:
+        return (
+            job_id in self.waiting
+            or job_id in self.claiming
+            or job_id in self.runs
+            or any(job.job_id == job_id for job in list(self.parked.values()))
+        )
+
+
+@define(eq=False)
 class Dispatcher:
     """Claims queued jobs for the pool's idle workers and decides each job's fate.
 
@@ -273,13 +295,7 @@ class Dispatcher:
         self._refreshing = True
         after = None if self._need_refresh else self._cursor
         self._need_refresh = False
-        # A frozen copy: the file spool reads it in a thread while this one goes on.
-        in_hand = (
-            self._waiting.ids()
-            | self._claiming
-            | set(self._runs)
-            | {job.job_id for job in self._parked.values()}
-        )
+        in_hand = _InHand(self._waiting, self._claiming, self._runs, self._parked)
         limit = self._candidates.limit
 
         def got(jobs: list[Job]) -> None:

@@ -7,7 +7,7 @@ daemon starting on a large queue dispatches after reading the head, not the queu
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,7 @@ class CountingSpool(MemorySpool):
         return d.addCallback(self._count)
 
     def queued_head(
-        self, limit: int, skip: Collection[str] = (), after: Job | None = None
+        self, limit: int, skip: Container[str] = (), after: Job | None = None
     ) -> Deferred[list[Job]]:
         return super().queued_head(limit, skip, after).addCallback(self._count)
 
