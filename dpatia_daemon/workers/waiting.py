@@ -145,13 +145,34 @@ class WaitingRoom:
         self._timer = self.clock.callLater(max(0.0, at - self.clock.seconds()), self._wake)
 
     def _wake(self) -> None:
-        """Hand back every job whose time came; wait for the next one."""
+        """Hand back every job whose time came; wait for the next one.
+
+        Of the jobs of a failing SPS, one goes back at its probe time (the probe): the
+        rest wait for its answer, here, without being read again, however many they are.
+        """
         self._timer, self._timer_at = None, float("inf")
         now = self.clock.seconds()
-        due = [waiting for waiting in self._jobs.values() if self._due(waiting) <= now]
+        due: list[Waiting] = []
+        probes: set[str] = set()
+        for waiting in self._jobs.values():
+            if self._due(waiting) > now:
+                continue
+            if self.health.down(waiting.url):
+                sps = sps_of(waiting.url)
+                if sps in probes:
+                    continue
+                probes.add(sps)
+            due.append(waiting)
         for waiting in due:
             del self._jobs[waiting.job_id]
-        later = min((self._due(waiting) for waiting in self._jobs.values()), default=None)
+
+        def at(waiting: Waiting) -> float:
+            when = self._due(waiting)
+            if sps_of(waiting.url) in probes:
+                return max(when, now + self.health.probe_interval)
+            return when
+
+        later = min((at(waiting) for waiting in self._jobs.values()), default=None)
         if later is not None:
             self._schedule(later)
         for waiting in due:

@@ -79,3 +79,22 @@ def test_a_recovered_sps_resumes_its_deferred_jobs_from_their_records() -> None:
     assert sorted(j.job_id for j in offered) == sorted([job.job_id, fresh.job_id])
     stored = success_result_of(spool.get(job.job_id))
     assert stored.not_before is None and stored.deferral_kind is None
+
+
+def test_at_a_probe_time_one_job_of_the_failing_sps_goes_back_not_all() -> None:
+    """A failing SPS with a backlog waiting for it: at each probe time one job goes
+    back (to probe it); the others stay notes, none of their records read again."""
+    clock, spool, health, room, offered = _room()
+    health.failed(URL, "HTTP 503")
+    jobs = [success_result_of(spool.add(make_job(f"s{i}"))) for i in range(50)]
+    for job in jobs:
+        assert not room.admit(job)
+    assert len(room) == 50
+    clock.advance(30.0)  # the probe is due
+    assert len(offered) == 1 and len(room) == 49
+    assert room.admit(offered[0])  # it goes through as the probe
+    clock.advance(1.0)
+    assert len(offered) == 1
+    health.failed(URL, "HTTP 503")  # the probe failed too
+    clock.advance(30.0)
+    assert len(offered) == 2 and len(room) == 49 - 1
