@@ -111,6 +111,12 @@ class CountingSpool(MemorySpool):
         return jobs
 
 
+def _started() -> CountingSpool:
+    spool = CountingSpool()
+    spool.startService()
+    return spool
+
+
 def _supervisor(tmp_path: Path, spool: MemorySpool, reactor: ProcessClock) -> Supervisor:
     folders = WorkFolders(FilePath(str(tmp_path / "work")))
     return Supervisor(
@@ -131,10 +137,7 @@ def test_first_dispatch_on_a_backlog_reads_the_head_not_the_queue(tmp_path: Path
     """A daemon starting on 3 000 queued jobs dispatches the manual request, then the
     high-priority one, having been handed at most a window of records (and never the
     whole queue); as the window runs low it is refilled in order."""
-    reactor = ProcessClock(amp=True)
-    spool = CountingSpool()
-    spool.startService()
-    jobs = _backlog(3000)
+    reactor, spool, jobs = ProcessClock(amp=True), _started(), _backlog(3000)
     for job in jobs:
         success_result_of(spool.add(job))
     supervisor = _supervisor(tmp_path, spool, reactor)
@@ -164,10 +167,7 @@ def test_an_outage_walks_the_backlog_once_and_keeps_notes_not_jobs(tmp_path: Pat
     names, instead of reading them again: the old refill re-read them all each time),
     and the waiting room keeps a small note of each, not the parsed job.  When the SPS
     answers again the jobs come back from their records, best first."""
-    reactor = ProcessClock(amp=True)
-    spool = CountingSpool()
-    spool.startService()
-    jobs = _backlog(3000)
+    reactor, spool, jobs = ProcessClock(amp=True), _started(), _backlog(3000)
     for job in jobs:
         success_result_of(spool.add(job))
     health = SPSHealth(reactor, probe_interval=600.0)
