@@ -90,11 +90,8 @@ class WaitingRoom:
         return len(self._jobs)
 
     def __contains__(self, job_id: object) -> bool:
+        """Whether ``job_id`` waits here (a refill of the candidates skips it)."""
         return job_id in self._jobs
-
-    def ids(self) -> frozenset[str]:
-        """The ids of the jobs waiting here (a refill of the candidates skips them)."""
-        return frozenset(self._jobs)
 
     def jobs(self) -> list[Waiting]:
         """What is kept of the jobs waiting here (for the status page and tests)."""
