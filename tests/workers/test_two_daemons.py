@@ -202,7 +202,9 @@ async def test_a_running_job_hears_of_a_token_another_daemon_received(
     a, b = daemon(reactor, tmp_path, "a", workers=1), daemon(reactor, tmp_path, "b", workers=0)
     await defer.gatherResults([defer.ensureDeferred(_start(a)), defer.ensureDeferred(_start(b))])
     try:
-        await notify(a, notification(sps, slide, seconds=3, progress_every=0.3))
+        # Long enough that the job still runs when B's request is in (under load, B's
+        # front door can take seconds): a job that ended first never hears of it.
+        await notify(a, notification(sps, slide, seconds=8, progress_every=0.3))
         match = await a.wait_for(rb"job (\w+): running on worker", timeout=30, since=0)
         job_id = match.group(1)
         await a.wait_for(rb"analysis started", timeout=30, since=0)
