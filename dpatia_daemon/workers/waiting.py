@@ -26,7 +26,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from ..jobs import DeferralKind, Job, JobState
+from ..jobs import DeferralKind, Job
 from ..spool import ISpool, JobChanged, JobMoved
 from ..spool.transitions import resumed
 from .health import SPSHealth, sps_of
@@ -177,18 +177,7 @@ class WaitingRoom:
 
     def _hand_back(self, waiting: Waiting) -> None:
         """Read ``waiting``'s job again and give it to the dispatcher, if still queued."""
-
-        def read(found: tuple[object, Job | None]) -> None:
-            job = found[1]
-            if job is None or job.job_id != waiting.job_id or job.state is not JobState.QUEUED:
-                # Claimed, cancelled or merged away meanwhile: whatever is queued for
-                # its key now was announced on its own.
-                self.health.probe_ended(waiting.url, waiting.job_id)
-                return
-            self.offer(job)
-
-        d = self.spool.queued_of(waiting.key)
-        d.addCallback(read)
+        d = Deferred.fromCoroutine(self._read_again(waiting))
         d.addErrback(
             lambda f: log.failure(
                 "job {job_id}: reading it again failed; the next sweep finds it",
@@ -197,6 +186,16 @@ class WaitingRoom:
             )
         )
 
+    async def _read_again(self, waiting: Waiting) -> None:
+        try:
+            job = await self._latest(waiting)
+        except JobMoved:
+            # Claimed, cancelled or merged away meanwhile: whatever is queued for its
+            # key now was announced on its own.
+            self.health.probe_ended(waiting.url, waiting.job_id)
+            return
+        self.offer(job)
+
     def sps_recovered(self, sps: str) -> None:
         """The SPS ``sps`` answers again: its jobs go back now (their deferral cleared)."""
         mine = [waiting for waiting in self._jobs.values() if sps_of(waiting.url) == sps]
@@ -204,7 +203,7 @@ class WaitingRoom:
         for waiting in mine:
             del self._jobs[waiting.job_id]
             if waiting.kind is DeferralKind.SPS:
-                self._resume_later(waiting)
+                self._run_resume(waiting, None)
             elif waiting.ready(now):
                 self._hand_back(waiting)
             else:
@@ -217,9 +216,6 @@ class WaitingRoom:
     def resume(self, job: Job) -> None:
         """Clear ``job``'s deferral in the spool, then give it back."""
         self._run_resume(Waiting.of(job), job)
-
-    def _resume_later(self, waiting: Waiting) -> None:
-        self._run_resume(waiting, None)
 
     def _run_resume(self, waiting: Waiting, job: Job | None) -> None:
         d = Deferred.fromCoroutine(self._resume(waiting, job))
