@@ -74,6 +74,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
 
     config = workdir / "dpatia.ini"
     config.write_text(
+        f"[server]\nprocesses = {args.processes}\n"
         f"[spool]\ndirectory = {workdir / 'spool'}\n"
         "[workers]\ncount = 0\n"
         "[sps]\nallowed_callback_urls = http://127.0.0.1:*/\n"
@@ -84,6 +85,8 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     floor: subprocess.Popen[bytes] | None = None
     try:
         await daemon.start()
+        for door in range(1, args.processes):
+            await daemon.wait_for(b"dpatia front door %d ready" % door, since=0)
         pids = daemon_pids(daemon)
         # (name, create URL, the processes whose CPU counts)
         targets: list[tuple[str, str, Callable[[], list[int | None]]]] = [
@@ -257,6 +260,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="dpatia click (manual create) benchmark")
     parser.add_argument("--requests", type=int, default=400, help="creates at c=1 per round")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
+    parser.add_argument(
+        "--processes", type=int, default=1,
+        help="dpatia's [server] processes (front doors on one port; the seed runs 4 workers)",
+    )
     seed_module.add_argument(parser)
     parser.add_argument(
         "--floor", action="store_true", help="also measure bench/floor.py (the stack's floor)"
