@@ -194,6 +194,12 @@ def serve_empty() -> None:
     reactor.run()  # type: ignore[attr-defined]
 
 
+async def front_doors_ready(daemon: DaemonProcess, processes: int) -> None:
+    """Wait until the extra front doors of ``[server] processes`` say they are ready."""
+    for door in range(1, processes):
+        await daemon.wait_for(b"dpatia front door %d ready" % door, since=0)
+
+
 def daemon_pids(daemon: DaemonProcess) -> list[int | None]:
     """The main process, its extra front doors (from their "started" log lines) and any
     other child it has now (from /proc)."""
@@ -283,8 +289,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             daemon = DaemonProcess(reactor=reactor, config=str(config), cwd=str(workdir))
             await daemon.start()
             try:
-                for door in range(1, processes):
-                    await daemon.wait_for(b"dpatia front door %d ready" % door, since=0)
+                await front_doors_ready(daemon, processes)
                 pids = daemon_pids(daemon)
                 # (who, [server] processes, IA-API route, the processes whose CPU counts)
                 targets = [("dpatia", str(processes), daemon.url + "/dpatia", pids)]

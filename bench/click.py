@@ -54,7 +54,15 @@ from twisted.web.server import Site
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import seed as seed_module  # noqa: E402
-from ack import BASE, SlideRequests, daemon_pids, load, percentile, total_cpu  # noqa: E402
+from ack import (  # noqa: E402
+    BASE,
+    SlideRequests,
+    daemon_pids,
+    front_doors_ready,
+    load,
+    percentile,
+    total_cpu,
+)
 
 from dpatia_daemon.simulator.daemon_process import DaemonProcess  # noqa: E402
 from dpatia_daemon.simulator.fake import FakeSPS  # noqa: E402
@@ -85,8 +93,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     floor: subprocess.Popen[bytes] | None = None
     try:
         await daemon.start()
-        for door in range(1, args.processes):
-            await daemon.wait_for(b"dpatia front door %d ready" % door, since=0)
+        await front_doors_ready(daemon, args.processes)
         pids = daemon_pids(daemon)
         # (name, create URL, the processes whose CPU counts)
         targets: list[tuple[str, str, Callable[[], list[int | None]]]] = [
