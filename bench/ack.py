@@ -448,6 +448,8 @@ if __name__ == "__main__":
     )
     seed_module.add_argument(parser)
     arguments = parser.parse_args()
+    if arguments.raw < 1:
+        parser.error("--raw must be at least 1: the notification rate is reported against it")
     if arguments.seed:
         seed_module.example_dir(arguments.seed)  # a wrong path fails before any start
         seed_module.ensure_venv()

@@ -15,8 +15,8 @@ For each slide format (generic TIFF, Aperio SVS, DICOM series) and each analysis
    → first tile), thumbnail (tiles → label), label (→ files request), download (→
    "slide downloaded"), analysis ("analysis started" → "analysis done"), store (→
    "result stored"), and the total from the notification.  Peak RSS (``VmHWM`` in
-   ``/proc/PID/status``) of the daemon (growth over its RSS before the first round)
-   and of the worker.
+   ``/proc/PID/status``, reset before the first round) of the daemon (growth over its
+   RSS before the first round) and of the worker.
    Beside the store: the simulator's own time over the final PUT (``sps_put``, the
    SPS's share of it, parsing and answering the result in this process).
    Each round is a line; then the rounds' median (the overhead's is the median of the
@@ -114,6 +114,12 @@ def status(pid: int, field: str) -> int:
         return 0
     match = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
     return int(match.group(1)) * 1024 if match else 0
+
+
+def reset_peak(pid: int) -> None:
+    """Reset the peak RSS (``VmHWM``) of ``pid`` to its current RSS (Linux's
+    ``clear_refs`` 5), so that a later peak is the peak since now."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def children(pid: int) -> list[int]:
@@ -349,6 +355,8 @@ async def _run(reactor: Any, args: argparse.Namespace, workdir: Path) -> None:
                 await daemon.wait_for(rb"result \d+ stored", since=mark, timeout=36000)
                 alone = await deferToThread(Alone, analysis, files, slide.info, settings)
                 rss_before = status(pid, "VmRSS")
+                # The peak from here on: the warm-up job's is not the rounds'.
+                reset_peak(pid)
                 for number in range(1, args.rounds + 1):
                     # Each round: a timed job (a new slide id, so nothing is reused),
                     # then the baselines right after it, in its page-cache state.
