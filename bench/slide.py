@@ -116,6 +116,20 @@ def status(pid: int, field: str) -> int:
     return int(match.group(1)) * 1024 if match else 0
 
 
+def cpu_and_faults(pids: list[int]) -> tuple[float, int]:
+    """CPU seconds (user + system) and minor page faults of ``pids``, summed."""
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu, faults = 0.0, 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        faults += int(fields[7])  # minflt (field 10 of stat; 3 is the first after ")")
+        cpu += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return cpu, faults
+
+
 def reset_peak(pid: int) -> None:
     """Reset the peak RSS (``VmHWM``) of ``pid`` to its current RSS (Linux's
     ``clear_refs`` 5), so that a later peak is the peak since now."""
@@ -187,11 +201,14 @@ job = AnalysisJob(job_id="alone", slide_id="alone", input={"type": "wholeSlide"}
 analysis(job)  # warm: imports done, files in the page cache, as for a worker's later jobs
 print("ready", flush=True)
 for line in sys.stdin:  # one timed run per line
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     analysis(job)
-    print(json.dumps({"seconds": time.perf_counter() - start,
-                      "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}),
-          flush=True)
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"seconds": seconds, "rss": after.ru_maxrss * 1024,
+                      "cpu": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+                      "faults": after.ru_minflt - before.ru_minflt}), flush=True)
 """
 
 
@@ -203,6 +220,7 @@ class Alone:
 
     def __init__(self, spec: str, files: list[str], info: dict[str, Any],
                  settings: dict[str, str], copies: int = 1) -> None:
+        self.cpu, self.faults = 0.0, 0
         self.procs = [
             subprocess.Popen(
                 [sys.executable, "-c", ALONE, spec, json.dumps(files), json.dumps(info),
@@ -218,7 +236,8 @@ class Alone:
 
     def run(self) -> tuple[list[float], int]:
         """The seconds of one warm run in each process (all at once), and the largest
-        peak RSS among them."""
+        peak RSS among them (the last run's CPU seconds and minor page faults, summed
+        over the processes, in :attr:`cpu` and :attr:`faults`)."""
         for proc in self.procs:
             assert proc.stdin is not None
             proc.stdin.write("run\n")
@@ -227,6 +246,8 @@ class Alone:
         for proc in self.procs:
             assert proc.stdout is not None
             outs.append(json.loads(proc.stdout.readline()))
+        self.cpu = sum(o["cpu"] for o in outs)
+        self.faults = sum(o["faults"] for o in outs)
         return [o["seconds"] for o in outs], max(o["rss"] for o in outs)
 
     def close(self) -> None:
@@ -335,7 +356,7 @@ async def _run(reactor: Any, args: argparse.Namespace, workdir: Path) -> None:
         return daemon
 
     rows = []
-    for fmt in args.formats:
+    for fmt in args.formats if args.rounds else []:  # --rounds 0: the throughput only
         slide = next(s for s in slides.slides if s.slide_id == f"full-{fmt}-1")
         files = [str(slides.path(p)) for _, p in slide.files]
         size = sum(os.path.getsize(f) for f in files)
@@ -367,6 +388,7 @@ async def _run(reactor: Any, args: argparse.Namespace, workdir: Path) -> None:
                     t0 = time.perf_counter()
                     await notify(daemon, slide_id)
                     events = {}
+                    usage: dict[str, tuple[float, int]] = {}
                     for event, pattern in (
                         ("downloaded", rb"slide downloaded"),
                         ("started", rb"analysis started"),
@@ -375,6 +397,8 @@ async def _run(reactor: Any, args: argparse.Namespace, workdir: Path) -> None:
                     ):
                         await daemon.wait_for(pattern, since=mark, timeout=36000)
                         events[event] = time.perf_counter()
+                        if event in ("started", "done"):
+                            usage[event] = cpu_and_faults(children(pid))
                     worker_rss = max((status(w, "VmHWM") for w in children(pid)), default=0)
                     daemon_hwm = status(pid, "VmHWM")
                     info_at, tile_at, label_at, files_at = (
@@ -403,6 +427,12 @@ async def _run(reactor: Any, args: argparse.Namespace, workdir: Path) -> None:
                         "store": events["stored"] - events["done"],
                         "sps_put": sps_put, "total": total,
                         "raw_copy": raw, "alone": alone_s, "overhead": total - raw - alone_s,
+                        # CPU seconds and minor faults over the analysis, in the worker
+                        # (from its log lines) and alone: extra work, or waiting?
+                        "analysis_cpu": usage["done"][0] - usage["started"][0],
+                        "alone_cpu": alone.cpu,
+                        "analysis_kfaults": (usage["done"][1] - usage["started"][1]) / 1e3,
+                        "alone_kfaults": alone.faults / 1e3,
                         # Growth over every round so far, from before the first.
                         "daemon_growth_MiB": (daemon_hwm - rss_before) / MiB,
                         "worker_MiB": worker_rss / MiB, "alone_MiB": alone_rss / MiB,
@@ -416,7 +446,8 @@ async def _run(reactor: Any, args: argparse.Namespace, workdir: Path) -> None:
             if len(rounds) > 1:
                 rows.append(median_row(rounds))
 
-    print_table(rows)
+    if rows:
+        print_table(rows)
     if args.throughput:
         await throughput(args, slides, fake, start_daemon, notify, workdir)
     await port.stopListening()
@@ -465,7 +496,8 @@ async def throughput(args: Any, slides: SlideSet, fake: Any, start_daemon: Any, 
 
 COLUMNS = ("format", "analysis", "round", "MiB", "metadata", "thumbnail", "label", "download",
            "raw_copy", "analysis_s", "alone", "store", "sps_put", "total", "overhead",
-           "daemon_growth_MiB", "worker_MiB", "alone_MiB")
+           "daemon_growth_MiB", "worker_MiB", "alone_MiB", "analysis_cpu", "alone_cpu",
+           "analysis_kfaults", "alone_kfaults")
 
 
 def print_row(row: dict[str, Any]) -> None:
@@ -493,7 +525,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(f"  download {row['download']:.2f} s (raw copy {row['raw_copy']:.2f} s, "
               f"{row['download'] - row['raw_copy']:+.2f}); analysis in the worker "
               f"{row['analysis_s']:.2f} s (alone {row['alone']:.2f} s, "
-              f"{row['analysis_s'] - row['alone']:+.2f}); metadata+thumbnail+label "
+              f"{row['analysis_s'] - row['alone']:+.2f}; CPU {row['analysis_cpu']:.1f} s against "
+              f"{row['alone_cpu']:.1f} s); metadata+thumbnail+label "
               f"{row['metadata'] + row['thumbnail'] + row['label']:.2f} s; store "
               f"{row['store']:.2f} s (of which the simulator's PUT {row['sps_put']:.2f} s)")
 
@@ -504,7 +537,8 @@ def cli() -> None:
     parser.add_argument("--formats", default="tiff,svs,dicom", type=lambda s: s.split(","))
     parser.add_argument("--analyses", default="tissue,nuclei", type=lambda s: s.split(","))
     parser.add_argument("--rounds", type=int, default=3,
-                        help="timed jobs per row, each with its baselines (median reported)")
+                        help="timed jobs per row, each with its baselines (median reported); "
+                             "0: no rows, the throughput only")
     parser.add_argument("--throughput", type=int, default=8, help="slides; 0 to skip")
     parser.add_argument("--throughput-analysis", default="nuclei")
     parser.add_argument("--workdir", default=None)
