@@ -31,7 +31,10 @@ For each slide format (generic TIFF, Aperio SVS, DICOM series) and each analysis
    per row, then one timed run per round).
    dpatia's overhead = total − raw copy − analysis alone.  Each row also prints the
    daemon's download beside the raw copy and the analysis in the worker (which
-   includes writing its result) beside the analysis alone, so the gaps show.
+   includes writing its result) beside the analysis alone, so the gaps show, and the
+   CPU seconds and minor page faults of each (the worker's from ``/proc``, between its
+   "analysis started" and "analysis done" lines): equal CPU with a longer wall time
+   means the worker waited (for the cores), not that it did more.
 3. **Throughput.**  ``--throughput N`` slides (8) notified at once through 1 and 2
    workers (``[nuclei] cpu_threads = 1``, so each worker uses one core): slides per
    hour, the ratio 2 workers / 1 worker, against the tighter of two limits measured
