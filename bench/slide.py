@@ -16,7 +16,7 @@ For each slide format (generic TIFF, Aperio SVS, DICOM series) and each analysis
    "slide downloaded"), analysis ("analysis started" → "analysis done"), store (→
    "result stored"), and the total from the notification.  Peak RSS (``VmHWM`` in
    ``/proc/PID/status``, reset before the first round) of the daemon (growth over its
-   RSS before the first round) and of the worker.
+   RSS before the first round) and of the worker (its peak over the rounds so far).
    Beside the store: the simulator's own time over the final PUT (``sps_put``, the
    SPS's share of it, parsing and answering the result in this process).
    Each round is a line; then the rounds' median (the overhead's is the median of the
@@ -379,8 +379,9 @@ async def _run(reactor: Any, args: argparse.Namespace, workdir: Path) -> None:
                 await daemon.wait_for(rb"result \d+ stored", since=mark, timeout=36000)
                 alone = await deferToThread(Alone, analysis, files, slide.info, settings)
                 rss_before = status(pid, "VmRSS")
-                # The peak from here on: the warm-up job's is not the rounds'.
-                reset_peak(pid)
+                # The peaks from here on: the warm-up job's are not the rounds'.
+                for process in (pid, *children(pid)):
+                    reset_peak(process)
                 for number in range(1, args.rounds + 1):
                     # Each round: a timed job (a new slide id, so nothing is reused),
                     # then the baselines right after it, in its page-cache state.
