@@ -215,6 +215,17 @@ for line in sys.stdin:  # one timed run per line
 """
 
 
+@attrs.frozen
+class AloneRun:
+    """One run of :class:`Alone`: the seconds in each process, the largest peak RSS
+    among them, and their CPU seconds and minor page faults, summed."""
+
+    seconds: list[float]
+    rss: int
+    cpu: float
+    faults: int
+
+
 class Alone:
     """The analysis alone on the slide's files, in ``copies`` processes of their own,
     warmed by a first run at the start; :meth:`run` times one more run in each at once
@@ -223,7 +234,6 @@ class Alone:
 
     def __init__(self, spec: str, files: list[str], info: dict[str, Any],
                  settings: dict[str, str], copies: int = 1) -> None:
-        self.cpu, self.faults = 0.0, 0
         self.procs = [
             subprocess.Popen(
                 [sys.executable, "-c", ALONE, spec, json.dumps(files), json.dumps(info),
@@ -237,10 +247,8 @@ class Alone:
             if proc.stdout.readline().strip() != "ready":
                 raise RuntimeError("the analysis alone did not start")
 
-    def run(self) -> tuple[list[float], int]:
-        """The seconds of one warm run in each process (all at once), and the largest
-        peak RSS among them (the last run's CPU seconds and minor page faults, summed
-        over the processes, in :attr:`cpu` and :attr:`faults`)."""
+    def run(self) -> AloneRun:
+        """One warm run in each process, all at once."""
         for proc in self.procs:
             assert proc.stdin is not None
             proc.stdin.write("run\n")
@@ -249,9 +257,10 @@ class Alone:
         for proc in self.procs:
             assert proc.stdout is not None
             outs.append(json.loads(proc.stdout.readline()))
-        self.cpu = sum(o["cpu"] for o in outs)
-        self.faults = sum(o["faults"] for o in outs)
-        return [o["seconds"] for o in outs], max(o["rss"] for o in outs)
+        return AloneRun(
+            seconds=[o["seconds"] for o in outs], rss=max(o["rss"] for o in outs),
+            cpu=sum(o["cpu"] for o in outs), faults=sum(o["faults"] for o in outs),
+        )
 
     def close(self) -> None:
         for proc in self.procs:
@@ -419,7 +428,8 @@ async def _run(reactor: Any, args: argparse.Namespace, workdir: Path) -> None:
                         )
                         for _ in range(2)
                     ])
-                    (alone_s,), alone_rss = await deferToThread(alone.run)
+                    baseline = await deferToThread(alone.run)
+                    (alone_s,) = baseline.seconds
                     total = events["stored"] - t0
                     rounds.append({
                         "format": fmt, "analysis": analysis, "round": str(number),
@@ -434,12 +444,12 @@ async def _run(reactor: Any, args: argparse.Namespace, workdir: Path) -> None:
                         # CPU seconds and minor faults over the analysis, in the worker
                         # (from its log lines) and alone: extra work, or waiting?
                         "analysis_cpu": usage["done"][0] - usage["started"][0],
-                        "alone_cpu": alone.cpu,
+                        "alone_cpu": baseline.cpu,
                         "analysis_kfaults": (usage["done"][1] - usage["started"][1]) / 1e3,
-                        "alone_kfaults": alone.faults / 1e3,
+                        "alone_kfaults": baseline.faults / 1e3,
                         # Growth over every round so far, from before the first.
                         "daemon_growth_MiB": (daemon_hwm - rss_before) / MiB,
-                        "worker_MiB": worker_rss / MiB, "alone_MiB": alone_rss / MiB,
+                        "worker_MiB": worker_rss / MiB, "alone_MiB": baseline.rss / MiB,
                     })
                     print_row(rounds[-1])
             finally:
@@ -485,7 +495,7 @@ async def throughput(args: Any, slides: SlideSet, fake: Any, start_daemon: Any, 
     settings = {"cpu_threads": "1"} if analysis == "nuclei" else {}
     pair = await deferToThread(Alone, analysis, files, slide.info, settings, 2)
     try:
-        both, _ = await deferToThread(pair.run)
+        both = (await deferToThread(pair.run)).seconds
     finally:
         await deferToThread(pair.close)
     cores_rate = sum(3600 / seconds for seconds in both)  # the two ran at the same time
