@@ -33,7 +33,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from .._version import __version__
 from ..config import AccessLog, Config
-from ..models import InvalidInput
+from ..models import InvalidInput, dumps
 from ..sps.client import SPSError
 from .clients import ClientCheck
 
@@ -226,7 +226,7 @@ def json_answer(request: IRequest, body: Any, status: int = 200) -> bytes:
     """``body`` as the JSON answer to ``request``, with ``status``."""
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", JSON_TYPE)
-    data = json.dumps(body).encode("utf-8")
+    data = dumps(body)  # a stored result read from the SPS may hold RawJSON content
     # Known length, so an answer from an async route goes out in one piece, not chunked.
     request.setHeader(b"Content-Length", b"%d" % len(data))
     return data

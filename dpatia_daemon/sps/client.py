@@ -74,6 +74,7 @@ from .http import (
     retry_after,
     within_deadline,
 )
+from .skim import skim
 
 log = Logger()
 
@@ -304,7 +305,7 @@ class SPSClient:
         path = f"applications/{_seg(app_id)}/results/slide/{_seg(slide_id)}"
         spec = self._spec(callback, "GET", endpoint, path)
         answer = await self._call(spec)
-        data = self._json(answer, endpoint, spec.secrets)
+        data = self._json(answer, endpoint, spec.secrets, results=True)
         if not isinstance(data, list):
             raise self._protocol_error(endpoint, "expected a JSON array", answer, spec.secrets)
         # Tolerant: the list holds whatever anyone stored for this app (other versions,
@@ -741,9 +742,15 @@ class SPSClient:
         """An :class:`SPSProtocolError` for a 2xx answer that is not what the API promises."""
         return protocol_error(endpoint, problem, answer.response.code, answer.body, secrets)
 
-    def _json(self, answer: Answer, endpoint: str, secrets: Sequence[str]) -> Any:
-        """Decode a JSON answer or raise :class:`SPSProtocolError`."""
+    def _json(
+        self, answer: Answer, endpoint: str, secrets: Sequence[str], *, results: bool | None = None
+    ) -> Any:
+        """Decode a JSON answer or raise :class:`SPSProtocolError`.  ``results``: the
+        answer is a result (False) or an array of them (True), whose contents a large
+        answer keeps as text (:func:`~dpatia_daemon.sps.skim.skim`)."""
         try:
+            if results is not None:
+                return skim(answer.body, array=results)
             return json.loads(answer.body)
         except ValueError:
             raise self._protocol_error(endpoint, "not JSON", answer, secrets) from None
@@ -751,7 +758,10 @@ class SPSClient:
     def _stored_result(self, answer: Answer, endpoint: str, spec: _Spec) -> Result:
         """The result a result call answered with (its JSON body parsed and checked)."""
         return self._result(
-            self._json(answer, endpoint, spec.secrets), endpoint, answer, spec.secrets
+            self._json(answer, endpoint, spec.secrets, results=False),
+            endpoint,
+            answer,
+            spec.secrets,
         )
 
     def _result(self, data: Any, endpoint: str, answer: Answer, secrets: Sequence[str]) -> Result:

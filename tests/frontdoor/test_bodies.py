@@ -14,12 +14,13 @@ import pytest_twisted
 import test_routes
 from test_routes import Stack
 from twisted.internet.defer import Deferred
+from twisted.web.test.requesthelper import DummyRequest
 
 from dpatia_daemon.config import Config
 from dpatia_daemon.frontdoor.offload import OFFLOAD_BYTES, ParseProcess
-from dpatia_daemon.frontdoor.site import BodyLimits, make_site, parse_json
+from dpatia_daemon.frontdoor.site import BodyLimits, json_answer, make_site, parse_json
 from dpatia_daemon.lifecycle import in_thread
-from dpatia_daemon.models import InvalidInput, unstructure
+from dpatia_daemon.models import InvalidInput, RawJSON, unstructure
 from dpatia_daemon.sps.results import Status, status_frame
 
 MIB = 1024 * 1024
@@ -86,6 +87,19 @@ def test_hostile_json_is_refused_naming_the_problem(raw: bytes, problem: str) ->
         parse_json(raw, LIMITS)
     assert problem in raised.value.message
     assert raised.value.field == "$"
+
+
+def test_an_answer_splices_a_result_content_kept_as_text() -> None:
+    """A stored result read back from the SPS may carry its content as RawJSON (a large
+    answer is skimmed): the front door answers with that text where it stands."""
+    request = DummyRequest([b""])
+    body = {"id": 1, "data": {"result": {"type": "primitive", "content": RawJSON("[1, 2]")}}}
+    data = json_answer(request, body)
+    assert json.loads(data) == {
+        "id": 1,
+        "data": {"result": {"type": "primitive", "content": [1, 2]}},
+    }
+    assert request.responseHeaders.getRawHeaders(b"content-length") == [b"%d" % len(data)]
 
 
 def test_json_at_the_bounds_is_accepted() -> None:

@@ -59,6 +59,7 @@ from dpatia_daemon.sps.client import (
     make_http_client,
 )
 from dpatia_daemon.sps.http import Answer, DeadlineExceeded, within_deadline
+from dpatia_daemon.sps.skim import SKIM_BYTES
 
 APP = "dpatia-test"
 BASE = "http://sps.test" + BASE_PATH
@@ -356,6 +357,31 @@ def test_update_result_sends_raw_content_as_it_is(env: Env) -> None:
     assert text.encode() in env.fake.requests[-1].body
     assert updated.data.result is not None
     assert updated.data.result.content == json.loads(text)
+
+
+def test_a_large_stored_result_comes_back_with_its_content_as_text(env: Env) -> None:
+    """The SPS echoes a stored result whole: above SKIM_BYTES the daemon keeps the echo's
+    content as text (RawJSON) instead of building MiB of objects from it, in the PUT's
+    answer, a GET's and a listing's alike; everything else is parsed."""
+    shapes = [{"polygons": [{"points": [{"x": i / 7, "y": 0.5}] * 5} for i in range(25_000)]}]
+    text = json.dumps(shapes)
+    assert len(text) > SKIM_BYTES
+    stored = env.fake.store_result(APP, Result(slideId=SLIDE, displayResult="old"))
+    new = attrs.evolve(
+        stored,
+        displayResult="new",
+        data=ResultData(
+            context={"k": 1}, result=ResultPayload(type="primitive", content=RawJSON(text))
+        ),
+    )
+    updated = success_result_of(run(env.client.update_result(env.callback, APP, new)))
+    got = success_result_of(run(env.client.get_result(env.callback, APP, stored.id)))
+    listed = success_result_of(run(env.client.list_results(env.callback, APP, SLIDE)))
+    for result in (updated, got, *listed):
+        assert result.displayResult == "new" and result.data.context == {"k": 1}
+        assert result.versionId == env.fake.results[stored.id].versionId != stored.versionId
+        assert result.data.result is not None and isinstance(result.data.result.content, RawJSON)
+        assert json.loads(result.data.result.content.text) == shapes
 
 
 def test_dumps_splices_raw_json_and_nothing_that_looks_like_it() -> None:
