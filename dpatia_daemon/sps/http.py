@@ -185,8 +185,15 @@ class BytesProducer:
         self.length = len(body)
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        """Write the whole body; done at once."""
-        consumer.write(self._body)
+        """Write the whole body; done at once, and then let go of it.
+
+        A persistent connection keeps its last request, and with it this producer,
+        until its next one: a result body of many MiB stayed in memory once per pooled
+        connection (2.4 MiB more daemon RSS per job until the pool was full).  Twisted
+        never produces a body twice (it retries only requests without one).
+        """
+        body, self._body = self._body, b""
+        consumer.write(body)
         return succeed(None)
 
     def pauseProducing(self) -> None:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import gc
+import sys
+
 import pytest_twisted
 from twisted.internet.testing import MemoryReactorClock
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from dpatia_daemon.sps.http import CachedEndpoints, make_http_client, prepared_url
+from dpatia_daemon.sps.http import (
+    BytesProducer,
+    CachedEndpoints,
+    make_http_client,
+    prepared_url,
+)
 
 
 def test_a_uri_is_kept_as_it_is_and_treq_does_not_reencode_it() -> None:
@@ -40,6 +48,9 @@ class _Recorder(Resource):
         self.uris.append(request.uri)
         return b"{}"
 
+    def render_PUT(self, request):  # noqa: N802 (twisted.web's name)
+        return self.render_GET(request)
+
 
 @pytest_twisted.ensureDeferred
 async def test_a_prepared_url_arrives_as_built() -> None:
@@ -69,3 +80,27 @@ def test_endpoints_are_made_once_per_scheme_host_and_port() -> None:
     assert len({id(first), id(other_port), id(plain)}) == 3
     # Bounded: the least recently used (the first) was dropped and is made anew.
     assert endpoints.endpointForURI(URI.fromBytes(b"https://sps.example/v1/a")) is not first
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pooled_connection_does_not_keep_the_body_it_sent() -> None:
+    """A persistent connection keeps its last request (and its producer) until its
+    next one; the producer must not keep the body, or every pooled connection holds
+    on to the last result of many MiB it PUT."""
+    from twisted.internet import reactor
+
+    recorder = _Recorder()
+    port = reactor.listenTCP(0, Site(recorder), interface="127.0.0.1")
+    http = make_http_client(reactor)
+    body = b"x" * (4 << 20)
+    alone = sys.getrefcount(body)
+    try:
+        url = f"http://127.0.0.1:{port.getHost().port}/v1/applications/a/results/1"
+        answer = await http.client.put(url, data=BytesProducer(body), unbuffered=True)
+        await answer.content()
+        assert len(http.pool._connections) == 1  # still open, in the pool
+        gc.collect()
+        assert sys.getrefcount(body) == alone
+    finally:
+        await http.close()
+        await port.stopListening()
