@@ -62,7 +62,10 @@ def skim(body: bytes, *, array: bool = False, min_bytes: int = SKIM_BYTES) -> An
         pieces += [body[at:start], b'"', marker.encode("ascii"), b'"']
         at = end
     pieces.append(body[at:])
-    data = json.loads(b"".join(pieces))
+    try:
+        data = json.loads(b"".join(pieces))
+    except ValueError:
+        return json.loads(body)  # the plain parse says what is wrong (or copes: UTF-16)
     found = 0
     for item in data if array and isinstance(data, list) else [data]:
         holder = _holder(item)

@@ -151,3 +151,11 @@ def test_a_large_answer_is_skimmed_by_default() -> None:
     skimmed = skim(json.dumps(result).encode())
     assert isinstance(skimmed["data"]["result"]["content"], RawJSON)
     assert skimmed["versionId"] == "v"
+
+
+def test_a_body_in_another_encoding_is_parsed_as_json_loads_does() -> None:
+    """json.loads reads UTF-16 bytes too; the scan (made for UTF-8) must not stand in
+    its way."""
+    value = {"id": 1, "data": {"result": {"content": [1, "é"]}}}
+    body = json.dumps(value).encode("utf-16")
+    assert skim(body, min_bytes=0) == value
