@@ -23,6 +23,7 @@ import json
 import random as _random
 import typing
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -305,7 +306,7 @@ class SPSClient:
         path = f"applications/{_seg(app_id)}/results/slide/{_seg(slide_id)}"
         spec = self._spec(callback, "GET", endpoint, path)
         answer = await self._call(spec)
-        data = self._json(answer, endpoint, spec.secrets, results=True)
+        data = self._json(answer, endpoint, spec.secrets, parse=partial(skim, array=True))
         if not isinstance(data, list):
             raise self._protocol_error(endpoint, "expected a JSON array", answer, spec.secrets)
         # Tolerant: the list holds whatever anyone stored for this app (other versions,
@@ -743,22 +744,24 @@ class SPSClient:
         return protocol_error(endpoint, problem, answer.response.code, answer.body, secrets)
 
     def _json(
-        self, answer: Answer, endpoint: str, secrets: Sequence[str], *, results: bool | None = None
+        self,
+        answer: Answer,
+        endpoint: str,
+        secrets: Sequence[str],
+        parse: Callable[[bytes], Any] = json.loads,
     ) -> Any:
-        """Decode a JSON answer or raise :class:`SPSProtocolError`.  ``results``: the
-        answer is a result (False) or an array of them (True), whose contents a large
-        answer keeps as text (:func:`~dpatia_daemon.sps.skim.skim`)."""
+        """Decode a JSON answer with ``parse`` or raise :class:`SPSProtocolError`; results
+        are decoded with :func:`~dpatia_daemon.sps.skim.skim`, which keeps a large
+        answer's contents as text."""
         try:
-            if results is not None:
-                return skim(answer.body, array=results)
-            return json.loads(answer.body)
+            return parse(answer.body)
         except ValueError:
             raise self._protocol_error(endpoint, "not JSON", answer, secrets) from None
 
     def _stored_result(self, answer: Answer, endpoint: str, spec: _Spec) -> Result:
         """The result a result call answered with (its JSON body parsed and checked)."""
         return self._result(
-            self._json(answer, endpoint, spec.secrets, results=False),
+            self._json(answer, endpoint, spec.secrets, parse=skim),
             endpoint,
             answer,
             spec.secrets,
