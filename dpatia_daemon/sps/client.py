@@ -761,10 +761,7 @@ class SPSClient:
     def _stored_result(self, answer: Answer, endpoint: str, spec: _Spec) -> Result:
         """The result a result call answered with (its JSON body parsed and checked)."""
         return self._result(
-            self._json(answer, endpoint, spec.secrets, parse=skim),
-            endpoint,
-            answer,
-            spec.secrets,
+            self._json(answer, endpoint, spec.secrets, parse=skim), endpoint, answer, spec.secrets
         )
 
     def _result(self, data: Any, endpoint: str, answer: Answer, secrets: Sequence[str]) -> Result:
