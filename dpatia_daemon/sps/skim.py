@@ -113,7 +113,7 @@ def _content_spans(body: bytes, array: bool) -> list[tuple[int, int]]:
     depths = np.cumsum(steps)  # the depth after each bracket
     if depths.size == 0 or depths[-1] != 0 or depths.min() < 0:
         return []
-    scan = _Scan(np, body, quotes, brackets, depths)
+    scan = _Scan(body, quotes, brackets, depths)
     top = scan.first_value(0)
     if top is None:
         return []
@@ -149,8 +149,7 @@ class _Scan:
     """Navigation over a body's structure: its unescaped quotes, its brackets outside
     strings, and the depth after each bracket."""
 
-    def __init__(self, np: Any, body: bytes, quotes: Any, brackets: Any, depths: Any) -> None:
-        self.np = np
+    def __init__(self, body: bytes, quotes: Any, brackets: Any, depths: Any) -> None:
         self.body = body
         self.quotes = quotes
         self.brackets = brackets
@@ -165,23 +164,19 @@ class _Scan:
 
     def index_of(self, position: int) -> int:
         """The index, among the brackets, of the bracket at ``position``."""
-        np = self.np
-        return int(np.searchsorted(self.brackets, position))
+        return int(self.brackets.searchsorted(position))
 
     def close_of(self, k: int) -> int:
         """The index of the bracket closing the one opened at index ``k``."""
-        np = self.np
         level = self.depths[k] - 1
-        after = np.flatnonzero(self.depths[k + 1 :] == level)
+        after = (self.depths[k + 1 :] == level).nonzero()[0]
         return k + 1 + int(after[0])
 
     def items(self, k: int) -> list[int]:
         """The bracket indices of the objects directly inside the array opened at ``k``."""
-        np = self.np
         close = self.close_of(k)
-        inner = np.arange(k + 1, close)
         level = self.depths[k] + 1
-        opens = inner[(self.depths[k + 1 : close] == level)]
+        opens = (self.depths[k + 1 : close] == level).nonzero()[0] + k + 1
         return [int(i) for i in opens if self.body[self.brackets[i]] == ord("{")]
 
     def path(self, k: int, keys: Sequence[str]) -> tuple[int, int] | None:
@@ -204,16 +199,14 @@ class _Scan:
     def _member(self, k: int, key: str) -> int | None:
         """Where the value of ``key`` begins in the object opened at index ``k`` (its
         last occurrence, as ``json.loads`` keeps the last of repeated keys)."""
-        np = self.np
         start = int(self.brackets[k])
         end = int(self.brackets[self.close_of(k)])
         level = self.depths[k]
         opening = self.quotes[0::2]
-        lo, hi = np.searchsorted(opening, [start, end])
-        strings = np.arange(lo, hi)
+        lo, hi = opening.searchsorted([start, end])
         # A string directly in this object: the bracket before it leaves the object's depth.
-        before = np.searchsorted(self.brackets, opening[lo:hi]) - 1
-        direct = strings[self.depths[before] == level]
+        before = self.brackets.searchsorted(opening[lo:hi]) - 1
+        direct = (self.depths[before] == level).nonzero()[0] + lo
         found = None
         body = self.body
         wanted = json.dumps(key).encode("utf-8")
