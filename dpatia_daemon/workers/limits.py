@@ -14,6 +14,8 @@ So that a model cannot starve the daemon (or the other workers) of memory or CPU
 - ``cpu_threads`` sets the thread counts of the common numeric libraries
   (:data:`THREAD_VARS`) in the workers' environment, unless ``[workers] environment``
   sets them itself (the admin's word wins).
+- ``MALLOC_ARENA_MAX`` is :data:`MALLOC_ARENAS` unless already set, so that a
+  worker's memory stays flat from job to job.
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ MEMORY_LIMIT_ENV = "DPATIA_MEMORY_LIMIT"
 #: numexpr (PyTorch and most numpy builds follow one of them).
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
+#: glibc's malloc arenas per worker, unless the daemon's environment or ``[workers]
+#: environment`` sets ``MALLOC_ARENA_MAX``.  glibc's default (8 per core) gives each
+#: new thread (every job's analysis thread, its tile threads, the download's) an
+#: arena of its own, and each keeps what it freed: a worker's RSS climbed job after
+#: job.  Two keep it flat and made the streamed download no slower than a raw copy.
+MALLOC_ARENAS = "2"
+
 
 def format_size(size: int) -> str:
     """``4G``, ``512M``, ``1536K``: the shortest exact binary-unit spelling of ``size``."""
@@ -56,6 +65,7 @@ def limits_environ(config: WorkersConfig, env: MutableMapping[str, str]) -> None
         for name in THREAD_VARS:
             if name not in admin:
                 env[name] = str(config.cpu_threads)
+    env.setdefault("MALLOC_ARENA_MAX", MALLOC_ARENAS)
 
 
 def apply_memory_limit(environ: Mapping[str, str] = os.environ) -> int | None:

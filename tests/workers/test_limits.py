@@ -29,6 +29,7 @@ from dpatia_daemon.models import Result
 from dpatia_daemon.simulator.daemon_process import DaemonProcess
 from dpatia_daemon.sps.results import Status, frame_status
 from dpatia_daemon.workers.limits import (
+    MALLOC_ARENAS,
     MEMORY_LIMIT_ENV,
     THREAD_VARS,
     died,
@@ -82,6 +83,17 @@ def test_cpu_threads_set_the_libraries_thread_counts_unless_the_admin_did(
     assert env[MEMORY_LIMIT_ENV] == str(4 * G)
     plain = workers_environ(workers(tmp_path), {"MKL_NUM_THREADS": "16", MEMORY_LIMIT_ENV: "1"})
     assert plain["MKL_NUM_THREADS"] == "16" and MEMORY_LIMIT_ENV not in plain
+
+
+def test_workers_get_few_malloc_arenas_unless_the_daemon_or_the_admin_says() -> None:
+    """MALLOC_ARENA_MAX defaults to two arenas per worker (glibc's own default let a
+    worker's RSS climb job after job); the daemon's environment, or ``[workers]
+    environment`` over it, keeps its own value."""
+    assert MALLOC_ARENAS == "2"
+    assert workers_environ(WorkersConfig(), {})["MALLOC_ARENA_MAX"] == "2"
+    assert workers_environ(WorkersConfig(), {"MALLOC_ARENA_MAX": "8"})["MALLOC_ARENA_MAX"] == "8"
+    admin = WorkersConfig(environment=(("MALLOC_ARENA_MAX", "4"),))
+    assert workers_environ(admin, {"MALLOC_ARENA_MAX": "8"})["MALLOC_ARENA_MAX"] == "4"
 
 
 def test_the_reasons_of_a_worker_out_of_memory() -> None:
