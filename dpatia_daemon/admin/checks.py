@@ -24,6 +24,7 @@ from twisted.python.filepath import FilePath
 from ..analyses.loader import AnalysisLoadError, load_analysis
 from ..config import Config, ConfigError, load_config
 from ..frontdoor.listening import check_processes, endpoint
+from ..spool.lockprobe import journal_warning, mount_warnings
 from ..workers.interpreter import check_workers_python
 from .output import clip, size, table, write_json
 from .spoolview import FAILED, OK
@@ -116,6 +117,21 @@ def _room(config: Config) -> str | tuple[str, str]:
     return f"{size(free)} free"
 
 
+def _filesystem(config: Config) -> str | tuple[str, str]:
+    """What the daemon warns of at start about the spool's filesystem (host-only
+    locks, an ext4 without a journal)."""
+    probe = config.spool.directory
+    while not probe.exists() and probe.parent() != probe:
+        probe = probe.parent()
+    warnings = mount_warnings(probe.path)
+    journal = journal_warning(probe.path)
+    if journal is not None:
+        warnings.append(journal)
+    if warnings:
+        return "warn", "; ".join(warnings)
+    return "no host-only lock options, not an ext4 without a journal"
+
+
 def _tls(config: Config) -> str | tuple[str, str]:
     if not config.sps.verify_tls:
         return "warn", "[sps] verify_tls = false: SPS certificates are not checked"
@@ -135,6 +151,7 @@ def run_checks(path: str) -> list[Check]:
         _run("listen", lambda: _listen(config)),
         _run("spool directory", lambda: _directory(config.spool.directory)),
         _run("spool free space", lambda: _room(config)),
+        _run("spool filesystem", lambda: _filesystem(config)),
         _run("work directory", lambda: _directory(config.workers.work_directory)),
         _run("analysis", lambda: _analysis(config)),
         _run("SPS TLS", lambda: _tls(config)),

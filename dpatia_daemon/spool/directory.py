@@ -26,7 +26,7 @@ from zope.interface import implementer
 from ..jobs import Job, JobState
 from .base import SpoolService
 from .interface import ISpool, SpoolError, SpoolNotRunning, check_id, check_job
-from .lockprobe import LocksNotWorking, mount_warnings, probe_locks
+from .lockprobe import LocksNotWorking, journal_warning, mount_warnings, probe_locks
 from .locks import default_owner
 from .store import SpoolStore
 
@@ -118,7 +118,8 @@ class DirectorySpool(SpoolService):
 
     def _check_locks(self) -> None:
         """Refuse to run where file locks do not keep another process out; warn where
-        they work on this host only (see :mod:`.lockprobe`)."""
+        they work on this host only, and where the filesystem keeps no journal (see
+        :mod:`.lockprobe`)."""
         try:
             probe_locks(self.directory.path)
         except (LocksNotWorking, OSError) as e:
@@ -132,6 +133,9 @@ class DirectorySpool(SpoolService):
                 path=self.directory.path,
                 why=why,
             )
+        journal = journal_warning(self.directory.path)
+        if journal is not None:
+            log.warn("spool {path}: {why} (README: The spool)", path=self.directory.path, why=journal)
 
     def stopService(self) -> Deferred[None]:
         """Stop: finish in-flight commits and operations, then the sweep and the pool."""

@@ -19,6 +19,7 @@ What the probe cannot see: locks that work on this host only (NFS ``nolock`` or
 other but not another host's.  :func:`mount_warnings` reads the mount options of the
 spool's filesystem (``/proc/self/mountinfo``) and names those; the daemon logs them as
 a warning at every start (one host on such a mount is safe; several are not).
+:func:`journal_warning` names an ext4 without a journal, logged the same way.
 """
 
 from __future__ import annotations
@@ -109,16 +110,16 @@ _WHAT_TO_DO = (
 )
 
 
-def mount_warnings(directory: str, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
-    """The mount options of ``directory``'s filesystem under which locks work on this
-    host only (empty: none, or not Linux)."""
+def _mount(directory: str, mountinfo: str) -> tuple[str, str, list[str]] | None:
+    """The mount holding ``directory`` (the longest mount point that holds it): its
+    ``major:minor``, filesystem type and options (mount and superblock), or None."""
     try:
         with open(mountinfo, encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()
     except OSError:
-        return []
+        return None
     real = os.path.realpath(directory)
-    best: tuple[int, list[str]] | None = None
+    best: tuple[int, tuple[str, str, list[str]]] | None = None
     for line in lines:
         # id parent major:minor root mountpoint options [optional...] - fstype source super
         fields = line.split()
@@ -131,11 +132,49 @@ def mount_warnings(directory: str, mountinfo: str = "/proc/self/mountinfo") -> l
         options = fields[5].split(",") + (
             fields[dash + 3].split(",") if len(fields) > dash + 3 else []
         )
+        fstype = fields[dash + 1] if len(fields) > dash + 1 else ""
         if best is None or len(point) >= best[0]:
-            best = (len(point), options)
-    if best is None:
+            best = (len(point), (fields[2], fstype, options))
+    return None if best is None else best[1]
+
+
+def mount_warnings(directory: str, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """The mount options of ``directory``'s filesystem under which locks work on this
+    host only (empty: none, or not Linux)."""
+    mount = _mount(directory, mountinfo)
+    if mount is None:
         return []
-    return [why for option, why in _LOCAL_ONLY.items() if option in best[1]]
+    return [why for option, why in _LOCAL_ONLY.items() if option in mount[2]]
 
 
-__all__ = ["PROBE_TIMEOUT", "LocksNotWorking", "mount_warnings", "probe_locks"]
+def journal_warning(
+    directory: str,
+    mountinfo: str = "/proc/self/mountinfo",
+    jbd2: str = "/proc/fs/jbd2",
+    block_devices: str = "/sys/dev/block",
+) -> str | None:
+    """Why ``directory``'s filesystem is a poor spool, if it is an ext4 without a
+    journal (None otherwise, or when it cannot be told).
+
+    A mounted ext4 with a journal has ``/proc/fs/jbd2/<device>-8``.  Without one, a
+    crash or power loss leaves the spool's renames to fsck, and each new file costs
+    ext4 a scan for an inode not deleted in the last minute: about 0.9 ms of kernel
+    CPU per file on the machine this was measured on, most of an acknowledgement's.
+    """
+    mount = _mount(directory, mountinfo)
+    if mount is None or mount[1] != "ext4" or not os.path.isdir(jbd2):
+        return None
+    try:
+        device = os.path.basename(os.path.realpath(os.path.join(block_devices, mount[0])))
+    except OSError:
+        return None
+    if not device or os.path.exists(os.path.join(jbd2, f"{device}-8")):
+        return None
+    return (
+        f"ext4 without a journal ({device}): after a crash or power loss fsck decides "
+        "which spool renames survive, and every new file costs a scan for a free inode "
+        "(most of an acknowledgement's CPU); put the spool on a journaled filesystem"
+    )
+
+
+__all__ = ["PROBE_TIMEOUT", "LocksNotWorking", "journal_warning", "mount_warnings", "probe_locks"]

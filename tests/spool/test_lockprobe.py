@@ -16,7 +16,12 @@ import pytest
 from twisted.python.filepath import FilePath
 
 from dpatia_daemon.spool import DirectorySpool, SpoolError, lockprobe
-from dpatia_daemon.spool.lockprobe import LocksNotWorking, mount_warnings, probe_locks
+from dpatia_daemon.spool.lockprobe import (
+    LocksNotWorking,
+    journal_warning,
+    mount_warnings,
+    probe_locks,
+)
 
 
 def test_working_locks_pass_and_the_lock_is_dropped(tmp_path: Path) -> None:
@@ -95,6 +100,39 @@ def test_mount_options_with_host_only_locks_are_named(tmp_path: Path) -> None:
     info.write_text(f"41 22 0:51 / {share} rw - nfs4 srv:/x rw,vers=4.2,local_lock=none\n")
     assert mount_warnings(str(spool), str(info)) == []
     assert mount_warnings(str(spool), str(tmp_path / "missing")) == []
+
+
+def test_an_ext4_without_a_journal_is_named(tmp_path: Path) -> None:
+    """The spool's mount (by its device number, through /sys/dev/block) is an ext4
+    with no /proc/fs/jbd2 entry: named; with one, another filesystem, or no jbd2 at
+    all (nothing to tell by), nothing is said."""
+    spool = tmp_path / "data" / "spool"
+    spool.mkdir(parents=True)
+    (tmp_path / "devices" / "vdb").mkdir(parents=True)
+    (tmp_path / "devices" / "dm-3").mkdir()
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "254:16").symlink_to(tmp_path / "devices" / "vdb")
+    (block / "253:3").symlink_to(tmp_path / "devices" / "dm-3")
+    jbd2 = tmp_path / "jbd2"
+    (jbd2 / "dm-3-8").mkdir(parents=True)
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "22 1 253:3 / / rw,relatime - ext4 /dev/mapper/root rw\n"
+        f"40 22 254:16 / {tmp_path / 'data'} rw,relatime - ext4 /dev/vdb rw,discard\n"
+    )
+
+    def warning(directory: Path, jbd2_dir: Path = jbd2) -> str | None:
+        return journal_warning(str(directory), str(info), str(jbd2_dir), str(block))
+
+    found = warning(spool)
+    assert found is not None and found.startswith("ext4 without a journal (vdb): ")
+    assert "journaled filesystem" in found
+    assert warning(tmp_path / "elsewhere") is None  # on the root: dm-3 has its journal
+    assert warning(spool, tmp_path / "no-jbd2") is None
+    info.write_text(f"40 22 254:16 / {tmp_path / 'data'} rw - xfs /dev/vdb rw\n")
+    assert warning(spool) is None
+    assert journal_warning(str(spool), str(tmp_path / "missing"), str(jbd2), str(block)) is None
 
 
 def test_the_daemons_main_process_probes_and_an_extra_front_door_does_not(
